@@ -1,0 +1,196 @@
+"""The producer client: ``GridQueue.submit()`` and the job handle it returns.
+
+``submit()`` validates everything before it writes anything, then writes the job and its
+dispatch promise in one ledger step, then publishes attempt 1. If the process dies between
+the two, the watchdog publishes once the dispatch grace has passed: ``submit()`` either
+raises or returns a job that is in the ledger and will run.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+from celery import Celery
+
+from gridqueue.celeryapp import make_celery
+from gridqueue.dispatch import Dispatcher
+from gridqueue.errors import (
+    JobCancelled,
+    JobDeadLettered,
+    JobEndedError,
+    JobExpired,
+    JobFailed,
+    PayloadNotJSONError,
+    PayloadTooLargeError,
+    UnknownWorkloadError,
+)
+from gridqueue.handlers import check_model_name
+from gridqueue.keys import attempt_id
+from gridqueue.ledger import Ledger, connect_redis, dumps
+from gridqueue.records import JobRecord
+from gridqueue.settings import Settings
+from gridqueue.states import JobState
+
+_ENDED_ERRORS: dict[JobState, type[JobEndedError]] = {
+    JobState.FAILED: JobFailed,
+    JobState.EXPIRED: JobExpired,
+    JobState.CANCELLED: JobCancelled,
+    JobState.DEAD_LETTERED: JobDeadLettered,
+}
+
+
+class Job:
+    """A handle on one submitted job."""
+
+    def __init__(self, client: GridQueue, job_id: str, created: bool = True) -> None:
+        self._client = client
+        self.id = job_id
+        self.created = created
+
+    def status(self) -> JobState:
+        return self._client.get(self.id).state
+
+    def record(self) -> JobRecord:
+        return self._client.get(self.id)
+
+    def result(self, timeout: float | None = 60.0) -> Any:
+        """The job's one visible result. Raises JobFailed, JobExpired, JobCancelled,
+        JobDeadLettered if it ended otherwise, JobTimeoutError if it is still running."""
+        record = self._client.ledger.wait(self.id, timeout)
+        if record.state is JobState.SUCCEEDED:
+            return record.result
+        error = _ENDED_ERRORS[record.state]
+        raise error(record.id, record.state.value, record.reason, record.error)
+
+    def cancel(self) -> bool:
+        """Cancel the job; False if it had already ended. A running attempt is killed."""
+        return self._client.ledger.cancel(self.id)
+
+    def __repr__(self) -> str:
+        return f"Job({self.id!r})"
+
+
+class GridQueue:
+    """Submit inference jobs and follow them to their one terminal state."""
+
+    def __init__(self, redis_url: str | None = None, settings: Settings | None = None) -> None:
+        if settings is None:
+            settings = Settings() if redis_url is None else Settings(redis_url=redis_url)
+        elif redis_url is not None:
+            settings = settings.model_copy(update={"redis_url": redis_url})
+        self.settings = settings
+        self.ledger = Ledger(connect_redis(settings.redis_url), settings)
+        self._app: Celery | None = None
+
+    @classmethod
+    def from_env(cls) -> GridQueue:
+        """Build from ``GRIDQUEUE_*`` environment variables."""
+        return cls(settings=Settings())
+
+    @property
+    def app(self) -> Celery:
+        if self._app is None:
+            self._app = make_celery(self.settings.redis_url)
+        return self._app
+
+    @property
+    def dispatcher(self) -> Dispatcher:
+        return Dispatcher(self.ledger, self.app)
+
+    def submit(
+        self,
+        model: str,
+        payload: Any,
+        workload: str = "realtime",
+        deadline_s: float | None = None,
+        idempotency_key: str | None = None,
+    ) -> Job:
+        """Accept a job. Raises an InvalidJobError before writing anything if the input
+        is wrong; otherwise the job is in the ledger and will reach a terminal state."""
+        check_model_name(model)
+        workload_class = self.ledger.workloads.get(workload)
+        if workload_class is None:
+            known = ", ".join(sorted(self.ledger.workloads))
+            raise UnknownWorkloadError(
+                f"unknown workload class {workload!r}; known classes: {known} "
+                "(defined in config/workloads.toml)"
+            )
+        try:
+            body = dumps(payload)
+        except (TypeError, ValueError) as exc:
+            raise PayloadNotJSONError(
+                f"payload is not JSON-serialisable ({exc}); send dicts, lists, str, "
+                "numbers, bools or None"
+            ) from exc
+        size = len(body.encode())
+        if size > self.settings.payload_max_bytes:
+            raise PayloadTooLargeError(
+                f"payload is {size} bytes, over the limit of {self.settings.payload_max_bytes}"
+                " (GRIDQUEUE_PAYLOAD_MAX_BYTES); send a reference to the data instead"
+            )
+        if deadline_s is None:
+            deadline_s = workload_class.default_deadline_s
+        elif deadline_s <= 0:
+            raise ValueError(f"deadline_s must be > 0, got {deadline_s}")
+        if idempotency_key is not None and not idempotency_key.strip():
+            raise ValueError("idempotency_key must be a non-empty string (or None)")
+        job_id = uuid.uuid4().hex
+        job_id, created = self.ledger.submit(
+            job_id,
+            model,
+            workload,
+            body,
+            int(deadline_s * 1000) if deadline_s else 0,
+            idempotency_key,
+        )
+        if created:
+            self.dispatcher.publish(attempt_id(job_id, 1))
+        return Job(self, job_id, created)
+
+    def job(self, job_id: str) -> Job:
+        """A handle on an existing job."""
+        self.ledger.get(job_id)
+        return Job(self, job_id, created=False)
+
+    def get(self, job_id: str) -> JobRecord:
+        """The full record: state, attempts (worker, pid, start, end, outcome), error."""
+        return self.ledger.get(job_id)
+
+    def status(self) -> dict[str, Any]:
+        """Fleet and job overview, as ``gridqueue status`` shows it."""
+        now_ms = self.ledger.time_ms()
+        workers = []
+        for worker in self.ledger.workers():
+            age = None if worker.last_heartbeat_ms is None else now_ms - worker.last_heartbeat_ms
+            workers.append(
+                {
+                    "name": worker.name,
+                    "state": worker.state.value,
+                    "models": worker.models,
+                    "host": worker.host,
+                    "pid": worker.pid,
+                    "epoch": worker.epoch,
+                    "heartbeat_age_ms": age,
+                    "running": worker.running,
+                }
+            )
+        return {
+            "now_ms": now_ms,
+            "workers": workers,
+            "jobs": self.ledger.counts(),
+            "stats": self.ledger.stats(),
+        }
+
+    def close(self) -> None:
+        self.ledger.client.close()
+        if self._app is not None:
+            self._app.close()
+
+
+def payload_from_json(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise PayloadNotJSONError(f"--payload is not valid JSON: {exc}") from exc

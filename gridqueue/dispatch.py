@@ -1,0 +1,42 @@
+"""Publishing attempts to Celery, as the ledger's dispatch index says.
+
+Every attempt is its own Celery task, id ``<job>.<n>``, on the queue of its model. A
+publish is leased in the ledger first: if the publisher dies before it acks the lease,
+the watchdog publishes again when the lease lapses. A duplicate message is harmless,
+because the claim admits only one delivery of the current attempt.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from gridqueue.celeryapp import TASK_NAME
+from gridqueue.keys import queue_for_model, split_attempt_id
+from gridqueue.ledger import Ledger
+
+
+class Dispatcher:
+    def __init__(self, ledger: Ledger, app: Celery) -> None:
+        self.ledger = ledger
+        self.app = app
+
+    def publish(self, member: str) -> bool:
+        """Publish attempt ``member`` if it is still the job's queued attempt."""
+        lease = self.ledger.begin_dispatch(member)
+        if lease is None:
+            return False
+        job_id, attempt = split_attempt_id(member)
+        workload = self.ledger.workloads.get(lease.workload)
+        if workload is None:
+            priority = 6
+        else:
+            priority = workload.priority if attempt == 1 else workload.requeue_priority
+        self.app.send_task(
+            TASK_NAME,
+            args=[job_id, attempt],
+            task_id=member,
+            queue=queue_for_model(lease.model),
+            priority=priority,
+        )
+        self.ledger.end_dispatch(lease)
+        return True

@@ -1,0 +1,82 @@
+"""The error tree. One base, ``GridQueueError``, and a shallow tree under it.
+
+An error's docstring is its default message, and the message says what to do next.
+Control-flow signals are not errors and live with the code that raises them.
+"""
+
+from __future__ import annotations
+
+
+class GridQueueError(Exception):
+    """gridqueue failed; the message says why and what to do."""
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message or (self.__doc__ or self.__class__.__name__).strip())
+
+
+class ConfigError(GridQueueError):
+    """The configuration is invalid; fix the setting named in the message."""
+
+
+class InvalidJobError(GridQueueError):
+    """The job was refused before anything was written; fix the input and submit again."""
+
+
+class UnknownWorkloadError(InvalidJobError):
+    """Unknown workload class; use one defined in config/workloads.toml."""
+
+
+class PayloadNotJSONError(InvalidJobError):
+    """The payload cannot be encoded as JSON; pass dicts, lists, strings, numbers, booleans."""
+
+
+class PayloadTooLargeError(InvalidJobError):
+    """The payload is over the size limit; send a reference (a URL or key), not the data."""
+
+
+class InvalidModelError(InvalidJobError):
+    """The model name is empty or malformed; use letters, digits, '-', '_', '.' or ':'."""
+
+
+class JobNotFoundError(GridQueueError):
+    """No such job in the ledger; check the id (terminal jobs are kept for job_retention_s)."""
+
+
+class JobTimeoutError(GridQueueError):
+    """The job did not finish within the timeout; it is still tracked, call result() again."""
+
+
+class JobEndedError(GridQueueError):
+    """The job ended without a result."""
+
+    def __init__(self, job_id: str, state: str, reason: str | None, error: str | None) -> None:
+        self.job_id = job_id
+        self.state = state
+        self.reason = reason
+        self.error = error
+        detail = f": {error}" if error else ""
+        super().__init__(f"job {job_id} ended {state} (reason: {reason}){detail}")
+
+
+class JobFailed(JobEndedError):
+    """The job failed; its reason says whether a retry could help."""
+
+
+class JobExpired(JobEndedError):
+    """The job's deadline passed before it finished."""
+
+
+class JobCancelled(JobEndedError):
+    """The job was cancelled."""
+
+
+class JobDeadLettered(JobEndedError):
+    """The job was dead-lettered as poison; inspect it, then replay it by hand."""
+
+
+class InvalidInput(GridQueueError):
+    """Raised by a handler: the payload is wrong, so the job fails and is never retried."""
+
+
+class TransientError(GridQueueError):
+    """Raised by a handler: a passing fault; the workload class decides whether to retry."""

@@ -1,0 +1,87 @@
+"""User inference handlers: ``@handler("model", gpu_memory_gb=...)`` on ``fn(payload, ctx)``.
+
+The registry is per process. A worker imports the handler modules named on its command
+line, and serves the models they register.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from gridqueue.errors import InvalidModelError
+
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
+
+HandlerFn = Callable[[Any, "Context"], Any]
+
+
+def check_model_name(model: str) -> str:
+    if not isinstance(model, str) or not MODEL_NAME.match(model):
+        raise InvalidModelError(
+            f"invalid model name {model!r}: use 1-128 letters, digits, '-', '_', '.' or ':', "
+            "starting with a letter or digit"
+        )
+    return model
+
+
+@dataclass(frozen=True)
+class Handler:
+    model: str
+    fn: HandlerFn
+    gpu_memory_gb: float
+
+
+_REGISTRY: dict[str, Handler] = {}
+
+
+def handler(model: str, gpu_memory_gb: float = 0.0) -> Callable[[HandlerFn], HandlerFn]:
+    """Register ``fn(payload, ctx)`` as the handler of ``model``."""
+    check_model_name(model)
+    if gpu_memory_gb < 0:
+        raise ValueError("gpu_memory_gb must be >= 0")
+
+    def register(fn: HandlerFn) -> HandlerFn:
+        _REGISTRY[model] = Handler(model, fn, gpu_memory_gb)
+        return fn
+
+    return register
+
+
+def get_handler(model: str) -> Handler | None:
+    return _REGISTRY.get(model)
+
+
+def registered() -> dict[str, Handler]:
+    return dict(_REGISTRY)
+
+
+class ProgressSink(Protocol):
+    def progress(self, job_id: str, attempt: int, worker: str, info: str = "") -> bool: ...
+
+
+class Context:
+    """What a handler knows of its attempt, and how it reports progress."""
+
+    # Progress writes are throttled: a tight loop calling progress() costs one Redis
+    # round trip per interval, not one per call.
+    progress_interval_s = 0.1
+
+    def __init__(self, job_id: str, attempt: int, worker: str, sink: ProgressSink) -> None:
+        self.job_id = job_id
+        self.attempt = attempt
+        self.worker = worker
+        self._sink = sink
+        self._last_write = 0.0
+        self.superseded = False
+
+    def progress(self, info: str = "") -> bool:
+        """Mark progress. Returns False once this attempt was superseded (stop early)."""
+        now = time.monotonic()
+        if not self.superseded and now - self._last_write >= self.progress_interval_s:
+            self._last_write = now
+            self.superseded = not self._sink.progress(self.job_id, self.attempt, self.worker, info)
+        return not self.superseded

@@ -1,0 +1,166 @@
+"""The one seam to Redis: every key name gridqueue uses, in one place.
+
+Layout (``ns`` is ``GRIDQUEUE_NAMESPACE``, ``gq`` by default; an attempt is ``<job>.<n>``)::
+
+    {ns}:job:{job}             hash    the job record; attempt n lives in field ``a:{n}`` (JSON)
+    {ns}:job:{job}:done        list    one token, pushed when the job ends (result() waits on it)
+    {ns}:idem:{key}            string  idempotency key -> job id
+    {ns}:deadlines             zset    job -> deadline (ms, Redis server time)
+    {ns}:dispatch              zset    attempt -> when it must be (re)published (ms)
+    {ns}:lost                  hash    attempt -> outcome, for attempts whose worker is gone;
+                                       the watchdog applies the policy to each, crash-safe
+    {ns}:running               zset    attempt -> claim time (ms)
+    {ns}:workers               zset    live worker -> last heartbeat (ms)
+    {ns}:worker:{name}         hash    worker record: state, epoch, models, pid, health...
+    {ns}:worker:{name}:running set     attempts this worker runs
+    {ns}:worker:{name}:kill    set     attempts the worker agent must SIGKILL
+    {ns}:counts                hash    job state -> number of jobs in it
+    {ns}:stats                 hash    counters (stale results discarded, requeues...)
+    {ns}:events                stream  every transition, capped at ``events_max_len``
+    {ns}:watchdog:leader       string  ``<owner>:<token>`` with a PX lease
+    {ns}:watchdog:token        string  fencing token counter
+
+kombu's own structures are named here too (``unacked``, ``unacked_index``), because a
+requeue removes the dead worker's message from them.
+
+The Lua scripts receive the same layout: :func:`lua_prelude` renders these templates as
+Lua functions, so no script spells a key by hand.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# name -> (template, argument names). The template is a Python format string.
+_TEMPLATES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "job": ("{ns}:job:{job}", ("job",)),
+    "job_done": ("{ns}:job:{job}:done", ("job",)),
+    "idempotency": ("{ns}:idem:{key}", ("key",)),
+    "deadlines": ("{ns}:deadlines", ()),
+    "dispatch": ("{ns}:dispatch", ()),
+    "lost": ("{ns}:lost", ()),
+    "running": ("{ns}:running", ()),
+    "workers": ("{ns}:workers", ()),
+    "worker": ("{ns}:worker:{name}", ("name",)),
+    "worker_running": ("{ns}:worker:{name}:running", ("name",)),
+    "worker_kill": ("{ns}:worker:{name}:kill", ("name",)),
+    "counts": ("{ns}:counts", ()),
+    "stats": ("{ns}:stats", ()),
+    "events": ("{ns}:events", ()),
+    "leader": ("{ns}:watchdog:leader", ()),
+    "leader_token": ("{ns}:watchdog:token", ()),
+}
+
+# kombu's Redis transport keeps unacked messages here (not namespaced by gridqueue).
+KOMBU_UNACKED = "unacked"
+KOMBU_UNACKED_INDEX = "unacked_index"
+
+QUEUE_PREFIX = "gq.model."
+
+
+def queue_for_model(model: str) -> str:
+    """The Celery queue that carries the attempts of one model."""
+    return QUEUE_PREFIX + model
+
+
+def attempt_id(job_id: str, attempt: int) -> str:
+    """``<job>.<n>``: the attempt's ledger member and its Celery task id."""
+    return f"{job_id}.{attempt}"
+
+
+def split_attempt_id(member: str) -> tuple[str, int]:
+    job_id, _, attempt = member.rpartition(".")
+    return job_id, int(attempt)
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Key names under one namespace."""
+
+    ns: str
+
+    def _render(self, template_name: str, /, **args: str) -> str:
+        template, _ = _TEMPLATES[template_name]
+        return template.format(ns=self.ns, **args)
+
+    def job(self, job_id: str) -> str:
+        return self._render("job", job=job_id)
+
+    def job_done(self, job_id: str) -> str:
+        return self._render("job_done", job=job_id)
+
+    def idempotency(self, key: str) -> str:
+        return self._render("idempotency", key=key)
+
+    def worker(self, name: str) -> str:
+        return self._render("worker", name=name)
+
+    def worker_running(self, name: str) -> str:
+        return self._render("worker_running", name=name)
+
+    def worker_kill(self, name: str) -> str:
+        return self._render("worker_kill", name=name)
+
+    @property
+    def deadlines(self) -> str:
+        return self._render("deadlines")
+
+    @property
+    def dispatch(self) -> str:
+        return self._render("dispatch")
+
+    @property
+    def lost(self) -> str:
+        return self._render("lost")
+
+    @property
+    def running(self) -> str:
+        return self._render("running")
+
+    @property
+    def workers(self) -> str:
+        return self._render("workers")
+
+    @property
+    def counts(self) -> str:
+        return self._render("counts")
+
+    @property
+    def stats(self) -> str:
+        return self._render("stats")
+
+    @property
+    def events(self) -> str:
+        return self._render("events")
+
+    @property
+    def leader(self) -> str:
+        return self._render("leader")
+
+    @property
+    def leader_token(self) -> str:
+        return self._render("leader_token")
+
+
+def lua_prelude() -> str:
+    """Lua functions ``key_<name>(ns, ...)`` rendered from the same templates."""
+    lines = [
+        f"local KOMBU_UNACKED = '{KOMBU_UNACKED}'",
+        f"local KOMBU_UNACKED_INDEX = '{KOMBU_UNACKED_INDEX}'",
+    ]
+    for name, (template, params) in _TEMPLATES.items():
+        parts: list[str] = []
+        rest = template
+        while rest:
+            start = rest.find("{")
+            if start < 0:
+                parts.append(repr(rest))
+                break
+            if start:
+                parts.append(repr(rest[:start]))
+            end = rest.index("}", start)
+            parts.append(rest[start + 1 : end])
+            rest = rest[end + 1 :]
+        signature = ", ".join(("ns", *params))
+        lines.append(f"local function key_{name}({signature}) return {' .. '.join(parts)} end")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,359 @@
+"""The ledger: gridqueue's store of record in Redis, and the only owner of the job state
+machine.
+
+Every transition is one atomic Lua script (``gridqueue/lua/*.lua``) that compares and sets
+on ``(job, attempt)``: a write from a superseded attempt, a fenced worker or a deposed
+watchdog is refused there, not in the callers. The ledger's verbs are ``submit``,
+``claim``, ``progress``, ``complete``, ``end_attempt`` (fail or requeue, as the policy
+decides), ``expire`` and ``cancel``, plus the worker liveness verbs ``register``,
+``heartbeat``, ``unregister`` and ``declare_dead``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any, cast
+
+import redis
+
+from gridqueue.errors import JobNotFoundError, JobTimeoutError
+from gridqueue.keys import Keys, attempt_id, lua_prelude, split_attempt_id
+from gridqueue.policies import EndedAttempt, GiveUp, Retry, decide
+from gridqueue.records import JobRecord, WorkerRecord
+from gridqueue.settings import Settings
+from gridqueue.states import JobState, Outcome
+from gridqueue.workloads import WorkloadClass, load_workloads
+
+_SCRIPTS = (
+    "submit",
+    "claim",
+    "progress",
+    "complete",
+    "finish",
+    "expire",
+    "cancel",
+    "register",
+    "heartbeat",
+    "unregister",
+    "declare_dead",
+    "begin_dispatch",
+    "end_dispatch",
+    "scan",
+    "lease",
+    "resign",
+)
+
+
+def connect_redis(url: str) -> redis.Redis:
+    """A client for the ledger: str replies, bounded socket waits, retries on blips."""
+    return redis.Redis.from_url(
+        url,
+        decode_responses=True,
+        socket_timeout=5.0,
+        socket_connect_timeout=5.0,
+        health_check_interval=10,
+    )
+
+
+@dataclass(frozen=True)
+class Claim:
+    status: str  # ok | fenced | stale | duplicate | unknown
+    payload: str | None = None
+    model: str | None = None
+    workload: str | None = None
+    detail: str | None = None
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    fenced: bool
+    kill: list[str]
+    state: str | None = None
+
+
+@dataclass(frozen=True)
+class AttemptEnd:
+    status: str  # retry | ended | stale | not_leader
+    next_attempt: int | None = None
+    state: str | None = None
+    after_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class Scan:
+    now_ms: int
+    stale_workers: list[str]
+    expired_jobs: list[str]
+    due_dispatches: list[str]
+    lost: dict[str, str]
+
+
+@dataclass(frozen=True)
+class DispatchLease:
+    member: str
+    model: str
+    workload: str
+    lease: str
+
+
+class Ledger:
+    """Verbs on the job store; see the module docstring."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        settings: Settings,
+        workloads: Mapping[str, WorkloadClass] | None = None,
+    ) -> None:
+        self.client = client
+        self.settings = settings
+        self.keys = Keys(settings.namespace)
+        self.workloads = dict(workloads or load_workloads(settings.workloads_file))
+        prelude = lua_prelude() + _read_lua("_common")
+        self._scripts = {
+            name: client.register_script(prelude + _read_lua(name)) for name in _SCRIPTS
+        }
+        self._fixed = (
+            settings.namespace,
+            settings.events_max_len,
+            settings.job_retention_s,
+        )
+
+    @classmethod
+    def connect(cls, settings: Settings) -> Ledger:
+        return cls(connect_redis(settings.redis_url), settings)
+
+    def _call(self, name: str, *args: str | int | float) -> Any:
+        return self._scripts[name](keys=[], args=[*self._fixed, *args])
+
+    # -- jobs ------------------------------------------------------------------------
+
+    def submit(
+        self,
+        job_id: str,
+        model: str,
+        workload: str,
+        payload_json: str,
+        deadline_in_ms: int,
+        idempotency_key: str | None,
+    ) -> tuple[str, bool]:
+        """Write a job and its dispatch promise. Returns (job id, created)."""
+        job, how = self._call(
+            "submit",
+            job_id,
+            model,
+            workload,
+            payload_json,
+            deadline_in_ms,
+            idempotency_key or "",
+            self.settings.job_retention_s,
+            int(self.settings.dispatch_grace_s * 1000),
+        )
+        return str(job), how == "created"
+
+    def claim(self, job_id: str, attempt: int, worker: str, pid: int, delivery_tag: str) -> Claim:
+        reply = self._call("claim", job_id, attempt, worker, pid, delivery_tag)
+        if reply[0] == "ok":
+            return Claim("ok", payload=reply[1], model=reply[2], workload=reply[3])
+        return Claim(reply[0], detail=reply[1] if len(reply) > 1 else None)
+
+    def progress(self, job_id: str, attempt: int, worker: str, info: str = "") -> bool:
+        """Move the attempt's progress mark; False once the attempt is superseded."""
+        return bool(self._call("progress", job_id, attempt, worker, info))
+
+    def complete(self, job_id: str, attempt: int, worker: str, result_json: str) -> bool:
+        """Publish the result if the attempt is still current; False if it was discarded."""
+        return bool(self._call("complete", job_id, attempt, worker, result_json)[0] == "ok")
+
+    def end_attempt(
+        self,
+        job_id: str,
+        attempt: int,
+        outcome: Outcome,
+        error: str = "",
+        worker: str = "",
+        token: str = "",
+    ) -> AttemptEnd:
+        """End running attempt ``attempt`` without a result; requeue or fail per policy.
+
+        The decision is made here from a read of the record and committed by a script
+        that compares and sets on (job, attempt), so a stale decision is refused.
+        """
+        try:
+            record = self.get(job_id)
+        except JobNotFoundError:
+            self.client.hdel(self.keys.lost, attempt_id(job_id, attempt))
+            return AttemptEnd("stale")
+        if record.state is not JobState.RUNNING or record.attempt != attempt:
+            self.client.hdel(self.keys.lost, attempt_id(job_id, attempt))
+            return AttemptEnd("stale")
+        current = record.attempts[-1]
+        history = [EndedAttempt(a.worker, a.outcome) for a in record.attempts[:-1]]
+        history.append(EndedAttempt(current.worker, outcome.value))
+        remaining_s = None
+        if record.deadline_ms is not None:
+            remaining_s = (record.deadline_ms - self.time_ms()) / 1000
+        workload = self.workloads.get(record.workload)
+        decision: Retry | GiveUp
+        if workload is None:
+            decision = GiveUp("unknown_workload")
+        else:
+            decision = decide(workload, outcome, attempt, history, remaining_s)
+        if isinstance(decision, Retry):
+            args: tuple[str | int, ...] = ("retry", int(decision.after_s * 1000), "", "")
+        else:
+            args = ("give_up", 0, decision.state.value, decision.reason)
+        reply = self._call("finish", job_id, attempt, outcome.value, error, *args, worker, token)
+        if reply[0] == "retry":
+            after_s = decision.after_s if isinstance(decision, Retry) else 0.0
+            return AttemptEnd("retry", next_attempt=int(reply[1]), after_s=after_s)
+        if reply[0] == "ended":
+            return AttemptEnd("ended", state=reply[1])
+        return AttemptEnd(reply[0])
+
+    def expire(self, job_id: str, token: str = "") -> bool:
+        return bool(self._call("expire", job_id, token)[0] == "ok")
+
+    def cancel(self, job_id: str, reason: str = "cancelled") -> bool:
+        reply = self._call("cancel", job_id, reason)
+        if reply[0] == "unknown":
+            raise JobNotFoundError(f"no job {job_id} in the ledger")
+        return bool(reply[0] == "ok")
+
+    def get(self, job_id: str) -> JobRecord:
+        data = cast(dict[str, str], self.client.hgetall(self.keys.job(job_id)))
+        if not data or "state" not in data:
+            raise JobNotFoundError(
+                f"no job {job_id} in the ledger (ended jobs are kept "
+                f"{self.settings.job_retention_s} s)"
+            )
+        return JobRecord.from_hash(data)
+
+    def wait(self, job_id: str, timeout_s: float | None) -> JobRecord:
+        """Block until the job is terminal; JobTimeoutError after ``timeout_s``."""
+        give_up_at = None if timeout_s is None else time.monotonic() + timeout_s
+        done_key = self.keys.job_done(job_id)
+        while True:
+            record = self.get(job_id)
+            if record.terminal:
+                return record
+            slice_s = 1.0
+            if give_up_at is not None:
+                remaining = give_up_at - time.monotonic()
+                if remaining <= 0:
+                    raise JobTimeoutError(
+                        f"job {job_id} is still {record.state.value} after {timeout_s} s; "
+                        "it is tracked, call result() again or check gq.get(job_id)"
+                    )
+                slice_s = min(slice_s, remaining)
+            popped = self.client.blpop([done_key], timeout=max(slice_s, 0.01))
+            if popped:  # leave the token for any other waiter
+                self.client.lpush(done_key, popped[1])
+
+    # -- workers ---------------------------------------------------------------------
+
+    def register(
+        self, name: str, models: list[str], pid: int, host: str, concurrency: int, info: str
+    ) -> int:
+        return int(self._call("register", name, ",".join(models), pid, host, concurrency, info))
+
+    def heartbeat(self, name: str, epoch: int, health: str = "") -> Heartbeat:
+        reply = self._call("heartbeat", name, epoch, health)
+        if reply[0] == "fenced":
+            return Heartbeat(fenced=True, kill=[], state=reply[1])
+        return Heartbeat(fenced=False, kill=list(reply[1:]))
+
+    def unregister(self, name: str, epoch: int) -> bool:
+        return bool(self._call("unregister", name, epoch))
+
+    def declare_dead(self, name: str, token: str) -> int | None:
+        """Mark a silent worker DEAD; returns how many attempts it lost, None if alive."""
+        reply = self._call("declare_dead", name, int(self.settings.stale_after_s * 1000), token)
+        return int(reply[1]) if reply[0] == "dead" else None
+
+    def worker(self, name: str) -> WorkerRecord | None:
+        data = cast(dict[str, str], self.client.hgetall(self.keys.worker(name)))
+        if not data:
+            return None
+        running = cast(set[str], self.client.smembers(self.keys.worker_running(name)))
+        return WorkerRecord.from_hash(data, list(running))
+
+    def workers(self) -> list[WorkerRecord]:
+        names = set(cast(list[str], self.client.zrange(self.keys.workers, 0, -1)))
+        pattern = self.keys.worker("*")
+        for key in self.client.scan_iter(match=pattern, count=500):
+            if key.count(":") == pattern.count(":"):
+                names.add(key.rsplit(":", 1)[1])
+        records = [self.worker(name) for name in sorted(names)]
+        return [r for r in records if r is not None]
+
+    # -- watchdog --------------------------------------------------------------------
+
+    def scan(self, batch: int = 256) -> Scan:
+        now, stale, expired, due, lost = self._call(
+            "scan", int(self.settings.stale_after_s * 1000), batch
+        )
+        return Scan(
+            now_ms=int(now),
+            stale_workers=list(stale),
+            expired_jobs=list(expired),
+            due_dispatches=list(due),
+            lost=dict(zip(lost[::2], lost[1::2], strict=True)),
+        )
+
+    def begin_dispatch(self, member: str) -> DispatchLease | None:
+        reply = self._call("begin_dispatch", member, int(self.settings.dispatch_grace_s * 1000))
+        if reply[0] != "ok":
+            return None
+        return DispatchLease(member, reply[1], reply[2], reply[3])
+
+    def end_dispatch(self, lease: DispatchLease) -> None:
+        self._call("end_dispatch", lease.member, lease.lease)
+
+    def lease(self, owner: str, lease_ms: int) -> tuple[bool, str]:
+        held, value = self._call("lease", owner, lease_ms)
+        return bool(held), str(value or "")
+
+    def resign(self, value: str) -> bool:
+        return bool(self._call("resign", value))
+
+    # -- reading -----------------------------------------------------------------------
+
+    def time_ms(self) -> int:
+        seconds, micros = self.client.time()
+        return int(seconds) * 1000 + int(micros) // 1000
+
+    def counts(self) -> dict[str, int]:
+        raw = cast(dict[str, str], self.client.hgetall(self.keys.counts))
+        return {state.value: int(raw.get(state.value, 0)) for state in JobState}
+
+    def stats(self) -> dict[str, int]:
+        raw = cast(dict[str, str], self.client.hgetall(self.keys.stats))
+        return {k: int(v) for k, v in sorted(raw.items())}
+
+    def events(self, count: int = 1000, after: str = "-") -> list[dict[str, str]]:
+        rows = cast(
+            list[tuple[str, dict[str, str]]],
+            self.client.xrange(self.keys.events, min=after, max="+", count=count),
+        )
+        return [{"id": event_id, **fields} for event_id, fields in rows]
+
+    def running_attempts(self) -> list[str]:
+        return cast(list[str], self.client.zrange(self.keys.running, 0, -1))
+
+
+def parse_attempt(member: str) -> tuple[str, int]:
+    return split_attempt_id(member)
+
+
+def dumps(value: Any) -> str:
+    """The one JSON encoding used for payloads and results (no pickle, anywhere)."""
+    return json.dumps(value, separators=(",", ":"), allow_nan=False)
+
+
+def _read_lua(name: str) -> str:
+    return (resources.files("gridqueue.lua") / f"{name}.lua").read_text(encoding="utf-8")

@@ -1,0 +1,89 @@
+-- Shared prelude of every ledger script (the key helpers are rendered above it from
+-- gridqueue/keys.py). ARGV[1..3] are always: namespace, event stream cap, retention (s).
+local NS = ARGV[1]
+local EVENTS_MAXLEN = tonumber(ARGV[2])
+local RETENTION_S = tonumber(ARGV[3])
+local TERMINAL = {SUCCEEDED = true, FAILED = true, EXPIRED = true, CANCELLED = true,
+                  DEAD_LETTERED = true}
+
+-- Liveness is judged on Redis server time, never on a host clock.
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local NOW = now_ms()
+
+local function emit(kind, fields)
+  local args = {'XADD', key_events(NS), 'MAXLEN', '~', EVENTS_MAXLEN, '*', 'type', kind, 'ts', NOW}
+  for _, v in ipairs(fields) do args[#args + 1] = v end
+  redis.call(unpack(args))
+end
+
+local function bump(stat, by)
+  redis.call('HINCRBY', key_stats(NS), stat, by or 1)
+end
+
+local function split_member(member)
+  local id, n = string.match(member, '^(.*)%.(%d+)$')
+  return id, tonumber(n)
+end
+
+local function attempt_get(id, n)
+  local raw = redis.call('HGET', key_job(NS, id), 'a:' .. n)
+  if not raw then return nil end
+  return cjson.decode(raw)
+end
+
+local function attempt_put(id, n, a)
+  redis.call('HSET', key_job(NS, id), 'a:' .. n, cjson.encode(a))
+end
+
+local function move_state(id, from, to)
+  redis.call('HSET', key_job(NS, id), 'state', to, 'updated_ms', NOW)
+  if from then redis.call('HINCRBY', key_counts(NS), from, -1) end
+  redis.call('HINCRBY', key_counts(NS), to, 1)
+end
+
+-- The attempt stops running: drop it from every index of running work, and take its
+-- message out of kombu's unacked structures so that kombu never redelivers it.
+local function release_attempt(id, n, a)
+  local member = id .. '.' .. n
+  redis.call('ZREM', key_running(NS), member)
+  redis.call('HDEL', key_lost(NS), member)
+  if a.worker then redis.call('SREM', key_worker_running(NS, a.worker), member) end
+  if a.delivery_tag then
+    redis.call('ZREM', KOMBU_UNACKED_INDEX, a.delivery_tag)
+    redis.call('HDEL', KOMBU_UNACKED, a.delivery_tag)
+  end
+end
+
+-- Stop the current attempt of a job that is being ended from outside (expiry, cancel):
+-- a running one is killed by its worker agent, a queued one is never dispatched.
+local function stop_current(id, state, n, outcome)
+  local member = id .. '.' .. n
+  local a = attempt_get(id, n)
+  if a then
+    a.ended_ms = NOW
+    a.outcome = outcome
+    attempt_put(id, n, a)
+    if state == 'RUNNING' and a.worker then
+      redis.call('SADD', key_worker_kill(NS, a.worker), member)
+    end
+    release_attempt(id, n, a)
+  end
+  redis.call('ZREM', key_dispatch(NS), member)
+end
+
+local function end_job(id, from, to, reason, err)
+  move_state(id, from, to)
+  redis.call('HSET', key_job(NS, id), 'reason', reason, 'error', err, 'ended_ms', NOW)
+  redis.call('ZREM', key_deadlines(NS), id)
+  local done = key_job_done(NS, id)
+  redis.call('RPUSH', done, to)
+  redis.call('EXPIRE', done, RETENTION_S)
+  redis.call('EXPIRE', key_job(NS, id), RETENTION_S)
+end
+
+local function leader_is(token)
+  return token == '' or redis.call('GET', key_leader(NS)) == token
+end

@@ -1,0 +1,39 @@
+-- finish(id, n, outcome, error, decision, after_ms, end_state, reason, expected_worker, token)
+--   Ends running attempt n without a result and applies the policy's decision:
+--   -> {'retry', next_attempt} | {'ended', end_state} | {'stale'} | {'not_leader'}
+local id, n, outcome, err = ARGV[4], tonumber(ARGV[5]), ARGV[6], ARGV[7]
+local decision, after_ms, end_state, reason = ARGV[8], tonumber(ARGV[9]), ARGV[10], ARGV[11]
+local expected_worker, token = ARGV[12], ARGV[13]
+local member = id .. '.' .. n
+if not leader_is(token) then return {'not_leader'} end
+
+local job = key_job(NS, id)
+local state, current = unpack(redis.call('HMGET', job, 'state', 'attempt'))
+local a = attempt_get(id, n)
+if state ~= 'RUNNING' or tonumber(current) ~= n or not a
+   or (expected_worker ~= '' and a.worker ~= expected_worker) then
+  redis.call('HDEL', key_lost(NS), member)
+  return {'stale'}
+end
+
+a.ended_ms = NOW
+a.outcome = outcome
+if err ~= '' then a.error = err end
+attempt_put(id, n, a)
+release_attempt(id, n, a)
+
+if decision == 'retry' then
+  local next_n = n + 1
+  redis.call('HSET', job, 'attempt', next_n, 'worker', '')
+  attempt_put(id, next_n, {n = next_n, queued_ms = NOW, not_before_ms = NOW + after_ms})
+  move_state(id, 'RUNNING', 'QUEUED')
+  redis.call('ZADD', key_dispatch(NS), NOW + after_ms, id .. '.' .. next_n)
+  bump('requeues')
+  emit('requeued', {'job', id, 'attempt', n, 'next_attempt', next_n, 'outcome', outcome,
+                    'worker', a.worker or '', 'after_ms', after_ms})
+  return {'retry', next_n}
+end
+end_job(id, 'RUNNING', end_state, reason, err)
+emit('ended', {'job', id, 'attempt', n, 'state', end_state, 'reason', reason,
+               'outcome', outcome, 'worker', a.worker or ''})
+return {'ended', end_state}

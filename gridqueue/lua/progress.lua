@@ -1,0 +1,7 @@
+-- progress(id, n, worker, info) -> 1 while the attempt is current, 0 once superseded
+local id, n, worker, info = ARGV[4], tonumber(ARGV[5]), ARGV[6], ARGV[7]
+local job = key_job(NS, id)
+local state, current, holder = unpack(redis.call('HMGET', job, 'state', 'attempt', 'worker'))
+if state ~= 'RUNNING' or tonumber(current) ~= n or holder ~= worker then return 0 end
+redis.call('HSET', job, 'progress_ms', NOW, 'progress', info)
+return 1

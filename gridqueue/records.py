@@ -1,0 +1,143 @@
+"""Read-only views of what the ledger stores: jobs, their attempts, workers."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from gridqueue.states import TERMINAL_STATES, JobState, WorkerState
+
+
+def _int(value: str | None) -> int | None:
+    return int(value) if value not in (None, "") else None
+
+
+@dataclass(frozen=True)
+class AttemptRecord:
+    """One try of a job on one worker. Times are Redis server time in ms."""
+
+    n: int
+    queued_ms: int | None = None
+    not_before_ms: int | None = None
+    worker: str | None = None
+    pid: int | None = None
+    started_ms: int | None = None
+    ended_ms: int | None = None
+    outcome: str | None = None
+    error: str | None = None
+    delivery_tag: str | None = None
+    late_result_discarded: bool = False
+
+    @classmethod
+    def from_json(cls, raw: str) -> AttemptRecord:
+        data = json.loads(raw)
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """A job as the ledger knows it: state, every attempt, the visible result."""
+
+    id: str
+    model: str
+    workload: str
+    state: JobState
+    attempt: int
+    payload: Any
+    created_ms: int
+    deadline_ms: int | None
+    ended_ms: int | None
+    result: Any
+    reason: str | None
+    error: str | None
+    worker: str | None
+    progress_ms: int | None
+    progress: str | None
+    idempotency_key: str | None
+    attempts: list[AttemptRecord] = field(default_factory=list)
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in TERMINAL_STATES
+
+    @classmethod
+    def from_hash(cls, data: dict[str, str]) -> JobRecord:
+        attempts = sorted(
+            (AttemptRecord.from_json(v) for k, v in data.items() if k.startswith("a:")),
+            key=lambda a: a.n,
+        )
+        result = data.get("result")
+        return cls(
+            id=data["id"],
+            model=data["model"],
+            workload=data["workload"],
+            state=JobState(data["state"]),
+            attempt=int(data["attempt"]),
+            payload=json.loads(data["payload"]),
+            created_ms=int(data["created_ms"]),
+            deadline_ms=_int(data.get("deadline_ms")),
+            ended_ms=_int(data.get("ended_ms")),
+            result=json.loads(result) if result is not None else None,
+            reason=data.get("reason") or None,
+            error=data.get("error") or None,
+            worker=data.get("worker") or None,
+            progress_ms=_int(data.get("progress_ms")),
+            progress=data.get("progress") or None,
+            idempotency_key=data.get("idempotency_key") or None,
+            attempts=attempts,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "model": self.model,
+            "workload": self.workload,
+            "state": self.state.value,
+            "attempt": self.attempt,
+            "created_ms": self.created_ms,
+            "deadline_ms": self.deadline_ms,
+            "ended_ms": self.ended_ms,
+            "result": self.result,
+            "reason": self.reason,
+            "error": self.error,
+            "worker": self.worker,
+            "attempts": [a.__dict__ for a in self.attempts],
+        }
+
+
+@dataclass(frozen=True)
+class WorkerRecord:
+    """A worker node as registered, with its liveness."""
+
+    name: str
+    state: WorkerState
+    epoch: int
+    models: list[str]
+    pid: int | None
+    host: str | None
+    concurrency: int | None
+    registered_ms: int | None
+    last_heartbeat_ms: int | None
+    declared_dead_ms: int | None
+    running: list[str]
+    health: dict[str, Any] | None
+
+    @classmethod
+    def from_hash(cls, data: dict[str, str], running: list[str]) -> WorkerRecord:
+        health = data.get("health")
+        return cls(
+            name=data["name"],
+            state=WorkerState(data["state"]),
+            epoch=int(data.get("epoch", 0)),
+            models=[m for m in data.get("models", "").split(",") if m],
+            pid=_int(data.get("pid")),
+            host=data.get("host"),
+            concurrency=_int(data.get("concurrency")),
+            registered_ms=_int(data.get("registered_ms")),
+            last_heartbeat_ms=_int(data.get("last_heartbeat_ms")),
+            declared_dead_ms=_int(data.get("declared_dead_ms")),
+            running=sorted(running),
+            health=json.loads(health) if health else None,
+        )

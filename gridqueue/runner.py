@@ -1,0 +1,150 @@
+"""The attempt runner: the body of the Celery task, run in a pool child.
+
+It claims the attempt through the ledger (refused for a fenced worker or a superseded
+attempt), runs the user handler, and ends the attempt with a fenced write. It never
+raises to Celery: every outcome is written to the ledger, which is the store of record.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from dataclasses import dataclass, field
+from typing import Any
+
+from celery import Celery, Task
+from celery.exceptions import Reject
+from redis.exceptions import RedisError
+from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_exponential_jitter
+
+from gridqueue.celeryapp import TASK_NAME
+from gridqueue.dispatch import Dispatcher
+from gridqueue.errors import InvalidInput
+from gridqueue.handlers import Context, get_handler
+from gridqueue.keys import attempt_id
+from gridqueue.ledger import AttemptEnd, Ledger, dumps
+from gridqueue.logs import get_logger
+from gridqueue.settings import Settings
+from gridqueue.states import Outcome
+
+log = get_logger("gridqueue.runner")
+
+# A Redis blip must not lose a claim or a result: retry for a while, with backoff.
+_redis_retry = retry(
+    retry=retry_if_exception_type(RedisError),
+    wait=wait_exponential_jitter(initial=0.05, max=2.0, jitter=0.1),
+    stop=stop_after_delay(30),
+    reraise=True,
+)
+
+
+@dataclass
+class WorkerRuntime:
+    """What this worker process (and the children it forks) knows of itself."""
+
+    name: str
+    models: list[str]
+    settings: Settings
+    concurrency: int
+    app: Celery
+    host: str = field(default_factory=socket.gethostname)
+    _ledger: Ledger | None = None
+    _pid: int = 0
+
+    @property
+    def ledger(self) -> Ledger:
+        # One client per process: a forked child must not share its parent's sockets.
+        if self._ledger is None or self._pid != os.getpid():
+            self._ledger = Ledger.connect(self.settings)
+            self._pid = os.getpid()
+        return self._ledger
+
+    @property
+    def dispatcher(self) -> Dispatcher:
+        return Dispatcher(self.ledger, self.app)
+
+    def end_attempt(self, job_id: str, attempt: int, outcome: Outcome, error: str) -> AttemptEnd:
+        """End an attempt of this worker and, for an immediate retry, publish it now."""
+        end: AttemptEnd = _redis_retry(self.ledger.end_attempt)(
+            job_id, attempt, outcome, error=error[:2000], worker=self.name
+        )
+        log.info(
+            "attempt.ended",
+            job=job_id,
+            attempt=attempt,
+            outcome=outcome.value,
+            decision=end.status,
+            state=end.state,
+            next_attempt=end.next_attempt,
+        )
+        if end.status == "retry" and end.next_attempt and end.after_s == 0:
+            _redis_retry(self.dispatcher.publish)(attempt_id(job_id, end.next_attempt))
+        return end
+
+
+_runtime: WorkerRuntime | None = None
+
+
+def install_runtime(runtime: WorkerRuntime) -> None:
+    global _runtime
+    _runtime = runtime
+
+
+def current_runtime() -> WorkerRuntime:
+    if _runtime is None:
+        raise RuntimeError("gridqueue worker runtime not installed; start with `gridqueue worker`")
+    return _runtime
+
+
+def run_attempt(task: Task, job_id: str, attempt: int) -> None:
+    runtime = current_runtime()
+    ledger = runtime.ledger
+    properties: dict[str, Any] = getattr(task.request, "properties", None) or {}
+    delivery_tag = str(properties.get("delivery_tag") or "")
+    try:
+        claim = _redis_retry(ledger.claim)(job_id, attempt, runtime.name, os.getpid(), delivery_tag)
+    except RedisError as exc:
+        # Never ack a message we could not claim: put it back for a worker that can.
+        log.error("attempt.claim_failed", job=job_id, attempt=attempt, error=str(exc))
+        raise Reject(str(exc), requeue=True) from exc
+    if claim.status != "ok":
+        log.info(
+            "attempt.skipped", job=job_id, attempt=attempt, why=claim.status, detail=claim.detail
+        )
+        return
+    assert claim.model is not None and claim.payload is not None
+    log.info("attempt.started", job=job_id, attempt=attempt, model=claim.model)
+    found = get_handler(claim.model)
+    if found is None:
+        runtime.end_attempt(
+            job_id, attempt, Outcome.ERROR, f"no handler for model {claim.model!r} on this worker"
+        )
+        return
+    ctx = Context(job_id, attempt, runtime.name, ledger)
+    try:
+        result = found.fn(json.loads(claim.payload), ctx)
+    except InvalidInput as exc:
+        runtime.end_attempt(job_id, attempt, Outcome.INVALID_INPUT, str(exc))
+        return
+    except Exception as exc:
+        runtime.end_attempt(job_id, attempt, Outcome.ERROR, f"{type(exc).__name__}: {exc}")
+        return
+    try:
+        body = dumps(result)
+    except (TypeError, ValueError) as exc:
+        runtime.end_attempt(
+            job_id, attempt, Outcome.ERROR, f"handler returned a value that is not JSON: {exc}"
+        )
+        return
+    if _redis_retry(ledger.complete)(job_id, attempt, runtime.name, body):
+        log.info("attempt.succeeded", job=job_id, attempt=attempt)
+    else:
+        log.warning("attempt.result_discarded", job=job_id, attempt=attempt, why="superseded")
+
+
+def register_task(app: Celery) -> Task:
+    task: Task = app.task(name=TASK_NAME, bind=True, acks_late=True, ignore_result=True)(
+        run_attempt
+    )
+    return task

@@ -1,0 +1,137 @@
+"""The watchdog: gridqueue's control-plane loop, run by one leader at a time.
+
+Each tick it renews its Redis lease (its fencing token rides on every write it makes, so a
+deposed leader's writes are refused), then:
+
+1. declares DEAD each worker silent for ``stale_after_s``: its running attempts move to
+   the ``lost`` hash in the same atomic step;
+2. applies the workload policy to every lost attempt: requeue (published at once, ahead
+   of fresh work) or fail explicitly;
+3. expires jobs past their deadline, killing their running attempt;
+4. publishes dispatches that are due: retries whose backoff passed, and publishes that a
+   dead producer or watchdog never finished.
+
+All state is in Redis; a standby that takes the lease carries on where the leader stopped.
+Every step is a range query over what is due, so a tick costs O(log n + k).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+
+from redis.exceptions import RedisError
+
+from gridqueue.celeryapp import make_celery
+from gridqueue.dispatch import Dispatcher
+from gridqueue.keys import attempt_id, split_attempt_id
+from gridqueue.ledger import Ledger, connect_redis
+from gridqueue.logs import get_logger
+from gridqueue.settings import Settings
+from gridqueue.states import Outcome
+
+log = get_logger("gridqueue.watchdog")
+
+
+@dataclass
+class TickReport:
+    leader: bool
+    workers_declared_dead: int = 0
+    attempts_requeued: int = 0
+    attempts_failed: int = 0
+    jobs_expired: int = 0
+    dispatched: int = 0
+    duration_s: float = 0.0
+
+
+class Watchdog:
+    def __init__(self, settings: Settings, owner: str | None = None) -> None:
+        self.settings = settings
+        self.ledger = Ledger(connect_redis(settings.redis_url), settings)
+        self.dispatcher = Dispatcher(self.ledger, make_celery(settings.redis_url))
+        self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.token: str | None = None
+
+    def tick(self) -> TickReport:
+        started = time.perf_counter()
+        held, value = self.ledger.lease(self.owner, int(self.settings.watchdog_lease_s * 1000))
+        if not held:
+            if self.token is not None:
+                log.warning("watchdog.lost_lease", owner=self.owner, leader=value)
+                self.token = None
+            return TickReport(leader=False, duration_s=time.perf_counter() - started)
+        if value != self.token:
+            log.info("watchdog.leading", owner=self.owner, token=value)
+            self.token = value
+        report = TickReport(leader=True)
+        scan = self.ledger.scan()
+        lost = scan.lost
+        for name in scan.stale_workers:
+            count = self.ledger.declare_dead(name, value)
+            if count is not None:
+                report.workers_declared_dead += 1
+                log.warning("worker.declared_dead", worker=name, attempts=count)
+        if report.workers_declared_dead:
+            lost = self.ledger.scan().lost
+        for member, outcome in lost.items():
+            job_id, attempt = split_attempt_id(member)
+            end = self.ledger.end_attempt(
+                job_id,
+                attempt,
+                Outcome(outcome),
+                error="the worker running this attempt was lost",
+                token=value,
+            )
+            if end.status == "retry" and end.next_attempt:
+                report.attempts_requeued += 1
+                if end.after_s == 0:
+                    report.dispatched += self.dispatcher.publish(
+                        attempt_id(job_id, end.next_attempt)
+                    )
+            elif end.status == "ended":
+                report.attempts_failed += 1
+            log.info(
+                "attempt.lost",
+                job=job_id,
+                attempt=attempt,
+                decision=end.status,
+                state=end.state,
+                next_attempt=end.next_attempt,
+            )
+        for job_id in scan.expired_jobs:
+            if self.ledger.expire(job_id, value):
+                report.jobs_expired += 1
+                log.info("job.expired", job=job_id)
+        for member in scan.due_dispatches:
+            report.dispatched += self.dispatcher.publish(member)
+        report.duration_s = time.perf_counter() - started
+        return report
+
+    def run(self, stop: threading.Event | None = None) -> None:
+        stop = stop or threading.Event()
+        log.info("watchdog.started", owner=self.owner, tick_s=self.settings.watchdog_tick_s)
+        failing = False
+        try:
+            while not stop.is_set():
+                started = time.monotonic()
+                try:
+                    self.tick()
+                    if failing:
+                        log.info("watchdog.redis_recovered", owner=self.owner)
+                        failing = False
+                except RedisError as exc:
+                    if not failing:
+                        log.warning("watchdog.redis_error", owner=self.owner, error=str(exc))
+                    failing = True
+                elapsed = time.monotonic() - started
+                stop.wait(max(0.0, self.settings.watchdog_tick_s - elapsed))
+        finally:
+            if self.token is not None:
+                with contextlib.suppress(RedisError):
+                    self.ledger.resign(self.token)
+            log.info("watchdog.stopped", owner=self.owner)

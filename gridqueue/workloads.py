@@ -1,0 +1,83 @@
+"""Workload classes: frozen descriptions of how a kind of job is retried.
+
+They are read from ``config/workloads.toml`` (or ``GRIDQUEUE_WORKLOADS_FILE``). A class is
+data only; :mod:`gridqueue.policies` turns it into decisions.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from gridqueue.errors import ConfigError
+
+DEFAULT_WORKLOADS_FILE = Path(__file__).resolve().parent.parent / "config" / "workloads.toml"
+
+
+@dataclass(frozen=True)
+class WorkloadClass:
+    """How jobs of one class are retried, bounded and prioritised."""
+
+    name: str
+    idempotent: bool
+    max_attempts: int
+    backoff_initial_s: float = 0.0
+    backoff_max_s: float = 0.0
+    backoff_multiplier: float = 2.0
+    backoff_jitter_s: float = 0.0
+    default_deadline_s: float | None = None
+    poison_after_workers: int = 3
+    priority: int = 6  # kombu Redis priority step of fresh work: lower runs first
+    requeue_priority: int = 0  # a failover goes ahead of fresh work
+
+    def __post_init__(self) -> None:
+        where = f"workload class {self.name!r}"
+        if self.max_attempts < 1:
+            raise ConfigError(f"{where}: max_attempts must be >= 1")
+        if self.backoff_initial_s < 0 or self.backoff_max_s < self.backoff_initial_s:
+            raise ConfigError(f"{where}: need 0 <= backoff_initial_s <= backoff_max_s")
+        if self.backoff_jitter_s < 0 or self.backoff_multiplier < 1:
+            raise ConfigError(f"{where}: need backoff_jitter_s >= 0 and backoff_multiplier >= 1")
+        if self.default_deadline_s is not None and self.default_deadline_s <= 0:
+            raise ConfigError(f"{where}: default_deadline_s must be > 0 (or left out)")
+        if self.poison_after_workers < 1:
+            raise ConfigError(f"{where}: poison_after_workers must be >= 1")
+        for name in ("priority", "requeue_priority"):
+            if not 0 <= getattr(self, name) <= 9:
+                raise ConfigError(f"{where}: {name} must be within 0..9")
+
+
+def parse_workloads(document: dict[str, Any], source: str = "<memory>") -> dict[str, WorkloadClass]:
+    allowed = {f.name for f in fields(WorkloadClass)} - {"name"}
+    classes: dict[str, WorkloadClass] = {}
+    for name, table in document.items():
+        if not isinstance(table, dict):
+            raise ConfigError(f"{source}: [{name}] must be a table of settings")
+        unknown = set(table) - allowed
+        if unknown:
+            raise ConfigError(
+                f"{source}: [{name}] has unknown keys {sorted(unknown)}; allowed: {sorted(allowed)}"
+            )
+        try:
+            classes[name] = WorkloadClass(name=name, **table)
+        except TypeError as exc:
+            raise ConfigError(f"{source}: [{name}]: {exc}") from exc
+    if not classes:
+        raise ConfigError(f"{source}: defines no workload class")
+    return classes
+
+
+def load_workloads(path: Path | None = None) -> dict[str, WorkloadClass]:
+    """Read the workload classes; a missing or broken file is a ConfigError."""
+    path = path or DEFAULT_WORKLOADS_FILE
+    try:
+        document = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ConfigError(
+            f"workload classes file {path} not found; set GRIDQUEUE_WORKLOADS_FILE"
+        ) from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    return parse_workloads(document, str(path))

@@ -1,0 +1,62 @@
+"""A simulated LLM for demos, drills and tests: model ``sim-llm``.
+
+Payload: ``{"prompt": str, "ms": int}``. It works for ``ms`` milliseconds in small steps,
+calling ``ctx.progress()`` at each, and returns a text that is a deterministic function of
+the prompt. Drill knobs:
+
+- ``"crash": true`` kills its own process half-way (like an OOM kill or a segfault) on
+  every attempt; ``"crash": N`` only on attempts 1..N.
+- ``"fail": "transient"`` raises TransientError; ``"fail": "invalid"`` raises InvalidInput.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import time
+from typing import Any
+
+from gridqueue import Context, InvalidInput, TransientError, handler
+
+STEP_S = 0.05
+MAX_MS = 3_600_000
+
+
+def complete_text(prompt: str) -> str:
+    """The simulated completion: the same prompt always gives the same text."""
+    digest = hashlib.sha256(prompt.encode()).hexdigest()
+    return f"{prompt[::-1]} <{digest[:12]}>"
+
+
+def _should_crash(crash: Any, attempt: int) -> bool:
+    if crash is True:
+        return True
+    if isinstance(crash, int) and not isinstance(crash, bool):
+        return attempt <= crash
+    return False
+
+
+@handler("sim-llm", gpu_memory_gb=8.0)
+def sim_llm(payload: Any, ctx: Context) -> dict[str, Any]:
+    if not isinstance(payload, dict) or not isinstance(payload.get("prompt"), str):
+        raise InvalidInput('sim-llm needs a payload {"prompt": str, "ms": int}')
+    ms = payload.get("ms", 100)
+    if not isinstance(ms, int) or isinstance(ms, bool) or not 0 <= ms <= MAX_MS:
+        raise InvalidInput(f"sim-llm: 'ms' must be an integer within 0..{MAX_MS}")
+    fail = payload.get("fail")
+    if fail == "transient":
+        raise TransientError("simulated transient fault")
+    if fail == "invalid":
+        raise InvalidInput("simulated invalid input")
+    crash_at_s = ms / 2000 if _should_crash(payload.get("crash"), ctx.attempt) else None
+    started = time.monotonic()
+    deadline = started + ms / 1000
+    while (now := time.monotonic()) < deadline:
+        if crash_at_s is not None and now - started >= crash_at_s:
+            os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(min(STEP_S, deadline - now))
+        ctx.progress(f"{int((time.monotonic() - started) * 1000)}/{ms} ms")
+    if crash_at_s is not None:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return {"text": complete_text(payload["prompt"]), "worker": ctx.worker, "attempt": ctx.attempt}
