@@ -289,3 +289,50 @@ def test_cli_status_json_lists_workers_and_counts(fleet: LocalFleet, gq: GridQue
     assert worker["name"] == "w1" and worker["state"] == "ALIVE"
     assert worker["heartbeat_age_ms"] < 5000
     assert overview["jobs"]["SUCCEEDED"] == 1
+
+
+def test_requeued_attempt_runs_ahead_of_fresh_work(fleet: LocalFleet, gq: GridQueue) -> None:
+    for name in ("w1", "w2"):
+        fleet.start_worker(name, concurrency=1)
+    fleet.start_watchdog()
+    fleet.wait_alive(gq.ledger, ["w1", "w2"])
+    first = gq.submit("sim-llm", {"prompt": "first", "ms": 2500})
+    second = gq.submit("sim-llm", {"prompt": "second", "ms": 2500})
+    placed = wait_for(lambda: len(running_on(gq.ledger, [first.id, second.id])) == 2)
+    assert placed
+    waiting = [gq.submit("sim-llm", {"prompt": f"fresh {i}", "ms": 100}) for i in range(3)]
+    victim = running_on(gq.ledger, [second.id])[second.id]
+
+    fleet.kill(victim)
+
+    failed_over = second.result(timeout=60)
+    for job in waiting:
+        job.result(timeout=60)
+    requeued_start = gq.get(second.id).attempts[-1].started_ms
+    fresh_starts = [gq.get(job.id).attempts[0].started_ms for job in waiting]
+    assert failed_over["attempt"] == 2
+    assert all(requeued_start < start for start in fresh_starts), (requeued_start, fresh_starts)
+
+
+def test_every_bad_input_is_refused_before_anything_is_written(gq: GridQueue) -> None:
+    from gridqueue.errors import (
+        InvalidModelError,
+        PayloadNotJSONError,
+        PayloadTooLargeError,
+        UnknownWorkloadError,
+    )
+
+    small = GridQueue(settings=gq.settings.model_copy(update={"payload_max_bytes": 64}))
+    cases = [
+        (lambda: gq.submit("sim-llm", {"prompt": "x"}, workload="gold"), UnknownWorkloadError),
+        (lambda: gq.submit("sim-llm", {"prompt": {1, 2}}), PayloadNotJSONError),
+        (lambda: gq.submit("sim-llm", {"x": float("nan")}), PayloadNotJSONError),
+        (lambda: small.submit("sim-llm", {"prompt": "x" * 100}), PayloadTooLargeError),
+        (lambda: gq.submit("", {"prompt": "x"}), InvalidModelError),
+        (lambda: gq.submit("   ", {"prompt": "x"}), InvalidModelError),
+    ]
+    for call, error in cases:
+        with pytest.raises(error):
+            call()
+    assert gq.ledger.client.dbsize() == 0  # no job, no queue message, no event
+    small.close()
