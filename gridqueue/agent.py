@@ -1,10 +1,17 @@
 """The worker agent: a Celery bootstep in the worker's main process.
 
-It registers the node, heartbeats on Redis server time, kills the children it is told to
-kill, and turns a child that died under a task (``WorkerLostError``) into outcome
-``worker_lost`` at once, without waiting for the watchdog. When its heartbeat is refused
-(the watchdog declared it dead while it was frozen or cut off), it kills every child still
-running an attempt (those attempts were already moved elsewhere) and registers again.
+It registers the node with its GPUs, heartbeats on Redis server time with a health
+snapshot, kills the children it is told to kill, and turns a child that died under a task
+(``WorkerLostError``) into outcome ``worker_lost`` at once, without waiting for the
+watchdog. It obeys its worker state: a quarantined or probationary node cancels its
+consumers (and its claims are refused in the ledger anyway, because remote control is
+fire-and-forget). When its heartbeat is refused (the watchdog declared it dead while it
+was frozen or cut off), it kills every child still running an attempt (those attempts
+were already moved elsewhere) and registers again.
+
+Threads: the heartbeat never waits on the GPU probe. The probe runs in its own thread and
+under a deadline, so a wedged driver turns into the verdict ``nvml_unresponsive`` while
+the heartbeat keeps going.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import json
 import os
 import signal
 import threading
+import time
 from typing import Any, ClassVar
 
 from billiard.exceptions import WorkerLostError
@@ -22,30 +30,89 @@ from celery.signals import task_failure
 from celery.worker import state as worker_state
 from redis.exceptions import RedisError
 
+from gridqueue.health import HealthClassifier, HealthConfig, HealthLevel
 from gridqueue.keys import split_attempt_id
 from gridqueue.logs import get_logger
+from gridqueue.probes import DeadlineReader, ProbeReading
 from gridqueue.runner import WorkerRuntime, current_runtime
-from gridqueue.states import Outcome
+from gridqueue.states import Outcome, WorkerState
 
 log = get_logger("gridqueue.agent")
 
 
+class HealthMonitor:
+    """Reads the probe on its own thread and keeps the latest snapshot for the heartbeat."""
+
+    def __init__(self, runtime: WorkerRuntime) -> None:
+        assert runtime.probe is not None
+        self.runtime = runtime
+        settings = runtime.settings
+        self.reader = DeadlineReader(runtime.probe, settings.health_probe_timeout_s)
+        self.classifier = HealthClassifier(HealthConfig.from_settings(settings))
+        self.snapshot = ""
+        self.verdict = ""
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="gq-health", daemon=True)
+
+    def read_once(self) -> ProbeReading:
+        reading = self.reader.read()
+        verdict = self.classifier.update(reading, time.monotonic())
+        document = {
+            "probe": reading.probe,
+            "note": self.runtime.probe_note,
+            "verdict": verdict.level.value,
+            "reasons": list(verdict.reasons),
+            "unresponsive": reading.unresponsive,
+            "error": reading.error,
+            "gpus": [gpu.to_dict() for gpu in reading.gpus],
+        }
+        if verdict.level.value != self.verdict:
+            level = "info" if verdict.level is HealthLevel.HEALTHY else "warning"
+            getattr(log, level)(
+                "health.verdict", worker=self.runtime.name, verdict=verdict.level.value,
+                reasons=list(verdict.reasons),
+            )  # fmt: skip
+        self.snapshot = json.dumps(document, separators=(",", ":"))
+        self.verdict = verdict.level.value
+        return reading
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.runtime.settings.health_interval_s):
+            try:
+                self.read_once()
+            except Exception as exc:  # the monitor must outlive any probe bug
+                log.error("health.read_failed", worker=self.runtime.name, error=repr(exc))
+
+
 class GridQueueAgent(bootsteps.StartStopStep):  # type: ignore[misc]
-    """Register, heartbeat, obey fencing and kill orders; see the module docstring."""
+    """Register, heartbeat, obey fencing, quarantine and kill orders."""
 
     requires: ClassVar[set[str]] = {"celery.worker.components:Pool"}
     label = "gridqueue agent"
 
     def __init__(self, parent: Any, **kwargs: Any) -> None:
         super().__init__(parent, **kwargs)
+        self.parent = parent
         self.runtime: WorkerRuntime | None = None
+        self.health: HealthMonitor | None = None
         self.epoch = 0
+        self.state = ""
+        self._consuming = True
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def start(self, parent: Any) -> None:
         self.runtime = current_runtime()
-        self._register()
+        self.health = HealthMonitor(self.runtime)
+        reading = self.health.read_once()
+        self._register(reading)
+        self.health.start()
         task_failure.connect(self._on_task_failure, weak=False)
         self._thread = threading.Thread(
             target=self._heartbeat_loop, name="gq-heartbeat", daemon=True
@@ -54,25 +121,49 @@ class GridQueueAgent(bootsteps.StartStopStep):  # type: ignore[misc]
 
     def stop(self, parent: Any) -> None:
         self._stop.set()
+        if self.health is not None:
+            self.health.stop()
         if self._thread is not None:
             self._thread.join(timeout=5)
         task_failure.disconnect(self._on_task_failure)
         if self.runtime is not None:
             with contextlib.suppress(RedisError):
                 self.runtime.ledger.unregister(self.runtime.name, self.epoch)
+            if self.runtime.probe is not None:
+                with contextlib.suppress(Exception):
+                    self.runtime.probe.close()
             log.info("worker.stopped", worker=self.runtime.name)
-
-    def _register(self) -> None:
-        runtime = self._rt()
-        info = json.dumps({"pid": os.getpid(), "celery_queues": runtime.models})
-        self.epoch = runtime.ledger.register(
-            runtime.name, runtime.models, os.getpid(), runtime.host, runtime.concurrency, info
-        )
-        log.info("worker.registered", worker=runtime.name, epoch=self.epoch, models=runtime.models)
 
     def _rt(self) -> WorkerRuntime:
         assert self.runtime is not None
         return self.runtime
+
+    def _register(self, reading: ProbeReading | None = None) -> None:
+        runtime = self._rt()
+        gpus = [
+            {"index": g.index, "name": g.name, "memory_total_bytes": g.memory_total_bytes}
+            for g in (reading.gpus if reading else ())
+        ]
+        info = json.dumps(
+            {"pid": os.getpid(), "queues": runtime.queues, "note": runtime.probe_note}
+        )
+        self.epoch = runtime.ledger.register(
+            runtime.name,
+            runtime.models,
+            os.getpid(),
+            runtime.host,
+            runtime.concurrency,
+            info,
+            probe=runtime.probe.name if runtime.probe else "none",
+            gpus=gpus if reading else None,
+            model_fit=runtime.model_fit,
+        )
+        record = runtime.ledger.worker(runtime.name)
+        self._apply_state(record.state.value if record else WorkerState.ALIVE.value)
+        log.info(
+            "worker.registered", worker=runtime.name, epoch=self.epoch, state=self.state,
+            models=runtime.models, probe=runtime.probe_note,
+        )  # fmt: skip
 
     def _heartbeat_loop(self) -> None:
         runtime = self._rt()
@@ -80,9 +171,17 @@ class GridQueueAgent(bootsteps.StartStopStep):  # type: ignore[misc]
         failing = False
         while not self._stop.wait(interval_s):
             try:
-                beat = runtime.ledger.heartbeat(runtime.name, self.epoch)
+                health = self.health
+                beat = runtime.ledger.heartbeat(
+                    runtime.name,
+                    self.epoch,
+                    health.snapshot if health else "",
+                    health.verdict if health else "",
+                )
                 if beat.fenced:
                     self._on_fenced(beat.state)
+                else:
+                    self._apply_state(beat.state or "")
                 for member in beat.kill:
                     self._kill_attempt(member, why="ordered")
                 if failing:
@@ -92,6 +191,23 @@ class GridQueueAgent(bootsteps.StartStopStep):  # type: ignore[misc]
                 if not failing:
                     log.warning("heartbeat.failed", worker=runtime.name, error=str(exc))
                 failing = True
+
+    def _apply_state(self, state: str) -> None:
+        """Consume only while ALIVE. The ledger refuses other claims regardless."""
+        if state != self.state:
+            log.info("worker.state", worker=self._rt().name, state=state, previous=self.state)
+        self.state = state
+        want = state == WorkerState.ALIVE.value
+        consumer = getattr(self.parent, "consumer", None)
+        if want == self._consuming or consumer is None:
+            return
+        for queue in self._rt().queues:
+            if want:
+                consumer.call_soon(consumer.add_task_queue, queue)
+            else:
+                consumer.call_soon(consumer.cancel_task_queue, queue)
+        self._consuming = want
+        log.info("worker.consuming" if want else "worker.not_consuming", worker=self._rt().name)
 
     def _on_fenced(self, state: str | None) -> None:
         """We were declared dead: our attempts live elsewhere now. Kill, then rejoin."""

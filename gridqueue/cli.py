@@ -56,6 +56,14 @@ def worker(
     concurrency: Annotated[int, typer.Option("--concurrency", min=1)] = 2,
     redis_url: RedisOption = None,
     loglevel: Annotated[str, typer.Option("--loglevel")] = "INFO",
+    probe: Annotated[
+        str, typer.Option("--probe", help="GPU health probe: nvml, simulated or auto.")
+    ] = "auto",
+    sim_gpus: Annotated[int, typer.Option("--sim-gpus", min=1, help="Simulated GPUs.")] = 1,
+    sim_gpu_memory_gb: Annotated[
+        float, typer.Option("--sim-gpu-memory-gb", min=0.1, help="Memory of each simulated GPU.")
+    ] = 80.0,
+    sim_gpu_name: Annotated[str, typer.Option("--sim-gpu-name")] = "Simulated H100 80GB",
 ) -> None:
     """Run a GPU worker: a Celery worker with the gridqueue agent."""
     from gridqueue.worker import run_worker
@@ -68,6 +76,10 @@ def worker(
         concurrency=concurrency,
         settings=settings,
         loglevel=loglevel,
+        probe_kind=probe,
+        sim_gpus=sim_gpus,
+        sim_gpu_name=sim_gpu_name,
+        sim_gpu_memory_gb=sim_gpu_memory_gb,
     )
 
 
@@ -140,6 +152,102 @@ def cancel(job_id: str, redis_url: RedisOption = None) -> None:
         console.print(f"{job_id} had already ended: {gq.get(job_id).state.value}")
 
 
+fault_app = typer.Typer(help="Inject simulated GPU faults into a running worker.")
+app.add_typer(fault_app, name="fault")
+
+
+@fault_app.command("inject")
+def fault_inject(
+    worker: Annotated[str, typer.Option("--worker", help="Worker name.")],
+    xid: Annotated[int | None, typer.Option("--xid", help="Raise this Xid code.")] = None,
+    gpu_lost: Annotated[
+        bool, typer.Option("--gpu-lost", help="The GPU falls off the bus.")
+    ] = False,
+    ecc_dbe: Annotated[bool, typer.Option("--ecc-dbe", help="A double-bit ECC error.")] = False,
+    temperature: Annotated[
+        float | None, typer.Option("--temperature", help="GPU temperature, C.")
+    ] = None,
+    nvml_hang: Annotated[bool, typer.Option("--nvml-hang", help="Every NVML call hangs.")] = False,
+    gpu: Annotated[int, typer.Option("--gpu", min=0, help="GPU index.")] = 0,
+    redis_url: RedisOption = None,
+) -> None:
+    """Inject a fault into a worker that runs the simulated probe."""
+    from gridqueue.faults import inject_fault
+    from gridqueue.probes.simulated import Fault
+
+    chosen = [xid is not None, gpu_lost, ecc_dbe, temperature is not None, nvml_hang]
+    if sum(chosen) != 1:
+        raise ConfigError(
+            "choose exactly one fault: --xid CODE, --gpu-lost, --ecc-dbe, --temperature C "
+            "or --nvml-hang"
+        )
+    fault = Fault(
+        xid=(xid,) if xid is not None else (),
+        gpu_lost=gpu_lost,
+        ecc_dbe=ecc_dbe,
+        temperature_c=temperature,
+        nvml_hang=nvml_hang,
+    )
+    inject_fault(load_settings(redis_url), worker, gpu, fault)
+    console.print(f"injected into {worker} gpu {gpu}: {fault.to_dict()}")
+
+
+@fault_app.command("clear")
+def fault_clear(
+    worker: Annotated[str, typer.Option("--worker", help="Worker name.")],
+    redis_url: RedisOption = None,
+) -> None:
+    """Clear every injected fault of a worker."""
+    from gridqueue.faults import clear_faults
+
+    clear_faults(load_settings(redis_url), worker)
+    console.print(f"cleared faults of {worker}")
+
+
+def _operator() -> str:
+    import getpass
+    import socket
+
+    return f"operator:{getpass.getuser()}@{socket.gethostname()}"
+
+
+@app.command()
+def quarantine(
+    name: str,
+    reason: Annotated[str, typer.Option("--reason", help="Why; recorded with who.")],
+    redis_url: RedisOption = None,
+) -> None:
+    """Quarantine a worker: no new work, and its running attempts move elsewhere now."""
+    from gridqueue.ledger import Ledger
+
+    moved = Ledger.connect(load_settings(redis_url)).quarantine(name, _operator(), reason)
+    console.print(f"quarantined {name}; {moved} running attempt(s) moved")
+
+
+@app.command()
+def drain(
+    name: str,
+    reason: Annotated[str, typer.Option("--reason")] = "drain",
+    redis_url: RedisOption = None,
+) -> None:
+    """Drain a worker: no new work; its running attempts finish where they are."""
+    from gridqueue.ledger import Ledger
+
+    Ledger.connect(load_settings(redis_url)).quarantine(name, _operator(), reason, drain=True)
+    console.print(f"draining {name}")
+
+
+@app.command()
+def release(name: str, redis_url: RedisOption = None) -> None:
+    """Re-admit a quarantined (or probationary) worker now."""
+    from gridqueue.ledger import Ledger
+
+    if Ledger.connect(load_settings(redis_url)).release(name, _operator()):
+        console.print(f"released {name}")
+    else:
+        console.print(f"{name} was not quarantined")
+
+
 @app.command()
 def status(redis_url: RedisOption = None, as_json: JsonOption = False) -> None:
     """Workers (state, heartbeat age, running attempts) and job counts by state."""
@@ -150,12 +258,23 @@ def status(redis_url: RedisOption = None, as_json: JsonOption = False) -> None:
         _print_json(overview)
         return
     table = Table(title="workers")
-    for column in ("name", "state", "models", "heartbeat age", "running"):
+    for column in ("name", "state", "verdict", "heartbeat age", "running", "gpus", "reasons"):
         table.add_column(column)
     for w in overview["workers"]:
         age = "-" if w["heartbeat_age_ms"] is None else f"{w['heartbeat_age_ms'] / 1000:.1f} s"
-        table.add_row(w["name"], w["state"], ",".join(w["models"]), age, str(len(w["running"])))
+        gpus = "\n".join(_gpu_headline(g) for g in w["gpus"])
+        reasons = ", ".join(w["reasons"])
+        if w["quarantine_reason"]:
+            reasons = f"{reasons} [{w['quarantined_by']}: {w['quarantine_reason']}]".strip()
+        table.add_row(
+            w["name"], w["state"], w["verdict"] or "-", age, str(len(w["running"])), gpus, reasons
+        )
     console.print(table)
+    placements = overview["placements"]
+    console.print(
+        f"first placements: {placements['first']}, bad (gpu_fault/worker_lost): "
+        f"{placements['bad']} ({placements['bad_rate']:.1%})"
+    )
     jobs = Table(title="jobs")
     jobs.add_column("state")
     jobs.add_column("count", justify="right")
@@ -180,6 +299,22 @@ def demo(
         _print_json(report)
     if report["lost"] or report["duplicates"]:
         raise typer.Exit(1)
+
+
+def _gpu_headline(gpu: dict[str, Any]) -> str:
+    parts = [f"#{gpu.get('index')}"]
+    if gpu.get("lost"):
+        return f"#{gpu.get('index')} LOST"
+    if gpu.get("temperature_c") is not None:
+        parts.append(f"{gpu['temperature_c']:.0f}C")
+    if gpu.get("utilization_ratio") is not None:
+        parts.append(f"{gpu['utilization_ratio']:.0%}")
+    used, total = gpu.get("memory_used_bytes"), gpu.get("memory_total_bytes")
+    if used is not None and total:
+        parts.append(f"{used / 2**30:.0f}/{total / 2**30:.0f} GiB")
+    if gpu.get("power_w") is not None:
+        parts.append(f"{gpu['power_w']:.0f} W")
+    return " ".join(parts)
 
 
 def main() -> None:

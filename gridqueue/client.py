@@ -144,6 +144,7 @@ class GridQueue:
             body,
             int(deadline_s * 1000) if deadline_s else 0,
             idempotency_key,
+            wait_for_capacity=workload_class.wait_for_capacity,
         )
         if created:
             self.dispatcher.publish(attempt_id(job_id, 1))
@@ -164,23 +165,37 @@ class GridQueue:
         workers = []
         for worker in self.ledger.workers():
             age = None if worker.last_heartbeat_ms is None else now_ms - worker.last_heartbeat_ms
+            health = worker.health or {}
             workers.append(
                 {
                     "name": worker.name,
                     "state": worker.state.value,
+                    "verdict": worker.verdict,
+                    "reasons": health.get("reasons", []),
+                    "probe": worker.probe,
                     "models": worker.models,
                     "host": worker.host,
                     "pid": worker.pid,
                     "epoch": worker.epoch,
                     "heartbeat_age_ms": age,
                     "running": worker.running,
+                    "gpus": health.get("gpus", worker.gpus),
+                    "quarantined_by": worker.quarantined_by,
+                    "quarantine_reason": worker.quarantine_reason,
+                    "quarantine_mode": worker.quarantine_mode,
+                    "probation_until_ms": worker.probation_until_ms,
+                    "failures": worker.failures,
                 }
             )
+        stats = self.ledger.stats()
+        first = stats.get("first_placements", 0)
+        bad = stats.get("bad_first_placements", 0)
         return {
             "now_ms": now_ms,
             "workers": workers,
             "jobs": self.ledger.counts(),
-            "stats": self.ledger.stats(),
+            "stats": stats,
+            "placements": {"first": first, "bad": bad, "bad_rate": bad / first if first else 0.0},
         }
 
     def close(self) -> None:

@@ -38,8 +38,25 @@ class InvalidModelError(InvalidJobError):
     """The model name is empty or malformed; use letters, digits, '-', '_', '.' or ':'."""
 
 
+class AdmissionError(GridQueueError):
+    """The fleet cannot take this job now; the message says what is missing."""
+
+
+class DoesNotFitError(AdmissionError):
+    """No GPU in the fleet has enough memory for this model; add a bigger GPU or a smaller model."""
+
+
+class NoCapacityError(AdmissionError):
+    """No live, unquarantined worker serves this model now; start one, or use a class that
+    waits for capacity (wait_for_capacity in config/workloads.toml)."""
+
+
 class JobNotFoundError(GridQueueError):
     """No such job in the ledger; check the id (terminal jobs are kept for job_retention_s)."""
+
+
+class WorkerNotFoundError(GridQueueError):
+    """No such worker; `gridqueue status` lists the registered ones."""
 
 
 class JobTimeoutError(GridQueueError):

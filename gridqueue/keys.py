@@ -14,6 +14,10 @@ Layout (``ns`` is ``GRIDQUEUE_NAMESPACE``, ``gq`` by default; an attempt is ``<j
     {ns}:worker:{name}         hash    worker record: state, epoch, models, pid, health...
     {ns}:worker:{name}:running set     attempts this worker runs
     {ns}:worker:{name}:kill    set     attempts the worker agent must SIGKILL
+    {ns}:worker:{name}:faults  hash    simulated GPU faults injected by the drill (gpu -> JSON)
+    {ns}:model:{model}         hash    worker -> {required_bytes, largest_gpu_bytes}: fit checks
+    {ns}:probation             zset    worker -> end of its probation (ms)
+    {ns}:health_changes        zset    worker -> when its health verdict changed (ms)
     {ns}:counts                hash    job state -> number of jobs in it
     {ns}:stats                 hash    counters (stale results discarded, requeues...)
     {ns}:events                stream  every transition, capped at ``events_max_len``
@@ -44,6 +48,10 @@ _TEMPLATES: dict[str, tuple[str, tuple[str, ...]]] = {
     "worker": ("{ns}:worker:{name}", ("name",)),
     "worker_running": ("{ns}:worker:{name}:running", ("name",)),
     "worker_kill": ("{ns}:worker:{name}:kill", ("name",)),
+    "worker_faults": ("{ns}:worker:{name}:faults", ("name",)),
+    "model": ("{ns}:model:{model}", ("model",)),
+    "probation": ("{ns}:probation", ()),
+    "health_changes": ("{ns}:health_changes", ()),
     "counts": ("{ns}:counts", ()),
     "stats": ("{ns}:stats", ()),
     "events": ("{ns}:events", ()),
@@ -100,6 +108,20 @@ class Keys:
 
     def worker_kill(self, name: str) -> str:
         return self._render("worker_kill", name=name)
+
+    def worker_faults(self, name: str) -> str:
+        return self._render("worker_faults", name=name)
+
+    def model(self, model: str) -> str:
+        return self._render("model", model=model)
+
+    @property
+    def probation(self) -> str:
+        return self._render("probation")
+
+    @property
+    def health_changes(self) -> str:
+        return self._render("health_changes")
 
     @property
     def deadlines(self) -> str:

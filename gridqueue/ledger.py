@@ -20,7 +20,13 @@ from typing import Any, cast
 
 import redis
 
-from gridqueue.errors import JobNotFoundError, JobTimeoutError
+from gridqueue.errors import (
+    DoesNotFitError,
+    JobNotFoundError,
+    JobTimeoutError,
+    NoCapacityError,
+    WorkerNotFoundError,
+)
 from gridqueue.keys import Keys, attempt_id, lua_prelude, split_attempt_id
 from gridqueue.policies import EndedAttempt, GiveUp, Retry, decide
 from gridqueue.records import JobRecord, WorkerRecord
@@ -45,6 +51,10 @@ _SCRIPTS = (
     "scan",
     "lease",
     "resign",
+    "apply_health",
+    "end_probation",
+    "quarantine_worker",
+    "release",
 )
 
 
@@ -90,6 +100,8 @@ class Scan:
     expired_jobs: list[str]
     due_dispatches: list[str]
     lost: dict[str, str]
+    health_changes: list[str]
+    probation_due: list[str]
 
 
 @dataclass(frozen=True)
@@ -121,6 +133,9 @@ class Ledger:
             settings.namespace,
             settings.events_max_len,
             settings.job_retention_s,
+            int(settings.probation_base_s * 1000),
+            int(settings.probation_cap_s * 1000),
+            int(settings.probation_window_s * 1000),
         )
 
     @classmethod
@@ -140,9 +155,14 @@ class Ledger:
         payload_json: str,
         deadline_in_ms: int,
         idempotency_key: str | None,
+        wait_for_capacity: bool = True,
     ) -> tuple[str, bool]:
-        """Write a job and its dispatch promise. Returns (job id, created)."""
-        job, how = self._call(
+        """Write a job and its dispatch promise. Returns (job id, created).
+
+        Raises DoesNotFitError if no registered GPU can hold the model, and (unless
+        ``wait_for_capacity``) NoCapacityError if no live, unquarantined worker serves it.
+        """
+        reply = self._call(
             "submit",
             job_id,
             model,
@@ -152,7 +172,13 @@ class Ledger:
             idempotency_key or "",
             self.settings.job_retention_s,
             int(self.settings.dispatch_grace_s * 1000),
+            "1" if wait_for_capacity else "0",
         )
+        if reply[0] == "does_not_fit":
+            raise DoesNotFitError(_does_not_fit_message(model, json.loads(reply[1])))
+        if reply[0] == "no_capacity":
+            raise NoCapacityError(_no_capacity_message(model, json.loads(reply[1])))
+        job, how = reply
         return str(job), how == "created"
 
     def claim(self, job_id: str, attempt: int, worker: str, pid: int, delivery_tag: str) -> Claim:
@@ -257,15 +283,63 @@ class Ledger:
     # -- workers ---------------------------------------------------------------------
 
     def register(
-        self, name: str, models: list[str], pid: int, host: str, concurrency: int, info: str
+        self,
+        name: str,
+        models: list[str],
+        pid: int,
+        host: str,
+        concurrency: int,
+        info: str,
+        probe: str = "none",
+        gpus: list[dict[str, Any]] | None = None,
+        model_fit: dict[str, dict[str, int]] | None = None,
     ) -> int:
-        return int(self._call("register", name, ",".join(models), pid, host, concurrency, info))
+        """Register a new incarnation; returns its epoch (the fence of its heartbeats).
 
-    def heartbeat(self, name: str, epoch: int, health: str = "") -> Heartbeat:
-        reply = self._call("heartbeat", name, epoch, health)
+        ``model_fit`` maps each model served to ``{required_bytes, largest_gpu_bytes}``.
+        """
+        epoch, _state = self._call(
+            "register",
+            name,
+            ",".join(models),
+            pid,
+            host,
+            concurrency,
+            info,
+            probe,
+            json.dumps(gpus or []),
+            json.dumps(model_fit or {}),
+        )
+        return int(epoch)
+
+    def heartbeat(self, name: str, epoch: int, health: str = "", verdict: str = "") -> Heartbeat:
+        reply = self._call("heartbeat", name, epoch, health, verdict)
         if reply[0] == "fenced":
             return Heartbeat(fenced=True, kill=[], state=reply[1])
-        return Heartbeat(fenced=False, kill=list(reply[1:]))
+        return Heartbeat(fenced=False, kill=list(reply[2:]), state=reply[1])
+
+    def apply_health(self, name: str, token: str) -> str:
+        """Quarantine, drain or start the probation of a worker, as its verdict says."""
+        return str(self._call("apply_health", name, token)[0])
+
+    def end_probation(self, name: str, token: str) -> bool:
+        return bool(self._call("end_probation", name, token))
+
+    def quarantine(self, name: str, by: str, reason: str, drain: bool = False) -> int:
+        """An operator's quarantine: returns how many running attempts were moved."""
+        mode = "drain" if drain else "evacuate"
+        reply = self._call("quarantine_worker", name, by, reason, mode)
+        if reply[0] == "unknown":
+            raise WorkerNotFoundError(f"no worker {name!r} is registered")
+        if reply[0] == "dead":
+            raise WorkerNotFoundError(f"worker {name!r} is {reply[1]}, not running")
+        return int(reply[1])
+
+    def release(self, name: str, by: str) -> bool:
+        reply = self._call("release", name, by)
+        if reply[0] == "unknown":
+            raise WorkerNotFoundError(f"no worker {name!r} is registered")
+        return bool(reply[0] == "ok")
 
     def unregister(self, name: str, epoch: int) -> bool:
         return bool(self._call("unregister", name, epoch))
@@ -294,7 +368,7 @@ class Ledger:
     # -- watchdog --------------------------------------------------------------------
 
     def scan(self, batch: int = 256) -> Scan:
-        now, stale, expired, due, lost = self._call(
+        now, stale, expired, due, lost, health, probation = self._call(
             "scan", int(self.settings.stale_after_s * 1000), batch
         )
         return Scan(
@@ -303,6 +377,8 @@ class Ledger:
             expired_jobs=list(expired),
             due_dispatches=list(due),
             lost=dict(zip(lost[::2], lost[1::2], strict=True)),
+            health_changes=list(health),
+            probation_due=list(probation),
         )
 
     def begin_dispatch(self, member: str) -> DispatchLease | None:
@@ -353,6 +429,36 @@ def parse_attempt(member: str) -> tuple[str, int]:
 def dumps(value: Any) -> str:
     """The one JSON encoding used for payloads and results (no pickle, anywhere)."""
     return json.dumps(value, separators=(",", ":"), allow_nan=False)
+
+
+def _gb(value: int) -> str:
+    return f"{value / 2**30:.1f} GiB"
+
+
+def _worker_list(workers: Any) -> str:
+    if not workers:  # cjson encodes an empty list as {}
+        return "none registered"
+    return ", ".join(
+        f"{w['name']} ({w['state']}, largest GPU {_gb(int(w['largest_gpu_bytes']))})"
+        for w in workers
+    )
+
+
+def _does_not_fit_message(model: str, detail: dict[str, Any]) -> str:
+    return (
+        f"model {model!r} needs {_gb(int(detail['required_bytes']))} of GPU memory, but the "
+        f"largest GPU in the fleet has {_gb(int(detail['largest_gpu_bytes']))}; "
+        f"workers serving it: {_worker_list(detail['workers'])}. Add a worker with a bigger "
+        "GPU or serve a smaller model."
+    )
+
+
+def _no_capacity_message(model: str, detail: dict[str, Any]) -> str:
+    return (
+        f"no live, unquarantined worker serves model {model!r} now; workers serving it: "
+        f"{_worker_list(detail['workers'])}. Start a worker with --models {model}, release a "
+        "quarantined one, or submit with a workload class that waits for capacity."
+    )
 
 
 def _read_lua(name: str) -> str:

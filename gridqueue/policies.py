@@ -86,11 +86,14 @@ def decide(
         return GiveUp(outcome.value, state)
     if outcome is Outcome.INVALID_INPUT:
         return GiveUp(Outcome.INVALID_INPUT.value)
-    if outcome in NODE_OUTCOMES:
+    if outcome in NODE_OUTCOMES or outcome is Outcome.EVACUATED:
         if not workload.idempotent:
             # Non-idempotent: the work may have had effects; never run it twice blindly.
             return GiveUp(outcome.value)
-        if len(node_failures(history)) >= workload.poison_after_workers:
+        if (
+            outcome in NODE_OUTCOMES
+            and len(node_failures(history)) >= workload.poison_after_workers
+        ):
             return GiveUp("poison", JobState.DEAD_LETTERED)
     if stop_after_attempt(workload.max_attempts)(_retry_state(attempt)):
         return GiveUp(outcome.value)

@@ -123,11 +123,29 @@ class WorkerRecord:
     declared_dead_ms: int | None
     running: list[str]
     health: dict[str, Any] | None
+    verdict: str | None = None
+    probe: str | None = None
+    gpus: list[dict[str, Any]] = field(default_factory=list)
+    quarantined_by: str | None = None
+    quarantine_reason: str | None = None
+    quarantine_mode: str | None = None
+    quarantined_ms: int | None = None
+    probation_until_ms: int | None = None
+    failures: int = 0
 
     @classmethod
     def from_hash(cls, data: dict[str, str], running: list[str]) -> WorkerRecord:
         health = data.get("health")
         return cls(
+            verdict=data.get("verdict") or None,
+            probe=data.get("probe") or None,
+            gpus=json.loads(data.get("gpus") or "[]"),
+            quarantined_by=data.get("quarantined_by") or None,
+            quarantine_reason=data.get("quarantine_reason") or None,
+            quarantine_mode=data.get("quarantine_mode") or None,
+            quarantined_ms=_int(data.get("quarantined_ms")),
+            probation_until_ms=_int(data.get("probation_until_ms")),
+            failures=int(data.get("failures") or 0),
             name=data["name"],
             state=WorkerState(data["state"]),
             epoch=int(data.get("epoch", 0)),

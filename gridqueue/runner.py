@@ -25,6 +25,7 @@ from gridqueue.handlers import Context, get_handler
 from gridqueue.keys import attempt_id
 from gridqueue.ledger import AttemptEnd, Ledger, dumps
 from gridqueue.logs import get_logger
+from gridqueue.probes import Probe
 from gridqueue.settings import Settings
 from gridqueue.states import Outcome
 
@@ -48,6 +49,10 @@ class WorkerRuntime:
     settings: Settings
     concurrency: int
     app: Celery
+    queues: list[str] = field(default_factory=list)  # the models that fit this node's GPUs
+    model_fit: dict[str, dict[str, int]] = field(default_factory=dict)
+    probe: Probe | None = None
+    probe_note: str = ""
     host: str = field(default_factory=socket.gethostname)
     _ledger: Ledger | None = None
     _pid: int = 0

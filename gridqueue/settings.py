@@ -38,6 +38,35 @@ class Settings(BaseSettings):
     workloads_file: Path | None = Field(
         None, description="Workload classes; default config/workloads.toml of this project."
     )
+    health_interval_s: float = Field(0.2, gt=0, description="How often the GPU probe reads.")
+    health_probe_timeout_s: float = Field(
+        2.0, gt=0, description="A probe read (every NVML call in it) slower than this is hung."
+    )
+    health_degraded_persist_s: float = Field(
+        5.0, ge=0, description="How long a degraded reading must last before it counts."
+    )
+    health_temperature_limit_c: float = Field(87.0, description="Hotter than this is degraded.")
+    health_temperature_hysteresis_c: float = Field(
+        5.0, ge=0, description="A hot GPU is cool again only this far below the limit."
+    )
+    health_xid_unhealthy: list[int] = Field(
+        default=[48, 64, 74, 79, 95, 119, 120, 140],
+        description="Xid codes that quarantine a node and requeue its work now.",
+    )
+    health_xid_degraded: list[int] = Field(
+        default=[63, 92, 94], description="Xid codes that drain a node."
+    )
+    health_xid_ignored: list[int] = Field(
+        default=[13, 31, 43, 45, 68, 109],
+        description="Application-level Xid codes: counted, not node health.",
+    )
+    probation_base_s: float = Field(
+        10.0, ge=0, description="Probation before a recovered or returning node gets work."
+    )
+    probation_cap_s: float = Field(600.0, ge=0, description="Longest probation.")
+    probation_window_s: float = Field(
+        900.0, gt=0, description="Failures this close together double the probation."
+    )
     log_format: Literal["json", "console"] = "json"
     log_level: str = "INFO"
 

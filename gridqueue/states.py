@@ -42,6 +42,7 @@ class Outcome(StrEnum):
     GPU_FAULT = "gpu_fault"
     EXPIRED = "expired"
     CANCELLED = "cancelled"
+    EVACUATED = "evacuated"  # an operator quarantined the node and moved its work
 
 
 # Outcomes that say the *node* failed the job, not the job itself. A non-idempotent class
@@ -51,5 +52,7 @@ NODE_OUTCOMES = frozenset({Outcome.WORKER_LOST, Outcome.STALLED, Outcome.GPU_FAU
 
 class WorkerState(StrEnum):
     ALIVE = "ALIVE"
+    QUARANTINED = "QUARANTINED"  # alive, but gets no new work (sick GPU or an operator)
+    PROBATION = "PROBATION"  # back from a failure; gets work once the delay has passed
     DEAD = "DEAD"  # declared dead by the watchdog; its heartbeats are refused (fenced)
     STOPPED = "STOPPED"  # shut down cleanly

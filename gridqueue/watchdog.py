@@ -37,6 +37,12 @@ from gridqueue.states import Outcome
 
 log = get_logger("gridqueue.watchdog")
 
+_LOST_ERRORS = {
+    "worker_lost": "the worker running this attempt was lost",
+    "gpu_fault": "the node's GPU failed its health check; the attempt was moved",
+    "evacuated": "an operator quarantined the node; the attempt was moved",
+}
+
 
 @dataclass
 class TickReport:
@@ -45,6 +51,7 @@ class TickReport:
     attempts_requeued: int = 0
     attempts_failed: int = 0
     jobs_expired: int = 0
+    workers_quarantined: int = 0
     dispatched: int = 0
     duration_s: float = 0.0
 
@@ -78,14 +85,39 @@ class Watchdog:
                 log.warning("worker.declared_dead", worker=name, attempts=count)
         if report.workers_declared_dead:
             lost = self.ledger.scan().lost
+        self._requeue_lost(lost, value, report)
+        for name in scan.health_changes:
+            action = self.ledger.apply_health(name, value)
+            if action in ("evacuated", "draining"):
+                report.workers_quarantined += 1
+                log.warning("worker.quarantined", worker=name, action=action)
+            elif action == "probation":
+                log.info("worker.probation", worker=name)
+        if report.workers_quarantined:
+            # An evacuation moved running attempts to the lost hash: requeue them now.
+            self._requeue_lost(self.ledger.scan().lost, value, report)
+        for name in scan.probation_due:
+            if self.ledger.end_probation(name, value):
+                log.info("worker.readmitted", worker=name)
+        for job_id in scan.expired_jobs:
+            if self.ledger.expire(job_id, value):
+                report.jobs_expired += 1
+                log.info("job.expired", job=job_id)
+        for member in scan.due_dispatches:
+            report.dispatched += self.dispatcher.publish(member)
+        report.duration_s = time.perf_counter() - started
+        return report
+
+    def _requeue_lost(self, lost: dict[str, str], token: str, report: TickReport) -> None:
+        """Apply the class policy to attempts whose worker is gone or evacuated."""
         for member, outcome in lost.items():
             job_id, attempt = split_attempt_id(member)
             end = self.ledger.end_attempt(
                 job_id,
                 attempt,
                 Outcome(outcome),
-                error="the worker running this attempt was lost",
-                token=value,
+                error=_LOST_ERRORS.get(outcome, "the worker running this attempt was lost"),
+                token=token,
             )
             if end.status == "retry" and end.next_attempt:
                 report.attempts_requeued += 1
@@ -99,18 +131,11 @@ class Watchdog:
                 "attempt.lost",
                 job=job_id,
                 attempt=attempt,
+                outcome=outcome,
                 decision=end.status,
                 state=end.state,
                 next_attempt=end.next_attempt,
             )
-        for job_id in scan.expired_jobs:
-            if self.ledger.expire(job_id, value):
-                report.jobs_expired += 1
-                log.info("job.expired", job=job_id)
-        for member in scan.due_dispatches:
-            report.dispatched += self.dispatcher.publish(member)
-        report.duration_s = time.perf_counter() - started
-        return report
 
     def run(self, stop: threading.Event | None = None) -> None:
         stop = stop or threading.Event()

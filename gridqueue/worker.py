@@ -1,16 +1,39 @@
-"""Starting a gridqueue worker: handler modules, the Celery app, the agent bootstep."""
+"""Starting a gridqueue worker: handler modules, the GPU probe, the fit of each model on
+this node's GPUs, the Celery app and the agent bootstep."""
 
 from __future__ import annotations
 
 import importlib
+import json
+from collections.abc import Callable
+
+import redis
 
 from gridqueue.agent import GridQueueAgent
 from gridqueue.celeryapp import make_celery
 from gridqueue.errors import ConfigError
 from gridqueue.handlers import check_model_name, get_handler, registered
-from gridqueue.keys import queue_for_model
+from gridqueue.keys import Keys, queue_for_model
+from gridqueue.ledger import connect_redis
+from gridqueue.logs import get_logger
+from gridqueue.probes import DeadlineReader, make_probe
+from gridqueue.probes.simulated import Fault
 from gridqueue.runner import WorkerRuntime, install_runtime, register_task
 from gridqueue.settings import Settings
+
+log = get_logger("gridqueue.worker")
+
+GIB = 2**30
+
+
+def fault_source(client: redis.Redis, keys: Keys, name: str) -> Callable[[], dict[int, Fault]]:
+    """Faults injected into this worker's simulated GPUs (``gridqueue fault inject``)."""
+
+    def read() -> dict[int, Fault]:
+        raw: dict[str, str] = client.hgetall(keys.worker_faults(name))  # type: ignore[assignment]
+        return {int(gpu): Fault.from_dict(json.loads(fault)) for gpu, fault in raw.items()}
+
+    return read
 
 
 def run_worker(
@@ -20,6 +43,10 @@ def run_worker(
     concurrency: int,
     settings: Settings,
     loglevel: str = "INFO",
+    probe_kind: str = "auto",
+    sim_gpus: int = 1,
+    sim_gpu_name: str = "Simulated H100 80GB",
+    sim_gpu_memory_gb: float = 80.0,
 ) -> None:
     if not name or "@" in name or ":" in name:
         raise ConfigError(f"invalid worker name {name!r}: use a non-empty name without '@' or ':'")
@@ -38,15 +65,61 @@ def run_worker(
             f"no handler registered for {missing} in {handler_modules}; "
             f"registered: {sorted(registered())}"
         )
+    probe, note = make_probe(
+        probe_kind,
+        sim_gpus=sim_gpus,
+        sim_gpu_name=sim_gpu_name,
+        sim_gpu_memory_gb=sim_gpu_memory_gb,
+        fault_source=fault_source(
+            connect_redis(settings.redis_url), Keys(settings.namespace), name
+        ),
+    )
+    first = DeadlineReader(probe, settings.health_probe_timeout_s).read()
+    largest = max((g.memory_total_bytes or 0 for g in first.gpus), default=0)
+    model_fit: dict[str, dict[str, int]] = {}
+    fitting = []
+    for model in models:
+        found = get_handler(model)
+        assert found is not None
+        required = int(found.gpu_memory_gb * GIB)
+        model_fit[model] = {"required_bytes": required, "largest_gpu_bytes": largest}
+        if required <= largest:
+            fitting.append(model)
+        else:
+            log.warning(
+                "model.does_not_fit",
+                model=model,
+                required_gib=found.gpu_memory_gb,
+                largest_gpu_gib=round(largest / GIB, 1),
+            )
+    if not fitting:
+        raise ConfigError(
+            f"none of {models} fits this node's GPUs (largest {largest / GIB:.1f} GiB): "
+            "serve a smaller model or run on a bigger GPU"
+        )
+    log.info("worker.probe", probe=probe.name, note=note, gpus=len(first.gpus))
+    queues = [queue_for_model(m) for m in fitting]
     app = make_celery(settings.redis_url)
     register_task(app)
-    install_runtime(WorkerRuntime(name, models, settings, concurrency, app))
+    install_runtime(
+        WorkerRuntime(
+            name,
+            models,
+            settings,
+            concurrency,
+            app,
+            queues=queues,
+            model_fit=model_fit,
+            probe=probe,
+            probe_note=note,
+        )
+    )
     app.steps["worker"].add(GridQueueAgent)
     app.worker_main(
         argv=[
             "worker",
             "--hostname", f"{name}@%h",
-            "--queues", ",".join(queue_for_model(m) for m in models),
+            "--queues", ",".join(queues),
             "--concurrency", str(concurrency),
             "--pool", "prefork",
             "--without-gossip",

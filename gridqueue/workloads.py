@@ -29,6 +29,7 @@ class WorkloadClass:
     backoff_jitter_s: float = 0.0
     default_deadline_s: float | None = None
     poison_after_workers: int = 3
+    wait_for_capacity: bool = False  # accept jobs while no worker can serve them now
     priority: int = 6  # kombu Redis priority step of fresh work: lower runs first
     requeue_priority: int = 0  # a failover goes ahead of fresh work
 

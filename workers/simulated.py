@@ -1,4 +1,5 @@
-"""A simulated LLM for demos, drills and tests: model ``sim-llm``.
+"""A simulated LLM for demos, drills and tests: models ``sim-llm`` (8 GiB of GPU memory),
+``sim-embed`` (1 GiB) and ``sim-llm-70b`` (140 GiB: it fits no single 80 GiB GPU).
 
 Payload: ``{"prompt": str, "ms": int}``. It works for ``ms`` milliseconds in small steps,
 calling ``ctx.progress()`` at each, and returns a text that is a deterministic function of
@@ -38,6 +39,8 @@ def _should_crash(crash: Any, attempt: int) -> bool:
 
 
 @handler("sim-llm", gpu_memory_gb=8.0)
+@handler("sim-embed", gpu_memory_gb=1.0)
+@handler("sim-llm-70b", gpu_memory_gb=140.0)  # needs more than one 80 GB GPU holds
 def sim_llm(payload: Any, ctx: Context) -> dict[str, Any]:
     if not isinstance(payload, dict) or not isinstance(payload.get("prompt"), str):
         raise InvalidInput('sim-llm needs a payload {"prompt": str, "ms": int}')

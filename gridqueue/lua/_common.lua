@@ -1,8 +1,12 @@
 -- Shared prelude of every ledger script (the key helpers are rendered above it from
--- gridqueue/keys.py). ARGV[1..3] are always: namespace, event stream cap, retention (s).
+-- gridqueue/keys.py). ARGV[1..6] are always: namespace, event stream cap, retention (s),
+-- and the probation base, cap and flap window (ms). A script's own arguments follow.
 local NS = ARGV[1]
 local EVENTS_MAXLEN = tonumber(ARGV[2])
 local RETENTION_S = tonumber(ARGV[3])
+local PROBATION_BASE_MS = tonumber(ARGV[4])
+local PROBATION_CAP_MS = tonumber(ARGV[5])
+local FLAP_WINDOW_MS = tonumber(ARGV[6])
 local TERMINAL = {SUCCEEDED = true, FAILED = true, EXPIRED = true, CANCELLED = true,
                   DEAD_LETTERED = true}
 
@@ -86,4 +90,51 @@ end
 
 local function leader_is(token)
   return token == '' or redis.call('GET', key_leader(NS)) == token
+end
+
+-- Flap damping: failures close together (within the window) double the probation.
+local function record_failure(name)
+  local wk = key_worker(NS, name)
+  local last = tonumber(redis.call('HGET', wk, 'last_failure_ms') or '0')
+  local failures = tonumber(redis.call('HGET', wk, 'failures') or '0')
+  if NOW - last > FLAP_WINDOW_MS then failures = 0 end
+  failures = failures + 1
+  redis.call('HSET', wk, 'failures', failures, 'last_failure_ms', NOW)
+  return failures
+end
+
+local function probation_ms(failures)
+  return math.min(PROBATION_CAP_MS, PROBATION_BASE_MS * 2 ^ (math.max(failures, 1) - 1))
+end
+
+local function start_probation(name, why)
+  local wk = key_worker(NS, name)
+  local failures = tonumber(redis.call('HGET', wk, 'failures') or '1')
+  local delay = probation_ms(failures)
+  redis.call('HSET', wk, 'state', 'PROBATION', 'probation_until_ms', NOW + delay)
+  redis.call('HDEL', wk, 'quarantine_reason', 'quarantined_by', 'quarantine_mode', 'quarantined_ms')
+  redis.call('ZADD', key_probation(NS), NOW + delay, name)
+  emit('worker_probation', {'worker', name, 'until_ms', NOW + delay, 'delay_ms', delay,
+                            'failures', failures, 'why', why})
+end
+
+-- Quarantine: the worker takes no new work (its claims are refused and its agent cancels
+-- its consumers). 'evacuate' also moves its running attempts elsewhere now and orders
+-- their children killed; 'drain' lets them finish.
+local function quarantine(name, by, reason, mode, outcome)
+  local wk = key_worker(NS, name)
+  redis.call('HSET', wk, 'state', 'QUARANTINED', 'quarantined_by', by,
+    'quarantine_reason', reason, 'quarantine_mode', mode, 'quarantined_ms', NOW)
+  redis.call('ZREM', key_probation(NS), name)
+  local moved = 0
+  if mode == 'evacuate' then
+    for _, member in ipairs(redis.call('SMEMBERS', key_worker_running(NS, name))) do
+      redis.call('HSET', key_lost(NS), member, outcome)
+      redis.call('SADD', key_worker_kill(NS, name), member)
+      moved = moved + 1
+    end
+  end
+  emit('worker_quarantined', {'worker', name, 'by', by, 'reason', reason, 'mode', mode,
+                              'attempts_moved', moved})
+  return moved
 end

@@ -1,6 +1,6 @@
 -- begin_dispatch(member, grace_ms) -> {'ok', model, workload, lease_score} | {'stale'}
 -- Leases the dispatch entry for grace_ms while the caller publishes.
-local member, grace_ms = ARGV[4], tonumber(ARGV[5])
+local member, grace_ms = ARGV[7], tonumber(ARGV[8])
 local id, n = split_member(member)
 local state, current, model, workload = unpack(
   redis.call('HMGET', key_job(NS, id), 'state', 'attempt', 'model', 'workload'))

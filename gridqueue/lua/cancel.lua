@@ -1,5 +1,5 @@
 -- cancel(id, reason) -> {'ok'} | {'stale', state} | {'unknown'}
-local id, reason = ARGV[4], ARGV[5]
+local id, reason = ARGV[7], ARGV[8]
 local state, current = unpack(redis.call('HMGET', key_job(NS, id), 'state', 'attempt'))
 if not state then return {'unknown'} end
 if TERMINAL[state] then return {'stale', state} end

@@ -1,7 +1,7 @@
 -- claim(id, n, worker, pid, delivery_tag)
 --   -> {'ok', payload, model, workload} | {'fenced', worker_state} | {'stale', state}
 --      | {'duplicate'} | {'unknown'}
-local id, n, worker, pid, tag = ARGV[4], tonumber(ARGV[5]), ARGV[6], ARGV[7], ARGV[8]
+local id, n, worker, pid, tag = ARGV[7], tonumber(ARGV[8]), ARGV[9], ARGV[10], ARGV[11]
 local member = id .. '.' .. n
 local job = key_job(NS, id)
 local state, current, payload, model, workload = unpack(
@@ -42,5 +42,6 @@ redis.call('HSET', job, 'worker', worker, 'progress_ms', NOW)
 redis.call('ZREM', key_dispatch(NS), member)
 redis.call('ZADD', key_running(NS), NOW, member)
 redis.call('SADD', key_worker_running(NS, worker), member)
+if n == 1 then bump('first_placements') end
 emit('claimed', {'job', id, 'attempt', n, 'worker', worker, 'pid', pid})
 return {'ok', payload, model, workload}

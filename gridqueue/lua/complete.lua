@@ -1,6 +1,6 @@
 -- complete(id, n, worker, result_json) -> {'ok'} | {'stale', state}
 -- Attempt fencing: a zombie's late result must not overwrite the current attempt's.
-local id, n, worker, result = ARGV[4], tonumber(ARGV[5]), ARGV[6], ARGV[7]
+local id, n, worker, result = ARGV[7], tonumber(ARGV[8]), ARGV[9], ARGV[10]
 local job = key_job(NS, id)
 local state, current = unpack(redis.call('HMGET', job, 'state', 'attempt'))
 local a = attempt_get(id, n)

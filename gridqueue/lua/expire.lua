@@ -1,5 +1,5 @@
 -- expire(id, token) -> {'ok'} | {'not_due'} | {'stale', state} | {'not_leader'}
-local id, token = ARGV[4], ARGV[5]
+local id, token = ARGV[7], ARGV[8]
 if not leader_is(token) then return {'not_leader'} end
 local job = key_job(NS, id)
 local state, current, deadline = unpack(redis.call('HMGET', job, 'state', 'attempt', 'deadline_ms'))

@@ -1,9 +1,9 @@
 -- finish(id, n, outcome, error, decision, after_ms, end_state, reason, expected_worker, token)
 --   Ends running attempt n without a result and applies the policy's decision:
 --   -> {'retry', next_attempt} | {'ended', end_state} | {'stale'} | {'not_leader'}
-local id, n, outcome, err = ARGV[4], tonumber(ARGV[5]), ARGV[6], ARGV[7]
-local decision, after_ms, end_state, reason = ARGV[8], tonumber(ARGV[9]), ARGV[10], ARGV[11]
-local expected_worker, token = ARGV[12], ARGV[13]
+local id, n, outcome, err = ARGV[7], tonumber(ARGV[8]), ARGV[9], ARGV[10]
+local decision, after_ms, end_state, reason = ARGV[11], tonumber(ARGV[12]), ARGV[13], ARGV[14]
+local expected_worker, token = ARGV[15], ARGV[16]
 local member = id .. '.' .. n
 if not leader_is(token) then return {'not_leader'} end
 
@@ -21,6 +21,9 @@ a.outcome = outcome
 if err ~= '' then a.error = err end
 attempt_put(id, n, a)
 release_attempt(id, n, a)
+if n == 1 and (outcome == 'worker_lost' or outcome == 'gpu_fault') then
+  bump('bad_first_placements')
+end
 
 if decision == 'retry' then
   local next_n = n + 1

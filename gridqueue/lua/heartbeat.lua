@@ -1,20 +1,26 @@
--- heartbeat(name, epoch, health_json) -> {'ok', attempts_to_kill...} | {'fenced', state}
+-- heartbeat(name, epoch, health_json, verdict) -> {'ok', state, attempts_to_kill...}
+--                                               | {'fenced', state}
 -- A worker declared dead (or replaced by a newer incarnation) is fenced: its heartbeat is
--- refused, and it must kill its children and register again.
-local name, epoch, health = ARGV[4], ARGV[5], ARGV[6]
+-- refused, and it must kill its children and register again. A change of health verdict
+-- is queued for the watchdog, which quarantines or re-admits the node.
+local name, epoch, health, verdict = ARGV[7], ARGV[8], ARGV[9], ARGV[10]
 local wk = key_worker(NS, name)
-local state, current_epoch = unpack(redis.call('HMGET', wk, 'state', 'epoch'))
-if state ~= 'ALIVE' or current_epoch ~= epoch then
+local state, current_epoch, old_verdict = unpack(
+  redis.call('HMGET', wk, 'state', 'epoch', 'verdict'))
+if (state ~= 'ALIVE' and state ~= 'QUARANTINED' and state ~= 'PROBATION')
+   or current_epoch ~= epoch then
   bump('heartbeats_refused')
   return {'fenced', state or 'UNKNOWN'}
 end
 redis.call('ZADD', key_workers(NS), NOW, name)
-if health ~= '' then
-  redis.call('HSET', wk, 'last_heartbeat_ms', NOW, 'health', health)
-else
-  redis.call('HSET', wk, 'last_heartbeat_ms', NOW)
+redis.call('HSET', wk, 'last_heartbeat_ms', NOW)
+if health ~= '' then redis.call('HSET', wk, 'health', health) end
+if verdict ~= '' and verdict ~= old_verdict then
+  redis.call('HSET', wk, 'verdict', verdict)
+  redis.call('ZADD', key_health_changes(NS), NOW, name)
+  emit('health_changed', {'worker', name, 'from', old_verdict or '', 'to', verdict})
 end
-local reply = {'ok'}
+local reply = {'ok', state}
 local kill = key_worker_kill(NS, name)
 local doomed = redis.call('SMEMBERS', kill)
 if #doomed > 0 then

@@ -1,7 +1,7 @@
 -- lease(owner, lease_ms) -> {1, value} while owner leads | {0, current_leader_or_empty}
 -- value is '<owner>:<token>'; the token grows by one with every new leader and fences the
 -- ledger writes of a deposed one.
-local owner, lease_ms = ARGV[4], tonumber(ARGV[5])
+local owner, lease_ms = ARGV[7], tonumber(ARGV[8])
 local leader = key_leader(NS)
 local current = redis.call('GET', leader)
 if current then

@@ -1,14 +1,43 @@
 -- submit(id, model, workload, payload, deadline_in_ms, idempotency_key, idempotency_ttl_s,
---        dispatch_grace_ms) -> {job_id, 'created' | 'existing'}
-local id, model, workload, payload = ARGV[4], ARGV[5], ARGV[6], ARGV[7]
-local deadline_in_ms = tonumber(ARGV[8])
-local idem, idem_ttl_s, grace_ms = ARGV[9], tonumber(ARGV[10]), tonumber(ARGV[11])
+--        dispatch_grace_ms, wait_for_capacity)
+--   -> {job_id, 'created' | 'existing'} | {'does_not_fit', json} | {'no_capacity', json}
+local id, model, workload, payload = ARGV[7], ARGV[8], ARGV[9], ARGV[10]
+local deadline_in_ms = tonumber(ARGV[11])
+local idem, idem_ttl_s, grace_ms = ARGV[12], tonumber(ARGV[13]), tonumber(ARGV[14])
+local wait_for_capacity = ARGV[15] == '1'
 
 if idem ~= '' then
   local existing = redis.call('GET', key_idempotency(NS, idem))
   if existing then return {existing, 'existing'} end
-  redis.call('SET', key_idempotency(NS, idem), id, 'EX', idem_ttl_s)
 end
+
+-- Fit-aware admission: refuse at once what no GPU in the fleet can hold, and (for classes
+-- that should not wait) what no live, unquarantined worker serves now.
+local fleet = redis.call('HGETALL', key_model(NS, model))
+local workers, fitting, ready = {}, 0, 0
+local required, largest = 0, 0
+for i = 1, #fleet, 2 do
+  local name, fit = fleet[i], cjson.decode(fleet[i + 1])
+  local state = redis.call('HGET', key_worker(NS, name), 'state')
+  if state and state ~= 'STOPPED' then
+    workers[#workers + 1] = {name = name, state = state, largest_gpu_bytes = fit.largest_gpu_bytes}
+    required = math.max(required, fit.required_bytes)
+    largest = math.max(largest, fit.largest_gpu_bytes)
+    if fit.largest_gpu_bytes >= fit.required_bytes then
+      fitting = fitting + 1
+      if state == 'ALIVE' then ready = ready + 1 end
+    end
+  end
+end
+if #workers > 0 and fitting == 0 then
+  return {'does_not_fit', cjson.encode({required_bytes = required, largest_gpu_bytes = largest,
+                                        workers = workers})}
+end
+if ready == 0 and not wait_for_capacity then
+  return {'no_capacity', cjson.encode({workers = workers})}
+end
+
+if idem ~= '' then redis.call('SET', key_idempotency(NS, idem), id, 'EX', idem_ttl_s) end
 
 local deadline = ''
 if deadline_in_ms > 0 then

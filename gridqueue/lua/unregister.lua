@@ -1,5 +1,5 @@
 -- unregister(name, epoch) -> 1 | 0: a clean shutdown. Anything still running is lost.
-local name, epoch = ARGV[4], ARGV[5]
+local name, epoch = ARGV[7], ARGV[8]
 local wk = key_worker(NS, name)
 if redis.call('HGET', wk, 'epoch') ~= epoch then return 0 end
 for _, member in ipairs(redis.call('SMEMBERS', key_worker_running(NS, name))) do

@@ -121,9 +121,10 @@ def test_zombie_result_after_sigcont_is_discarded_and_counted(
     assert record.attempts[0].worker == zombie
     assert record.attempts[0].outcome == "worker_lost"
     assert record.attempts[0].late_result_discarded
-    # The zombie's heartbeat is refused (fenced); it re-registers as a new incarnation.
+    # The zombie's heartbeat is refused (fenced); it re-registers as a new incarnation,
+    # on probation: a node that was declared dead gets no work until the delay passes.
     wait_for(lambda: gq.ledger.worker(zombie).epoch == 2, timeout_s=30)
-    assert gq.ledger.worker(zombie).state is WorkerState.ALIVE
+    assert gq.ledger.worker(zombie).state is WorkerState.PROBATION
     assert gq.ledger.stats()["heartbeats_refused"] >= 1
 
 
@@ -164,9 +165,11 @@ def test_deadline_expires_a_running_job_and_kills_its_attempt(
     assert gq.submit("sim-llm", {"prompt": "next", "ms": 50}).result(timeout=20)["attempt"] == 1
 
 
-def test_queued_job_with_no_capacity_expires(fleet: LocalFleet, gq: GridQueue) -> None:
-    fleet.start_watchdog()  # no worker serves the model
-    job = gq.submit("sim-llm", {"prompt": "nobody", "ms": 10}, deadline_s=1.0)
+def test_batch_job_waiting_for_capacity_expires_at_its_deadline(
+    fleet: LocalFleet, gq: GridQueue
+) -> None:
+    fleet.start_watchdog()  # no worker serves the model; batch jobs may wait for one
+    job = gq.submit("sim-llm", {"prompt": "nobody", "ms": 10}, workload="batch", deadline_s=1.0)
     with pytest.raises(JobExpired):
         job.result(timeout=20)
 

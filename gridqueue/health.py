@@ -1,0 +1,207 @@
+"""GPU health verdicts: a probe reading in, HEALTHY / DEGRADED / UNHEALTHY out.
+
+``classify`` is the policy, a pure function of one reading: the Xid table and the other
+verdicts of ``shared/notes/nvml-health.md``. ``HealthClassifier`` adds the two things one
+reading cannot know: which GPUs are already hot (temperature hysteresis), and how long
+each degraded reason has lasted (a degraded sample counts only once it persisted
+``degraded_persist_s``). Xid reasons skip that wait: an Xid is an event, not a sample.
+
+UNHEALTHY quarantines the node and requeues its work now; DEGRADED drains it. Xid counts
+are cumulative for the probe's life, so an Xid verdict holds until the worker restarts,
+which is what the GPU reset that such an Xid calls for entails anyway.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from gridqueue.probes.base import GpuReading, ProbeReading
+from gridqueue.settings import Settings
+
+# nvmlClocksEventReason* bits that mean the GPU slowed itself to protect itself.
+CLOCK_EVENT_HW_SLOWDOWN = 0x8
+CLOCK_EVENT_SW_THERMAL = 0x20
+CLOCK_EVENT_HW_THERMAL = 0x40
+CLOCK_EVENT_HW_POWER_BRAKE = 0x80
+THERMAL_CLOCK_EVENTS = (
+    CLOCK_EVENT_HW_SLOWDOWN
+    | CLOCK_EVENT_SW_THERMAL
+    | CLOCK_EVENT_HW_THERMAL
+    | CLOCK_EVENT_HW_POWER_BRAKE
+)
+
+# NVML_FI_DEV_GET_GPU_RECOVERY_ACTION values: (reason, is it unhealthy?). 0 is "none".
+RECOVERY_ACTIONS: dict[int, tuple[str, bool]] = {
+    1: ("recovery_action_reset", True),
+    2: ("recovery_action_reboot", True),
+    3: ("recovery_action_drain_p2p", False),
+    4: ("recovery_action_drain_reset", True),
+    5: ("recovery_action_recover_imex_domain", False),
+    6: ("recovery_action_bus_reset", True),
+    7: ("recovery_action_system_reboot", True),
+}
+
+
+class HealthLevel(StrEnum):
+    # The values are what the ledger's Lua scripts compare against.
+    HEALTHY = "HEALTHY"
+    DEGRADED = "DEGRADED"
+    UNHEALTHY = "UNHEALTHY"
+
+
+@dataclass(frozen=True)
+class HealthConfig:
+    """The health policy; defaults match the settings' defaults."""
+
+    xid_unhealthy: frozenset[int] = frozenset({48, 64, 74, 79, 95, 119, 120, 140})
+    xid_degraded: frozenset[int] = frozenset({63, 92, 94})
+    xid_ignored: frozenset[int] = frozenset({13, 31, 43, 45, 68, 109})
+    temperature_limit_c: float = 87.0
+    temperature_hysteresis_c: float = 5.0
+    degraded_persist_s: float = 5.0
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> HealthConfig:
+        return cls(
+            xid_unhealthy=frozenset(settings.health_xid_unhealthy),
+            xid_degraded=frozenset(settings.health_xid_degraded),
+            xid_ignored=frozenset(settings.health_xid_ignored),
+            temperature_limit_c=settings.health_temperature_limit_c,
+            temperature_hysteresis_c=settings.health_temperature_hysteresis_c,
+            degraded_persist_s=settings.health_degraded_persist_s,
+        )
+
+
+@dataclass(frozen=True)
+class Verdict:
+    level: HealthLevel
+    reasons: tuple[str, ...] = ()  # unhealthy reasons first, then counted degraded ones
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"level": self.level.value, "reasons": list(self.reasons)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Verdict:
+        return cls(HealthLevel(data["level"]), tuple(data.get("reasons") or ()))
+
+
+def classify(
+    reading: ProbeReading, config: HealthConfig, hot_gpus: frozenset[int] = frozenset()
+) -> tuple[list[str], list[str]]:
+    """``(unhealthy_reasons, degraded_reasons)`` of one reading. ``hot_gpus`` are the GPUs
+    already over the temperature limit; they stay degraded until they cool below
+    ``limit - hysteresis``, so a GPU hovering at the limit does not flap."""
+    unhealthy: list[str] = []
+    degraded: list[str] = []
+    if reading.unresponsive:
+        unhealthy.append("nvml_unresponsive")
+    elif reading.error is not None and not reading.gpus:
+        # The probe read nothing: we cannot vouch for the GPUs.
+        degraded.append("probe_error")
+    for gpu in reading.gpus:
+        _classify_gpu(gpu, config, gpu.index in hot_gpus, unhealthy, degraded)
+    return unhealthy, degraded
+
+
+def _classify_gpu(
+    gpu: GpuReading, config: HealthConfig, hot: bool, unhealthy: list[str], degraded: list[str]
+) -> None:
+    where = f"gpu{gpu.index}"
+    if gpu.lost:
+        unhealthy.append(f"gpu_lost:{where}")
+    if gpu.reset_required:
+        unhealthy.append(f"reset_required:{where}")
+    if gpu.ecc_uncorrected_volatile:
+        unhealthy.append(f"ecc_dbe:{where}")
+    if gpu.remap_failure:
+        unhealthy.append(f"remap_failure:{where}")
+    if gpu.recovery_action:
+        reason, is_unhealthy = RECOVERY_ACTIONS.get(
+            gpu.recovery_action, (f"recovery_action_unknown_{gpu.recovery_action}", False)
+        )
+        (unhealthy if is_unhealthy else degraded).append(f"{reason}:{where}")
+    for code, count in sorted(gpu.xid_counts.items()):
+        if count <= 0:
+            continue
+        # A code listed twice takes its gravest bucket.
+        if code in config.xid_unhealthy:
+            unhealthy.append(f"xid_{code}:{where}")
+        elif code in config.xid_degraded:
+            degraded.append(f"xid_{code}:{where}")
+        elif code in config.xid_ignored:
+            continue  # the application's fault, not the node's: counted, not judged
+        else:
+            degraded.append(f"xid_unknown_{code}:{where}")
+    if gpu.remap_pending:
+        degraded.append(f"remap_pending:{where}")
+    if gpu.retired_pages_pending:
+        degraded.append(f"retired_pages_pending:{where}")
+    if gpu.temperature_c is not None and _is_hot(gpu.temperature_c, hot, config):
+        degraded.append(f"temperature_{gpu.temperature_c:.0f}C:{where}")
+    if gpu.clock_event_reasons is not None and gpu.clock_event_reasons & THERMAL_CLOCK_EVENTS:
+        degraded.append(f"thermal_slowdown:{where}")
+
+
+def _is_hot(temperature_c: float, already_hot: bool, config: HealthConfig) -> bool:
+    if temperature_c > config.temperature_limit_c:
+        return True
+    return (
+        already_hot
+        and temperature_c >= config.temperature_limit_c - config.temperature_hysteresis_c
+    )
+
+
+def _persistence_key(reason: str) -> str:
+    """The identity of a reason across samples: a temperature reason carries the reading
+    itself ("temperature_91C:gpu0"), which must not restart its clock when it changes."""
+    kind, _, where = reason.partition(":")
+    if kind.startswith("temperature_"):
+        kind = "temperature"
+    return f"{kind}:{where}"
+
+
+def _gpu_of(key: str) -> int | None:
+    _, _, where = key.partition(":")
+    return int(where[3:]) if where.startswith("gpu") and where[3:].isdigit() else None
+
+
+class HealthClassifier:
+    """Verdicts over time for one worker's probe. Not thread-safe: one caller."""
+
+    def __init__(self, config: HealthConfig) -> None:
+        self.config = config
+        self._hot: set[int] = set()
+        self._since_s: dict[str, float] = {}  # persistence key -> first seen (now_s clock)
+
+    @property
+    def hot_gpus(self) -> frozenset[int]:
+        return frozenset(self._hot)
+
+    def update(self, reading: ProbeReading, now_s: float) -> Verdict:
+        """The verdict for ``reading``, taken at ``now_s`` (a monotonic clock, seconds)."""
+        unhealthy, degraded = classify(reading, self.config, frozenset(self._hot))
+        present = {gpu.index for gpu in reading.gpus}
+        # GPUs absent from this reading (a hung or failed read) keep their state: nothing
+        # was learned about them.
+        hot_now = {_gpu_of(reason) for reason in degraded if reason.startswith("temperature_")}
+        self._hot = {index for index in self._hot if index not in present}
+        self._hot.update(index for index in hot_now if index is not None)
+        current = {_persistence_key(reason) for reason in degraded}
+        for key in list(self._since_s):
+            gpu = _gpu_of(key)
+            if key not in current and (gpu is None or gpu in present):
+                del self._since_s[key]
+        counted: list[str] = []
+        for reason in degraded:
+            since_s = self._since_s.setdefault(_persistence_key(reason), now_s)
+            if reason.startswith("xid_") or now_s - since_s >= self.config.degraded_persist_s:
+                counted.append(reason)
+        if unhealthy:
+            level = HealthLevel.UNHEALTHY
+        elif counted:
+            level = HealthLevel.DEGRADED
+        else:
+            level = HealthLevel.HEALTHY
+        return Verdict(level, tuple(unhealthy + counted))

@@ -1,0 +1,341 @@
+"""The NVML probe: real GPUs through nvidia-ml-py (``pynvml``).
+
+It owns one NVML session (``open`` .. ``close``) and a daemon thread that waits on an NVML
+event set for Xid and double-bit ECC events and counts them per GPU, so an Xid raised
+between two health reads is never missed. ``read`` samples every field the health
+classifier uses. Any NVML call can hang on a wedged driver: run ``read`` through
+``DeadlineReader``.
+
+NVML exceptions define ``__eq__`` without ``__hash__``, so they are caught by class and
+never kept in sets or dicts.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import pynvml
+
+from gridqueue.logs import get_logger
+from gridqueue.probes.base import GpuReading, ProbeReading
+
+log = get_logger("gridqueue.probes.nvml")
+
+T = TypeVar("T")
+
+# Xid code the driver logs for a double-bit ECC error; a DBE event carries no Xid of its
+# own, so it is counted under this code.
+XID_DOUBLE_BIT_ECC = 48
+
+
+class _GpuGone(Exception):
+    """This GPU cannot be read any more: stop reading its other fields."""
+
+    def __init__(self, *, lost: bool = False, reset_required: bool = False) -> None:
+        super().__init__("gpu lost" if lost else "gpu reset required")
+        self.lost = lost
+        self.reset_required = reset_required
+
+
+@dataclass
+class _Gpu:
+    index: int
+    handle: Any
+    uuid: str | None = None
+    name: str | None = None
+    xid_counts: dict[int, int] = field(default_factory=dict)
+
+
+def _handle_key(handle: object) -> object:
+    """A hashable identity for a device handle: NVML handles are ctypes pointers, and two
+    pointer objects to the same device compare unequal, so compare their addresses."""
+    if isinstance(handle, ctypes._Pointer):
+        return ctypes.cast(handle, ctypes.c_void_p).value
+    return handle
+
+
+def _text(value: Any) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
+class NvmlProbe:
+    """Reads NVIDIA GPUs through NVML. ``nvml`` is the ``pynvml`` module, or a fake of it."""
+
+    name = "nvml"
+
+    def __init__(self, nvml: Any = None, xid_poll_ms: int = 500) -> None:
+        self.nvml: Any = nvml if nvml is not None else pynvml
+        self.xid_poll_ms = xid_poll_ms
+        nv = self.nvml
+        # Fields a GPU or driver may simply not offer: None, not a fault.
+        self._unavailable: tuple[type[BaseException], ...] = (
+            nv.NVMLError_NotSupported,
+            nv.NVMLError_FunctionNotFound,
+        )
+        self._lock = threading.Lock()  # guards xid counts and the Xid thread's last error
+        self._gpus: list[_Gpu] = []
+        self._by_handle: dict[object, _Gpu] = {}
+        self._opened = False
+        self._event_set: Any = None
+        self._xid_setup_error: str | None = None  # events unavailable on some or all GPUs
+        self._xid_wait_error: str | None = None  # the event wait is failing right now
+        self._stop = threading.Event()
+        self._xid_thread: threading.Thread | None = None
+
+    @property
+    def gpu_count(self) -> int:
+        return len(self._gpus)
+
+    def open(self) -> None:
+        """Start the NVML session and the Xid event thread. Raises ``pynvml.NVMLError``
+        (``NVMLError_LibraryNotFound``, ``NVMLError_DriverNotLoaded``) without a GPU stack."""
+        if self._opened:
+            return
+        nv = self.nvml
+        nv.nvmlInit()
+        try:
+            gpus = [
+                _Gpu(i, nv.nvmlDeviceGetHandleByIndex(i)) for i in range(nv.nvmlDeviceGetCount())
+            ]
+        except Exception:
+            nv.nvmlShutdown()  # nvmlInit is reference counted: balance it
+            raise
+        self._gpus = gpus
+        self._by_handle = {_handle_key(gpu.handle): gpu for gpu in gpus}
+        self._opened = True
+        self._stop.clear()
+        self._xid_setup_error = None
+        self._xid_wait_error = None
+        self._start_xid_events()
+
+    def close(self) -> None:
+        if not self._opened:
+            return
+        self._opened = False
+        self._stop.set()
+        if self._xid_thread is not None:
+            self._xid_thread.join(timeout=self.xid_poll_ms / 1000 + 1.0)
+            stuck = self._xid_thread.is_alive()
+            self._xid_thread = None
+            if stuck:
+                # Freeing the set under a thread still waiting on it would be a use after
+                # free in the driver; leak it, the process is going away anyway.
+                self._event_set = None
+        nv = self.nvml
+        try:
+            if self._event_set is not None:
+                nv.nvmlEventSetFree(self._event_set)
+        except nv.NVMLError as exc:
+            log.warning("nvml.event_set_free_failed", error=type(exc).__name__)
+        self._event_set = None
+        try:
+            nv.nvmlShutdown()
+        except nv.NVMLError as exc:
+            log.warning("nvml.shutdown_failed", error=type(exc).__name__)
+
+    def read(self) -> ProbeReading:
+        if not self._opened:
+            self.open()
+        notes: list[str] = []
+        gpus = tuple(self._read_gpu(gpu, notes) for gpu in self._gpus)
+        with self._lock:
+            for error in (self._xid_setup_error, self._xid_wait_error):
+                if error is not None:
+                    notes.append(f"xid events: {error}")
+        return ProbeReading(probe=self.name, gpus=gpus, error="; ".join(notes) or None)
+
+    # -- one GPU -------------------------------------------------------------------------
+
+    def _read_gpu(self, gpu: _Gpu, notes: list[str]) -> GpuReading:
+        nv = self.nvml
+        h = gpu.handle
+
+        def get(what: str, call: Callable[[], T]) -> T | None:
+            try:
+                return call()
+            except self._unavailable:
+                return None
+            except nv.NVMLError_GpuIsLost as exc:
+                raise _GpuGone(lost=True) from exc
+            except nv.NVMLError_ResetRequired as exc:
+                raise _GpuGone(reset_required=True) from exc
+            except nv.NVMLError as exc:
+                notes.append(f"gpu{gpu.index} {what}: {type(exc).__name__}")
+                return None
+
+        try:
+            # Identity does not change: read it until we have it, then keep it, so a GPU
+            # that falls off the bus is still reported by name.
+            if gpu.name is None:
+                name = get("name", lambda: nv.nvmlDeviceGetName(h))
+                gpu.name = None if name is None else _text(name)
+            if gpu.uuid is None:
+                uuid = get("uuid", lambda: nv.nvmlDeviceGetUUID(h))
+                gpu.uuid = None if uuid is None else _text(uuid)
+            memory = get("memory", lambda: nv.nvmlDeviceGetMemoryInfo(h))
+            utilization = get("utilization", lambda: nv.nvmlDeviceGetUtilizationRates(h))
+            temperature_c = get("temperature", lambda: self._temperature_c(h))
+            power_mw = get("power", lambda: nv.nvmlDeviceGetPowerUsage(h))
+            power_limit_mw = get("power_limit", lambda: nv.nvmlDeviceGetEnforcedPowerLimit(h))
+            clock_event_reasons = get("clock_events", lambda: self._clock_event_reasons(h))
+            ecc = get(
+                "ecc",
+                lambda: nv.nvmlDeviceGetTotalEccErrors(
+                    h, nv.NVML_MEMORY_ERROR_TYPE_UNCORRECTED, nv.NVML_VOLATILE_ECC
+                ),
+            )
+            remapped = get("remapped_rows", lambda: nv.nvmlDeviceGetRemappedRows(h))
+            retired = get("retired_pages", lambda: nv.nvmlDeviceGetRetiredPagesPendingStatus(h))
+            recovery_action = self._recovery_action(gpu, get, notes)
+        except _GpuGone as gone:
+            return GpuReading(
+                index=gpu.index,
+                uuid=gpu.uuid,
+                name=gpu.name,
+                lost=gone.lost,
+                reset_required=gone.reset_required,
+                xid_counts=self._xid_counts(gpu),
+            )
+        return GpuReading(
+            index=gpu.index,
+            uuid=gpu.uuid,
+            name=gpu.name,
+            memory_total_bytes=None if memory is None else int(memory.total),
+            memory_used_bytes=None if memory is None else int(memory.used),
+            utilization_ratio=None if utilization is None else int(utilization.gpu) / 100,
+            temperature_c=None if temperature_c is None else float(temperature_c),
+            power_w=None if power_mw is None else int(power_mw) / 1000,
+            power_limit_w=None if power_limit_mw is None else int(power_limit_mw) / 1000,
+            clock_event_reasons=None if clock_event_reasons is None else int(clock_event_reasons),
+            ecc_uncorrected_volatile=None if ecc is None else int(ecc),
+            remap_pending=None if remapped is None else bool(remapped[2]),
+            remap_failure=None if remapped is None else bool(remapped[3]),
+            retired_pages_pending=None if retired is None else bool(retired),
+            recovery_action=recovery_action,
+            xid_counts=self._xid_counts(gpu),
+        )
+
+    def _temperature_c(self, handle: Any) -> Any:
+        nv = self.nvml
+        versioned = getattr(nv, "nvmlDeviceGetTemperatureV", None)
+        if versioned is not None:
+            try:
+                return versioned(handle, nv.NVML_TEMPERATURE_GPU)
+            except (nv.NVMLError_FunctionNotFound, nv.NVMLError_ArgumentVersionMismatch):
+                pass  # a driver older than the binding: use the deprecated call
+        return nv.nvmlDeviceGetTemperature(handle, nv.NVML_TEMPERATURE_GPU)
+
+    def _clock_event_reasons(self, handle: Any) -> Any:
+        nv = self.nvml
+        call = getattr(nv, "nvmlDeviceGetCurrentClocksEventReasons", None)
+        if call is None:  # bindings before the rename from "throttle reasons"
+            call = nv.nvmlDeviceGetCurrentClocksThrottleReasons
+        return call(handle)
+
+    def _recovery_action(
+        self, gpu: _Gpu, get: Callable[[str, Callable[[], Any]], Any], notes: list[str]
+    ) -> int | None:
+        nv = self.nvml
+        values = get(
+            "recovery_action",
+            lambda: nv.nvmlDeviceGetFieldValues(
+                gpu.handle, [nv.NVML_FI_DEV_GET_GPU_RECOVERY_ACTION]
+            ),
+        )
+        if values is None:
+            return None
+        value = values[0]
+        # The call succeeds as a whole and reports each field's own status.
+        status = int(value.nvmlReturn)
+        if status == nv.NVML_SUCCESS:
+            member = {
+                nv.NVML_VALUE_TYPE_DOUBLE: "dVal",
+                nv.NVML_VALUE_TYPE_UNSIGNED_INT: "uiVal",
+                nv.NVML_VALUE_TYPE_UNSIGNED_LONG: "ulVal",
+                nv.NVML_VALUE_TYPE_UNSIGNED_LONG_LONG: "ullVal",
+                nv.NVML_VALUE_TYPE_SIGNED_LONG_LONG: "sllVal",
+                nv.NVML_VALUE_TYPE_SIGNED_INT: "siVal",
+                nv.NVML_VALUE_TYPE_UNSIGNED_SHORT: "usVal",
+            }.get(int(value.valueType), "uiVal")
+            return int(getattr(value.value, member))
+        if status == nv.NVML_ERROR_GPU_IS_LOST:
+            raise _GpuGone(lost=True)
+        if status == nv.NVML_ERROR_RESET_REQUIRED:
+            raise _GpuGone(reset_required=True)
+        # A driver that predates field 230 answers "not supported" or "invalid argument".
+        if status not in (nv.NVML_ERROR_NOT_SUPPORTED, nv.NVML_ERROR_INVALID_ARGUMENT):
+            notes.append(f"gpu{gpu.index} recovery_action: NVML error {status}")
+        return None
+
+    def _xid_counts(self, gpu: _Gpu) -> dict[int, int]:
+        with self._lock:
+            return dict(gpu.xid_counts)
+
+    # -- Xid events ----------------------------------------------------------------------
+
+    def _start_xid_events(self) -> None:
+        nv = self.nvml
+        mask = nv.nvmlEventTypeXidCriticalError | nv.nvmlEventTypeDoubleBitEccError
+        try:
+            self._event_set = nv.nvmlEventSetCreate()
+        except nv.NVMLError as exc:
+            self._xid_setup_error = f"cannot create event set: {type(exc).__name__}"
+            return
+        registered = 0
+        for gpu in self._gpus:
+            try:
+                nv.nvmlDeviceRegisterEvents(gpu.handle, mask, self._event_set)
+                registered += 1
+            except nv.NVMLError_NotSupported:
+                # Some GPUs (and vGPUs) offer no events; their health still comes from
+                # the sampled fields.
+                continue
+            except nv.NVMLError as exc:
+                self._xid_setup_error = f"gpu{gpu.index} register: {type(exc).__name__}"
+        if registered == 0:
+            return
+        self._xid_thread = threading.Thread(target=self._xid_loop, name="gq-nvml-xid", daemon=True)
+        self._xid_thread.start()
+
+    def _xid_loop(self) -> None:
+        nv = self.nvml
+        event_set = self._event_set
+        while not self._stop.is_set():
+            try:
+                # Short slices, so close() is never kept waiting longer than one of them.
+                data = nv.nvmlEventSetWait_v2(event_set, self.xid_poll_ms)
+            except nv.NVMLError_Timeout:
+                self._set_wait_error(None)  # nothing happened
+                continue
+            except nv.NVMLError as exc:
+                self._set_wait_error(type(exc).__name__)
+                # Back off instead of spinning on an event set that keeps failing.
+                self._stop.wait(self.xid_poll_ms / 1000)
+                continue
+            self._set_wait_error(None)
+            self._count_event(data)
+
+    def _set_wait_error(self, error: str | None) -> None:
+        with self._lock:
+            self._xid_wait_error = error
+
+    def _count_event(self, data: Any) -> None:
+        nv = self.nvml
+        event_type = int(data.eventType)
+        if event_type & nv.nvmlEventTypeXidCriticalError:
+            code = int(data.eventData)
+        elif event_type & nv.nvmlEventTypeDoubleBitEccError:
+            code = XID_DOUBLE_BIT_ECC
+        else:
+            return
+        gpu = self._by_handle.get(_handle_key(data.device))
+        if gpu is None:
+            log.warning("nvml.xid_unknown_device", xid=code)
+            return
+        with self._lock:
+            gpu.xid_counts[code] = gpu.xid_counts.get(code, 0) + 1
+        log.warning("nvml.xid", gpu=gpu.index, xid=code)

@@ -1,0 +1,1 @@
+"""Fakes: real implementations of the interfaces the code under test talks to."""

@@ -1,0 +1,320 @@
+"""The NVML probe against a fake NVML that raises the genuine pynvml errors."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+
+import pynvml
+import pytest
+
+from gridqueue.errors import ConfigError
+from gridqueue.health import HealthClassifier, HealthConfig, HealthLevel, Verdict
+from gridqueue.probes import (
+    DeadlineReader,
+    NvmlProbe,
+    ProbeReading,
+    SimulatedProbe,
+    make_probe,
+)
+from tests.fakes.fake_nvml import GIB, FakeGpu, FakeNvml
+
+TIMEOUT_S = 0.2
+MARGIN_S = 0.15  # thread start and scheduling on a loaded CI machine
+
+
+def verdict(reading: ProbeReading) -> Verdict:
+    return HealthClassifier(HealthConfig()).update(reading, now_s=0.0)
+
+
+def wait_for(condition: Callable[[], bool], timeout_s: float = 2.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeNvml]:
+    fake = FakeNvml(2)
+    yield fake
+    fake.release()  # never leave a thread blocked in the fake
+
+
+@pytest.fixture
+def probe(fake: FakeNvml) -> Iterator[NvmlProbe]:
+    probe = NvmlProbe(fake, xid_poll_ms=20)
+    probe.open()
+    yield probe
+    probe.close()
+
+
+def test_a_healthy_read_maps_every_field(fake: FakeNvml, probe: NvmlProbe) -> None:
+    fake.gpus[1] = FakeGpu(
+        name="NVIDIA H200",
+        uuid="GPU-abc",
+        memory_total_bytes=141 * GIB,
+        memory_used_bytes=7 * GIB,
+        utilization_percent=42,
+        temperature_c=51,
+        power_mw=312_500,
+        power_limit_mw=700_000,
+        clock_event_reasons=0x1,  # GPU idle
+        remapped_rows=(3, 0, 0, 0),
+    )
+    reading = probe.read()
+    assert reading.probe == "nvml"
+    assert not reading.unresponsive
+    assert reading.error is None
+    assert [gpu.index for gpu in reading.gpus] == [0, 1]
+    gpu = reading.gpus[1]
+    assert gpu.name == "NVIDIA H200"
+    assert gpu.uuid == "GPU-abc"
+    assert gpu.memory_total_bytes == 141 * GIB
+    assert gpu.memory_used_bytes == 7 * GIB
+    assert gpu.utilization_ratio == pytest.approx(0.42)
+    assert gpu.temperature_c == 51.0
+    assert gpu.power_w == pytest.approx(312.5)
+    assert gpu.power_limit_w == pytest.approx(700.0)
+    assert gpu.clock_event_reasons == 0x1
+    assert gpu.ecc_uncorrected_volatile == 0
+    assert gpu.remap_pending is False
+    assert gpu.remap_failure is False
+    assert gpu.retired_pages_pending is False
+    assert gpu.recovery_action == pynvml.NVML_GPU_RECOVERY_ACTION_NONE
+    assert gpu.lost is False
+    assert gpu.reset_required is False
+    assert gpu.xid_counts == {}
+    assert verdict(reading) == Verdict(HealthLevel.HEALTHY, ())
+
+
+def test_a_reading_round_trips_through_json(probe: NvmlProbe, fake: FakeNvml) -> None:
+    fake.raise_xid(0, 13)
+    wait_for(lambda: probe.read().gpus[0].xid_counts == {13: 1})
+    reading = probe.read()
+    assert ProbeReading.from_dict(json.loads(json.dumps(reading.to_dict()))) == reading
+
+
+def test_unsupported_fields_are_none_and_healthy(fake: FakeNvml, probe: NvmlProbe) -> None:
+    fake.gpus[0].not_supported = {
+        "nvmlDeviceGetUtilizationRates",
+        "nvmlDeviceGetPowerUsage",
+        "nvmlDeviceGetEnforcedPowerLimit",
+        "nvmlDeviceGetCurrentClocksEventReasons",
+        "nvmlDeviceGetTotalEccErrors",
+        "nvmlDeviceGetRemappedRows",
+        "nvmlDeviceGetRetiredPagesPendingStatus",
+        f"field:{pynvml.NVML_FI_DEV_GET_GPU_RECOVERY_ACTION}",
+    }
+    reading = probe.read()
+    gpu = reading.gpus[0]
+    assert gpu.temperature_c == 45.0
+    assert gpu.memory_total_bytes == 80 * GIB
+    assert gpu.utilization_ratio is None
+    assert gpu.power_w is None
+    assert gpu.power_limit_w is None
+    assert gpu.clock_event_reasons is None
+    assert gpu.ecc_uncorrected_volatile is None
+    assert gpu.remap_pending is None
+    assert gpu.remap_failure is None
+    assert gpu.retired_pages_pending is None
+    assert gpu.recovery_action is None
+    assert reading.error is None  # not supported is not an error
+    assert verdict(reading) == Verdict(HealthLevel.HEALTHY, ())
+
+
+def test_the_deprecated_temperature_call_is_the_fallback(fake: FakeNvml, probe: NvmlProbe) -> None:
+    # A driver older than the binding lacks nvmlDeviceGetTemperatureV.
+    fake.gpus[0].temperature_c = 60
+    original = fake.nvmlDeviceGetTemperatureV
+
+    def missing(handle: object, sensor: int) -> int:
+        raise pynvml.NVMLError_FunctionNotFound()
+
+    fake.nvmlDeviceGetTemperatureV = missing  # type: ignore[method-assign]
+    try:
+        assert probe.read().gpus[0].temperature_c == 60.0
+    finally:
+        fake.nvmlDeviceGetTemperatureV = original  # type: ignore[method-assign]
+    assert fake.calls["nvmlDeviceGetTemperature"] >= 1
+
+
+def test_a_lost_gpu_is_unhealthy(fake: FakeNvml, probe: NvmlProbe) -> None:
+    probe.read()  # identity is known from before the GPU fell off the bus
+    fake.gpus[1].lost = True
+    reading = probe.read()
+    lost = reading.gpus[1]
+    assert lost.lost is True
+    assert lost.uuid == fake.gpus[1].uuid
+    assert lost.temperature_c is None
+    assert lost.memory_total_bytes is None
+    assert reading.gpus[0].lost is False
+    assert verdict(reading) == Verdict(HealthLevel.UNHEALTHY, ("gpu_lost:gpu1",))
+
+
+def test_a_gpu_that_needs_a_reset_is_unhealthy(fake: FakeNvml, probe: NvmlProbe) -> None:
+    fake.gpus[0].reset_required = True
+    reading = probe.read()
+    assert reading.gpus[0].reset_required is True
+    assert verdict(reading) == Verdict(HealthLevel.UNHEALTHY, ("reset_required:gpu0",))
+
+
+@pytest.mark.parametrize(
+    ("setup", "reason"),
+    [
+        (lambda gpu: setattr(gpu, "ecc_uncorrected_volatile", 2), "ecc_dbe:gpu0"),
+        (lambda gpu: setattr(gpu, "remapped_rows", (0, 1, 0, 1)), "remap_failure:gpu0"),
+        (lambda gpu: setattr(gpu, "recovery_action", 2), "recovery_action_reboot:gpu0"),
+    ],
+)
+def test_hardware_faults_read_through_nvml_are_unhealthy(
+    fake: FakeNvml, probe: NvmlProbe, setup: Callable[[FakeGpu], None], reason: str
+) -> None:
+    setup(fake.gpus[0])
+    assert verdict(probe.read()) == Verdict(HealthLevel.UNHEALTHY, (reason,))
+
+
+def test_pending_remaps_and_retirements_are_read(fake: FakeNvml, probe: NvmlProbe) -> None:
+    fake.gpus[0].remapped_rows = (0, 1, 1, 0)
+    fake.gpus[0].retired_pages_pending = 1
+    gpu = probe.read().gpus[0]
+    assert gpu.remap_pending is True
+    assert gpu.remap_failure is False
+    assert gpu.retired_pages_pending is True
+
+
+def test_an_xid_79_is_counted_and_unhealthy(fake: FakeNvml, probe: NvmlProbe) -> None:
+    fake.raise_xid(1, 79)
+    wait_for(lambda: probe.read().gpus[1].xid_counts == {79: 1})
+    reading = probe.read()
+    assert reading.gpus[0].xid_counts == {}
+    assert verdict(reading) == Verdict(HealthLevel.UNHEALTHY, ("xid_79:gpu1",))
+
+
+def test_xid_counts_are_cumulative(fake: FakeNvml, probe: NvmlProbe) -> None:
+    for xid in (13, 13, 63):
+        fake.raise_xid(0, xid)
+    wait_for(lambda: probe.read().gpus[0].xid_counts == {13: 2, 63: 1})
+    assert verdict(probe.read()) == Verdict(HealthLevel.DEGRADED, ("xid_63:gpu0",))
+
+
+def test_a_double_bit_ecc_event_counts_as_xid_48(fake: FakeNvml, probe: NvmlProbe) -> None:
+    fake.raise_double_bit_ecc(0)
+    wait_for(lambda: probe.read().gpus[0].xid_counts == {48: 1})
+
+
+def test_gpus_without_events_are_still_read() -> None:
+    fake = FakeNvml([FakeGpu(events_supported=False)])
+    probe = NvmlProbe(fake, xid_poll_ms=20)
+    probe.open()
+    try:
+        reading = probe.read()
+        assert reading.gpus[0].temperature_c == 45.0
+        assert verdict(reading).level is HealthLevel.HEALTHY
+    finally:
+        probe.close()
+    assert "nvmlEventSetWait_v2" not in fake.calls  # no thread waits on an empty set
+
+
+def test_close_stops_the_xid_thread_and_shuts_nvml_down(fake: FakeNvml) -> None:
+    probe = NvmlProbe(fake, xid_poll_ms=20)
+    probe.open()
+    assert fake.init_count == 1
+    started = time.monotonic()
+    probe.close()
+    assert time.monotonic() - started < 1.0
+    assert fake.init_count == 0
+    waits = fake.calls.get("nvmlEventSetWait_v2", 0)
+    time.sleep(0.1)
+    assert fake.calls.get("nvmlEventSetWait_v2", 0) == waits
+
+
+def test_a_hung_nvml_call_reads_as_unresponsive_without_piling_up_threads(
+    fake: FakeNvml, probe: NvmlProbe
+) -> None:
+    reader = DeadlineReader(probe, TIMEOUT_S)
+    assert not reader.read().unresponsive
+    fake.hang("nvmlDeviceGetTemperatureV")
+
+    started = time.monotonic()
+    hung = reader.read()
+    assert time.monotonic() - started < TIMEOUT_S + MARGIN_S
+    assert hung.unresponsive
+    assert hung.gpus == ()
+    assert hung.error == f"probe read exceeded {TIMEOUT_S:g} s"
+    assert verdict(hung) == Verdict(HealthLevel.UNHEALTHY, ("nvml_unresponsive",))
+    entered = fake.calls["nvmlDeviceGetTemperatureV"]
+
+    # While the first read is stuck, more reads answer at once and start nothing.
+    for _ in range(3):
+        started = time.monotonic()
+        again = reader.read()
+        assert time.monotonic() - started < 0.05
+        assert again.unresponsive
+    assert fake.calls["nvmlDeviceGetTemperatureV"] == entered
+    assert fake.hung_calls == 1
+
+    fake.release()
+    wait_for(lambda: not reader.read().unresponsive)
+    resumed = reader.read()
+    assert resumed.gpus[0].temperature_c == 45.0
+    assert verdict(resumed) == Verdict(HealthLevel.HEALTHY, ())
+
+
+def test_a_probe_exception_is_an_error_reading_not_a_hang() -> None:
+    class Broken:
+        name = "nvml"
+
+        def read(self) -> ProbeReading:
+            raise RuntimeError("boom")
+
+        def close(self) -> None:
+            pass
+
+    reading = DeadlineReader(Broken(), TIMEOUT_S).read()
+    assert reading == ProbeReading(probe="nvml", gpus=(), error="RuntimeError: boom")
+
+
+def test_make_probe_nvml_uses_the_driver(fake: FakeNvml) -> None:
+    probe, note = make_probe("nvml", nvml=fake)
+    try:
+        assert isinstance(probe, NvmlProbe)
+        assert note == "nvml: 2 GPU(s), driver 575.57.08"
+        assert len(probe.read().gpus) == 2
+    finally:
+        probe.close()
+
+
+def test_make_probe_auto_falls_back_without_a_driver() -> None:
+    probe, note = make_probe("auto", sim_gpus=2, nvml=FakeNvml(2, driver_loaded=False))
+    assert isinstance(probe, SimulatedProbe)
+    assert note.startswith("auto: NVML unavailable (NVMLError_DriverNotLoaded), using simulated")
+    assert len(probe.read().gpus) == 2
+
+
+def test_make_probe_auto_on_this_machine() -> None:
+    probe, note = make_probe("auto")
+    try:
+        try:
+            pynvml.nvmlInit()
+        except pynvml.NVMLError as exc:
+            # The usual case here: no GPU stack on the machine running the unit tests.
+            assert probe.name == "simulated"
+            assert note.startswith(f"auto: NVML unavailable ({type(exc).__name__}), ")
+            assert "using simulated GPUs" in note
+        else:
+            pynvml.nvmlShutdown()
+            assert probe.name in {"nvml", "simulated"}
+    finally:
+        probe.close()
+
+
+def test_make_probe_nvml_without_a_driver_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="NVML unavailable"):
+        make_probe("nvml", nvml=FakeNvml(1, driver_loaded=False))
+
+
+def test_make_probe_refuses_an_unknown_kind() -> None:
+    with pytest.raises(ConfigError, match=r"'bogus'.*nvml, simulated, auto"):
+        make_probe("bogus")
