@@ -204,6 +204,40 @@ def fault_clear(
     console.print(f"cleared faults of {worker}")
 
 
+dlq_app = typer.Typer(help="Dead-lettered (poison) jobs.")
+app.add_typer(dlq_app, name="dlq")
+
+
+@dlq_app.command("list")
+def dlq_list(
+    count: Annotated[int, typer.Option("--count", min=1)] = 100,
+    redis_url: RedisOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """List dead-lettered jobs, newest first, with the evidence."""
+    from gridqueue.client import GridQueue
+
+    records = GridQueue(settings=load_settings(redis_url)).dead_letters(count)
+    if as_json:
+        _print_json([r.to_dict() for r in records])
+        return
+    table = Table(title=f"dead letters ({len(records)})")
+    for column in ("job", "model", "reason", "evidence"):
+        table.add_column(column)
+    for r in records:
+        table.add_row(r.id, r.model, r.reason or "", r.error or "")
+    console.print(table)
+
+
+@dlq_app.command("replay")
+def dlq_replay(job_id: str, redis_url: RedisOption = None) -> None:
+    """Replay a dead-lettered job as a fresh attempt chain."""
+    from gridqueue.client import GridQueue
+
+    GridQueue(settings=load_settings(redis_url)).replay(job_id, by=_operator())
+    console.print(f"replayed {job_id}")
+
+
 def _operator() -> str:
     import getpass
     import socket

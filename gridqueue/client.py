@@ -159,6 +159,16 @@ class GridQueue:
         """The full record: state, attempts (worker, pid, start, end, outcome), error."""
         return self.ledger.get(job_id)
 
+    def dead_letters(self, count: int = 100) -> list[JobRecord]:
+        """Dead-lettered (poison) jobs, newest first, with their attempt evidence."""
+        return self.ledger.dead_letters(count)
+
+    def replay(self, job_id: str, by: str = "client") -> Job:
+        """Run a dead-lettered job again, as a fresh attempt chain (recorded as a replay)."""
+        attempt = self.ledger.replay(job_id, by)
+        self.dispatcher.publish(attempt_id(job_id, attempt))
+        return Job(self, job_id, created=False)
+
     def status(self) -> dict[str, Any]:
         """Fleet and job overview, as ``gridqueue status`` shows it."""
         now_ms = self.ledger.time_ms()

@@ -60,7 +60,9 @@ def registered() -> dict[str, Handler]:
 
 
 class ProgressSink(Protocol):
-    def progress(self, job_id: str, attempt: int, worker: str, info: str = "") -> bool: ...
+    def progress(
+        self, job_id: str, attempt: int, worker: str, info: str = "", stall_ms: int = 60_000
+    ) -> bool: ...
 
 
 class Context:
@@ -70,11 +72,14 @@ class Context:
     # round trip per interval, not one per call.
     progress_interval_s = 0.1
 
-    def __init__(self, job_id: str, attempt: int, worker: str, sink: ProgressSink) -> None:
+    def __init__(
+        self, job_id: str, attempt: int, worker: str, sink: ProgressSink, stall_ms: int = 60_000
+    ) -> None:
         self.job_id = job_id
         self.attempt = attempt
         self.worker = worker
         self._sink = sink
+        self._stall_ms = stall_ms
         self._last_write = 0.0
         self.superseded = False
 
@@ -83,5 +88,7 @@ class Context:
         now = time.monotonic()
         if not self.superseded and now - self._last_write >= self.progress_interval_s:
             self._last_write = now
-            self.superseded = not self._sink.progress(self.job_id, self.attempt, self.worker, info)
+            self.superseded = not self._sink.progress(
+                self.job_id, self.attempt, self.worker, info, self._stall_ms
+            )
         return not self.superseded

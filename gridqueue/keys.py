@@ -10,6 +10,9 @@ Layout (``ns`` is ``GRIDQUEUE_NAMESPACE``, ``gq`` by default; an attempt is ``<j
     {ns}:lost                  hash    attempt -> outcome, for attempts whose worker is gone;
                                        the watchdog applies the policy to each, crash-safe
     {ns}:running               zset    attempt -> claim time (ms)
+    {ns}:liveness              zset    attempt -> when its liveness beat lapses (ms)
+    {ns}:stalls                zset    attempt -> when its progress mark lapses (ms)
+    {ns}:dead_letters          zset    dead-lettered job -> when (ms)
     {ns}:workers               zset    live worker -> last heartbeat (ms)
     {ns}:worker:{name}         hash    worker record: state, epoch, models, pid, health...
     {ns}:worker:{name}:running set     attempts this worker runs
@@ -44,6 +47,9 @@ _TEMPLATES: dict[str, tuple[str, tuple[str, ...]]] = {
     "dispatch": ("{ns}:dispatch", ()),
     "lost": ("{ns}:lost", ()),
     "running": ("{ns}:running", ()),
+    "liveness": ("{ns}:liveness", ()),
+    "stalls": ("{ns}:stalls", ()),
+    "dead_letters": ("{ns}:dead_letters", ()),
     "workers": ("{ns}:workers", ()),
     "worker": ("{ns}:worker:{name}", ("name",)),
     "worker_running": ("{ns}:worker:{name}:running", ("name",)),
@@ -138,6 +144,18 @@ class Keys:
     @property
     def running(self) -> str:
         return self._render("running")
+
+    @property
+    def liveness(self) -> str:
+        return self._render("liveness")
+
+    @property
+    def stalls(self) -> str:
+        return self._render("stalls")
+
+    @property
+    def dead_letters(self) -> str:
+        return self._render("dead_letters")
 
     @property
     def workers(self) -> str:

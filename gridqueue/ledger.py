@@ -22,13 +22,14 @@ import redis
 
 from gridqueue.errors import (
     DoesNotFitError,
+    InvalidJobError,
     JobNotFoundError,
     JobTimeoutError,
     NoCapacityError,
     WorkerNotFoundError,
 )
 from gridqueue.keys import Keys, attempt_id, lua_prelude, split_attempt_id
-from gridqueue.policies import EndedAttempt, GiveUp, Retry, decide
+from gridqueue.policies import EndedAttempt, GiveUp, Retry, decide, node_failures
 from gridqueue.records import JobRecord, WorkerRecord
 from gridqueue.settings import Settings
 from gridqueue.states import JobState, Outcome
@@ -55,6 +56,9 @@ _SCRIPTS = (
     "end_probation",
     "quarantine_worker",
     "release",
+    "beat",
+    "stall",
+    "replay",
 )
 
 
@@ -102,6 +106,8 @@ class Scan:
     lost: dict[str, str]
     health_changes: list[str]
     probation_due: list[str]
+    liveness_lapsed: list[str]
+    progress_lapsed: list[str]
 
 
 @dataclass(frozen=True)
@@ -187,9 +193,45 @@ class Ledger:
             return Claim("ok", payload=reply[1], model=reply[2], workload=reply[3])
         return Claim(reply[0], detail=reply[1] if len(reply) > 1 else None)
 
-    def progress(self, job_id: str, attempt: int, worker: str, info: str = "") -> bool:
+    def progress(
+        self, job_id: str, attempt: int, worker: str, info: str = "", stall_ms: int = 60_000
+    ) -> bool:
         """Move the attempt's progress mark; False once the attempt is superseded."""
-        return bool(self._call("progress", job_id, attempt, worker, info))
+        return bool(self._call("progress", job_id, attempt, worker, info, stall_ms))
+
+    def beat(self, job_id: str, attempt: int, worker: str, liveness_ms: int) -> bool:
+        """The running attempt's own liveness beat; False once it is superseded."""
+        return bool(self._call("beat", job_id, attempt, worker, liveness_ms))
+
+    def stall(self, member: str, kind: str, token: str) -> tuple[bool, bool]:
+        """Declare a lapsed attempt stalled: returns (stalled, its node was quarantined)."""
+        reply = self._call(
+            "stall",
+            member,
+            kind,
+            token,
+            self.settings.stall_quarantine_after,
+            int(self.settings.stall_window_s * 1000),
+        )
+        return reply[0] == "stalled", bool(reply[0] == "stalled" and int(reply[1]))
+
+    def replay(self, job_id: str, by: str = "") -> int:
+        """Start a fresh attempt chain for a dead-lettered job; returns its attempt number."""
+        record = self.get(job_id)
+        workload = self.workloads.get(record.workload)
+        deadline_s = workload.default_deadline_s if workload else None
+        reply = self._call("replay", job_id, int(deadline_s * 1000) if deadline_s else 0, by)
+        if reply[0] == "not_dead_lettered":
+            raise InvalidJobError(
+                f"job {job_id} is {reply[1]}, not DEAD_LETTERED; only dead letters are replayed"
+            )
+        if reply[0] == "unknown":
+            raise JobNotFoundError(f"no job {job_id} in the ledger")
+        return int(reply[1])
+
+    def dead_letters(self, count: int = 100) -> list[JobRecord]:
+        ids = cast(list[str], self.client.zrevrange(self.keys.dead_letters, 0, count - 1))
+        return [self.get(job_id) for job_id in ids]
 
     def complete(self, job_id: str, attempt: int, worker: str, result_json: str) -> bool:
         """Publish the result if the attempt is still current; False if it was discarded."""
@@ -217,8 +259,10 @@ class Ledger:
         if record.state is not JobState.RUNNING or record.attempt != attempt:
             self.client.hdel(self.keys.lost, attempt_id(job_id, attempt))
             return AttemptEnd("stale")
-        current = record.attempts[-1]
-        history = [EndedAttempt(a.worker, a.outcome) for a in record.attempts[:-1]]
+        # A replay starts a fresh chain: only its attempts count for limits and poison.
+        chain = [a for a in record.attempts if a.n >= record.chain_start]
+        current = chain[-1]
+        history = [EndedAttempt(a.worker, a.outcome) for a in chain[:-1]]
         history.append(EndedAttempt(current.worker, outcome.value))
         remaining_s = None
         if record.deadline_ms is not None:
@@ -228,11 +272,14 @@ class Ledger:
         if workload is None:
             decision = GiveUp("unknown_workload")
         else:
-            decision = decide(workload, outcome, attempt, history, remaining_s)
+            decision = decide(workload, outcome, len(chain), history, remaining_s)
         if isinstance(decision, Retry):
             args: tuple[str | int, ...] = ("retry", int(decision.after_s * 1000), "", "")
         else:
             args = ("give_up", 0, decision.state.value, decision.reason)
+            if decision.reason == "poison":
+                evidence = ", ".join(f"{a.worker}: {a.outcome}" for a in history if a.worker)
+                error = f"poison: it took down {len(node_failures(history))} workers ({evidence})"
         reply = self._call("finish", job_id, attempt, outcome.value, error, *args, worker, token)
         if reply[0] == "retry":
             after_s = decision.after_s if isinstance(decision, Retry) else 0.0
@@ -368,7 +415,7 @@ class Ledger:
     # -- watchdog --------------------------------------------------------------------
 
     def scan(self, batch: int = 256) -> Scan:
-        now, stale, expired, due, lost, health, probation = self._call(
+        now, stale, expired, due, lost, health, probation, silent, stuck = self._call(
             "scan", int(self.settings.stale_after_s * 1000), batch
         )
         return Scan(
@@ -379,6 +426,8 @@ class Ledger:
             lost=dict(zip(lost[::2], lost[1::2], strict=True)),
             health_changes=list(health),
             probation_due=list(probation),
+            liveness_lapsed=list(silent),
+            progress_lapsed=list(stuck),
         )
 
     def begin_dispatch(self, member: str) -> DispatchLease | None:

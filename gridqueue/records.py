@@ -28,6 +28,7 @@ class AttemptRecord:
     error: str | None = None
     delivery_tag: str | None = None
     late_result_discarded: bool = False
+    replay: bool = False
 
     @classmethod
     def from_json(cls, raw: str) -> AttemptRecord:
@@ -57,6 +58,8 @@ class JobRecord:
     progress: str | None
     idempotency_key: str | None
     attempts: list[AttemptRecord] = field(default_factory=list)
+    chain_start: int = 1  # first attempt of the current chain (a replay starts a new one)
+    replays: int = 0
 
     @property
     def terminal(self) -> bool:
@@ -87,6 +90,8 @@ class JobRecord:
             progress=data.get("progress") or None,
             idempotency_key=data.get("idempotency_key") or None,
             attempts=attempts,
+            chain_start=int(data.get("chain_start") or 1),
+            replays=int(data.get("replays") or 0),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -103,6 +108,9 @@ class JobRecord:
             "reason": self.reason,
             "error": self.error,
             "worker": self.worker,
+            "progress": self.progress,
+            "chain_start": self.chain_start,
+            "replays": self.replays,
             "attempts": [a.__dict__ for a in self.attempts],
         }
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -102,6 +103,44 @@ def current_runtime() -> WorkerRuntime:
     return _runtime
 
 
+class AttemptLiveness:
+    """The running attempt's own heartbeat: a thread in the child, for the attempt's life.
+
+    The node's heartbeat says the worker's main process is alive; this one says the
+    process running *this* attempt is. A frozen child (SIGSTOP, D-state) stops beating and
+    the watchdog declares the attempt stalled after the class's liveness_timeout_s.
+    """
+
+    def __init__(self, runtime: WorkerRuntime, job_id: str, attempt: int, timeout_s: float):
+        self.runtime = runtime
+        self.job_id = job_id
+        self.attempt = attempt
+        self.timeout_ms = int(timeout_s * 1000)
+        self.interval_s = max(0.05, timeout_s / 4)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="gq-liveness", daemon=True)
+
+    def start(self) -> None:
+        self._beat()
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _beat(self) -> bool:
+        try:
+            return self.runtime.ledger.beat(
+                self.job_id, self.attempt, self.runtime.name, self.timeout_ms
+            )
+        except RedisError:
+            return True  # keep trying: a blip must not look like a stall on our side
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            if not self._beat():
+                return  # superseded: nothing left to vouch for
+
+
 def run_attempt(task: Task, job_id: str, attempt: int) -> None:
     runtime = current_runtime()
     ledger = runtime.ledger
@@ -126,15 +165,24 @@ def run_attempt(task: Task, job_id: str, attempt: int) -> None:
             job_id, attempt, Outcome.ERROR, f"no handler for model {claim.model!r} on this worker"
         )
         return
-    ctx = Context(job_id, attempt, runtime.name, ledger)
+    workload = ledger.workloads.get(claim.workload or "")
+    liveness_s = workload.liveness_timeout_s if workload else 5.0
+    stall_ms = int((workload.stall_timeout_s if workload else 300.0) * 1000)
+    ctx = Context(job_id, attempt, runtime.name, ledger, stall_ms=stall_ms)
+    ctx.progress("started")  # the stall clock starts now, progress() or not
+    liveness = AttemptLiveness(runtime, job_id, attempt, liveness_s)
+    liveness.start()
     try:
         result = found.fn(json.loads(claim.payload), ctx)
     except InvalidInput as exc:
+        liveness.stop()
         runtime.end_attempt(job_id, attempt, Outcome.INVALID_INPUT, str(exc))
         return
     except Exception as exc:
+        liveness.stop()
         runtime.end_attempt(job_id, attempt, Outcome.ERROR, f"{type(exc).__name__}: {exc}")
         return
+    liveness.stop()
     try:
         body = dumps(result)
     except (TypeError, ValueError) as exc:

@@ -67,6 +67,10 @@ class Settings(BaseSettings):
     probation_window_s: float = Field(
         900.0, gt=0, description="Failures this close together double the probation."
     )
+    stall_quarantine_after: int = Field(
+        3, ge=1, description="Stalls on one node within stall_window_s that quarantine it."
+    )
+    stall_window_s: float = Field(600.0, gt=0, description="Window for counting a node's stalls.")
     log_format: Literal["json", "console"] = "json"
     log_level: str = "INFO"
 

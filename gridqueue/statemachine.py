@@ -1,10 +1,9 @@
 """The job state machine as an executable specification: a pure-Python model of the ledger.
 
-Each verb applies the compare-and-set rules of the Lua script of the same name in
-``gridqueue/lua/`` to plain data, with no Redis and no clock: a deadline has passed or not,
-a worker is declared dead when the caller says it fell silent, and the caller holds the
-watchdog lease. Statuses and counters are named as in the scripts, so a differential test
-replays one random history on both and compares them step by step.
+Each verb applies the compare-and-set rules of its Lua script (``gridqueue/lua/``) to plain
+data, without Redis or a clock: a deadline has passed or not, a worker falls silent when the
+caller says so, and the caller holds the watchdog lease. Replies and counters are named as
+in the scripts, so a differential test replays one history on both and compares them.
 """
 
 from __future__ import annotations
@@ -20,9 +19,13 @@ from gridqueue.states import TERMINAL_STATES, JobState, Outcome, WorkerState
 from gridqueue.workloads import WorkloadClass
 
 # claim.lua counts each refusal in the stats hash.
-_CLAIM_COUNTERS = dict(
+_REFUSALS = dict(
     fenced="claims_refused", stale="stale_deliveries", duplicate="duplicate_deliveries"
 )
+# finish.lua counts a first attempt lost to its node as a bad placement.
+_BAD_PLACEMENT = (Outcome.WORKER_LOST, Outcome.GPU_FAULT)
+# A worker in these states has left the fleet: the watchdog no longer watches it.
+_GONE = (WorkerState.DEAD, WorkerState.STOPPED)
 
 
 @dataclass
@@ -59,10 +62,8 @@ class JobModel:
 
     def runs(self, n: int, worker: str | None = None) -> bool:
         """The compare of every compare-and-set that ends attempt ``n`` (by ``worker``)."""
-        attempt = self.attempts.get(n)
-        if self.state is not JobState.RUNNING or self.attempt != n or attempt is None:
-            return False
-        return worker is None or attempt.worker == worker
+        running = self.state is JobState.RUNNING and self.attempt == n
+        return running and worker in (None, self.current.worker)
 
     def claim(self, n: int, worker: str, worker_alive: bool) -> str:
         # Placement fence first: a worker that is not ALIVE never starts work.
@@ -84,8 +85,7 @@ class JobModel:
                 self.attempts[n].late_result_discarded = True
             return "stale"
         self.current.outcome = Outcome.SUCCEEDED
-        self.result = result
-        self.state, self.reason = JobState.SUCCEEDED, ""
+        self.result, self.state, self.reason = result, JobState.SUCCEEDED, ""
         return "ok"
 
     def finish(self, n: int, outcome: Outcome, decision: Decision, worker: str = "") -> str:
@@ -94,28 +94,11 @@ class JobModel:
             return "stale"
         self.current.outcome = outcome
         if isinstance(decision, Retry):
-            self.attempt = n + 1
+            self.attempt, self.state = n + 1, JobState.QUEUED
             self.attempts[n + 1] = AttemptModel(n + 1)
-            self.state = JobState.QUEUED
             return "retry"
         self.state, self.reason = decision.state, decision.reason
         return "ended"
-
-    def expire(self) -> str:
-        if not self.terminal and not self.deadline_passed:
-            return "not_due"
-        return self.stop(JobState.EXPIRED, Outcome.EXPIRED, "deadline")
-
-    def cancel(self, reason: str = "cancelled") -> str:
-        return self.stop(JobState.CANCELLED, Outcome.CANCELLED, reason)
-
-    def stop(self, state: JobState, outcome: Outcome, reason: str) -> str:
-        """End the job from outside: the current attempt, queued or running, ends with it."""
-        if self.terminal:
-            return "stale"
-        self.current.outcome = outcome
-        self.state, self.reason = state, reason
-        return "ok"
 
 
 @dataclass
@@ -128,9 +111,12 @@ class WorkerModel:
 
 @dataclass
 class LedgerModel:
-    """Jobs, workers, the ``lost`` hash and the counters of the ``stats`` hash."""
+    """Jobs, workers, the ``lost`` hash and the ``stats`` counters. With ``probation``
+    (``GRIDQUEUE_PROBATION_BASE_S > 0``) a worker back from the dead serves a probation.
+    Re-admission (probation's end, release, health verdicts) is left out: it moves no job."""
 
     workloads: Mapping[str, WorkloadClass] = field(default_factory=dict)
+    probation: bool = True
     jobs: dict[str, JobModel] = field(default_factory=dict)
     workers: dict[str, WorkerModel] = field(default_factory=dict)
     lost: dict[str, str] = field(default_factory=dict)  # attempt id -> outcome
@@ -139,7 +125,6 @@ class LedgerModel:
     def submit(
         self, job_id: str, workload: str, has_deadline: bool = False, passed: bool = False
     ) -> JobModel:
-        assert job_id not in self.jobs, "submit.lua expects a fresh job id"
         self.jobs[job_id] = job = JobModel(job_id, workload, has_deadline, has_deadline and passed)
         return job
 
@@ -149,8 +134,10 @@ class LedgerModel:
             return "unknown"
         known = self.workers.get(worker)
         status = job.claim(n, worker, known is not None and known.state is WorkerState.ALIVE)
-        if status in _CLAIM_COUNTERS:
-            self.stats[_CLAIM_COUNTERS[status]] += 1
+        if status in _REFUSALS:
+            self.stats[_REFUSALS[status]] += 1
+        elif status == "ok" and n == 1:
+            self.stats["first_placements"] += 1
         return status
 
     def progress(self, job_id: str, n: int, worker: str) -> bool:
@@ -165,69 +152,73 @@ class LedgerModel:
         self.stats["stale_results_discarded"] += 1
         return False
 
-    def finish(
-        self, job_id: str, n: int, outcome: Outcome, decision: Decision, worker: str = ""
-    ) -> str:
+    def end_attempt(self, job_id: str, n: int, outcome: Outcome, worker: str = "") -> str:
+        """``Ledger.end_attempt``: ask the workload's policy, then commit as ``finish.lua``."""
         job = self.jobs.get(job_id)
         # Ended or refused, the attempt is no longer the watchdog's to handle.
         self.lost.pop(attempt_id(job_id, n), None)
-        if job is None:
-            return "stale"
-        status = job.finish(n, outcome, decision, worker)
-        if status == "retry":
-            self.stats["requeues"] += 1
-        return status
-
-    def end_attempt(self, job_id: str, n: int, outcome: Outcome, worker: str = "") -> str:
-        """``Ledger.end_attempt``: ask the workload's policy, then ``finish``."""
-        job = self.jobs.get(job_id)
         if job is None or not job.runs(n):
-            self.lost.pop(attempt_id(job_id, n), None)
             return "stale"
         history = [EndedAttempt(a.worker, a.outcome) for k, a in job.attempts.items() if k < n]
         history.append(EndedAttempt(job.current.worker, outcome.value))
         remaining_s = None
         if job.has_deadline:
             remaining_s = 0.0 if job.deadline_passed else math.inf
-        workload = self.workloads.get(job.workload)
         decision: Decision = GiveUp("unknown_workload")
-        if workload is not None:
+        if (workload := self.workloads.get(job.workload)) is not None:
             decision = decide(workload, outcome, n, history, remaining_s)
-        return self.finish(job_id, n, outcome, decision, worker)
+        status = job.finish(n, outcome, decision, worker)
+        if status != "stale" and n == 1 and outcome in _BAD_PLACEMENT:
+            self.stats["bad_first_placements"] += 1
+        if status == "retry":
+            self.stats["requeues"] += 1
+        return status
 
     def expire(self, job_id: str) -> str:
         job = self.jobs.get(job_id)
-        return "stale" if job is None else self._released(job, job.expire())
+        if job is None or job.terminal:
+            return "stale"
+        if not job.deadline_passed:
+            return "not_due"
+        return self._stop(job, JobState.EXPIRED, Outcome.EXPIRED, "deadline")
 
     def cancel(self, job_id: str, reason: str = "cancelled") -> str:
         job = self.jobs.get(job_id)
-        return "unknown" if job is None else self._released(job, job.cancel(reason))
+        if job is None:
+            return "unknown"
+        return self._stop(job, JobState.CANCELLED, Outcome.CANCELLED, reason)
 
-    def _released(self, job: JobModel, status: str) -> str:
-        # An attempt that stops running leaves every index of running work, lost included.
-        if status == "ok":
-            self.lost.pop(attempt_id(job.id, job.attempt), None)
-        return status
+    def _stop(self, job: JobModel, state: JobState, outcome: Outcome, reason: str) -> str:
+        """End the job from outside: its current attempt, queued or running, ends with it
+        and leaves every index of running work, the lost hash included."""
+        if job.terminal:
+            return "stale"
+        job.current.outcome = outcome
+        job.state, job.reason = state, reason
+        self.lost.pop(attempt_id(job.id, job.attempt), None)
+        return "ok"
 
     def running_on(self, worker: str) -> list[str]:
         """The worker's running attempts (the ``worker:<name>:running`` set)."""
         return [
-            attempt_id(job.id, job.attempt)
-            for job in self.jobs.values()
-            if job.state is JobState.RUNNING and job.current.worker == worker
+            attempt_id(j.id, j.attempt) for j in self.jobs.values() if j.runs(j.attempt, worker)
         ]
 
-    def _lose_attempts_of(self, worker: str) -> int:
+    def _lose_attempts_of(self, worker: str, outcome: Outcome = Outcome.WORKER_LOST) -> int:
         members = self.running_on(worker)
         for member in members:
-            self.lost[member] = Outcome.WORKER_LOST.value
+            self.lost[member] = outcome.value
         return len(members)
 
     def register(self, worker: str) -> int:
-        """A new incarnation: what the name still runs belongs to the old one, and is lost."""
+        """A new incarnation: what the name still runs belongs to the old one, and is lost.
+        A quarantine or a probation outlives the restart."""
         self._lose_attempts_of(worker)
         known = self.workers.setdefault(worker, WorkerModel(epoch=0))
-        known.state = WorkerState.ALIVE
+        if known.state is WorkerState.DEAD and self.probation:
+            known.state = WorkerState.PROBATION
+        elif known.state not in (WorkerState.QUARANTINED, WorkerState.PROBATION):
+            known.state = WorkerState.ALIVE
         known.epoch += 1
         return known.epoch
 
@@ -242,8 +233,17 @@ class LedgerModel:
     def declare_dead(self, worker: str) -> int | None:
         """The worker went silent past ``stale_after_s``; None if it is not a live worker."""
         known = self.workers.get(worker)
-        if known is None or known.state is not WorkerState.ALIVE:
+        if known is None or known.state in _GONE:
             return None
         known.state = WorkerState.DEAD
         self.stats["workers_declared_dead"] += 1
         return self._lose_attempts_of(worker)
+
+    def quarantine(self, worker: str, drain: bool = False) -> int | None:
+        """An operator's quarantine: no new work, and unless it drains, its running attempts
+        move to the lost hash now. None if the worker is not a live one."""
+        known = self.workers.get(worker)
+        if known is None or known.state in _GONE:
+            return None
+        known.state = WorkerState.QUARANTINED
+        return 0 if drain else self._lose_attempts_of(worker, Outcome.EVACUATED)

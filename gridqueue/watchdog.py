@@ -41,6 +41,7 @@ _LOST_ERRORS = {
     "worker_lost": "the worker running this attempt was lost",
     "gpu_fault": "the node's GPU failed its health check; the attempt was moved",
     "evacuated": "an operator quarantined the node; the attempt was moved",
+    "stalled": "the attempt stopped beating or making progress; its child was killed",
 }
 
 
@@ -52,6 +53,7 @@ class TickReport:
     attempts_failed: int = 0
     jobs_expired: int = 0
     workers_quarantined: int = 0
+    attempts_stalled: int = 0
     dispatched: int = 0
     duration_s: float = 0.0
 
@@ -63,39 +65,67 @@ class Watchdog:
         self.dispatcher = Dispatcher(self.ledger, make_celery(settings.redis_url))
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.token: str | None = None
+        self._last_ok = float("inf")
+        self._blind_until = 0.0
+        liveness_beat_s = max(
+            (w.liveness_interval_s for w in self.ledger.workloads.values()), default=0.0
+        )
+        self.grace_s = self.settings.stale_after_s + max(
+            liveness_beat_s, self.settings.heartbeat_interval_s
+        )
 
     def tick(self) -> TickReport:
         started = time.perf_counter()
+        now = time.monotonic()
         held, value = self.ledger.lease(self.owner, int(self.settings.watchdog_lease_s * 1000))
         if not held:
             if self.token is not None:
                 log.warning("watchdog.lost_lease", owner=self.owner, leader=value)
                 self.token = None
             return TickReport(leader=False, duration_s=time.perf_counter() - started)
-        if value != self.token:
-            log.info("watchdog.leading", owner=self.owner, token=value)
+        if value != self.token or now - self._last_ok > self.settings.stale_after_s / 2:
+            # A new leader, or one that could not reach Redis for a while (a Redis restart,
+            # a partition), has not watched the heartbeats: give every node one grace
+            # period to beat again before judging anyone dead or stalled.
+            self._blind_until = now + self.grace_s
+            if value != self.token:
+                log.info("watchdog.leading", owner=self.owner, token=value, grace_s=self.grace_s)
+            else:
+                log.info("watchdog.grace", owner=self.owner, grace_s=self.grace_s)
             self.token = value
         report = TickReport(leader=True)
         scan = self.ledger.scan()
-        lost = scan.lost
-        for name in scan.stale_workers:
+        self._last_ok = now
+        moved = False
+        judging = now >= self._blind_until
+        for name in scan.stale_workers if judging else ():
             count = self.ledger.declare_dead(name, value)
             if count is not None:
                 report.workers_declared_dead += 1
+                moved = True
                 log.warning("worker.declared_dead", worker=name, attempts=count)
-        if report.workers_declared_dead:
-            lost = self.ledger.scan().lost
-        self._requeue_lost(lost, value, report)
         for name in scan.health_changes:
             action = self.ledger.apply_health(name, value)
             if action in ("evacuated", "draining"):
                 report.workers_quarantined += 1
+                moved |= action == "evacuated"
                 log.warning("worker.quarantined", worker=name, action=action)
             elif action == "probation":
                 log.info("worker.probation", worker=name)
-        if report.workers_quarantined:
-            # An evacuation moved running attempts to the lost hash: requeue them now.
-            self._requeue_lost(self.ledger.scan().lost, value, report)
+        lapsed = [(m, "liveness") for m in scan.liveness_lapsed]
+        lapsed += [(m, "progress") for m in scan.progress_lapsed]
+        for member, kind in lapsed if judging else ():
+            stalled, quarantined = self.ledger.stall(member, kind, value)
+            if stalled:
+                report.attempts_stalled += 1
+                moved = True
+                log.warning("attempt.stalled", attempt=member, kind=kind)
+            if quarantined:
+                report.workers_quarantined += 1
+                log.warning("worker.quarantined", attempt=member, action="repeated stalls")
+        # Everything above moved attempts to the lost hash in the same atomic step as its
+        # verdict; requeue them now (and a successor would, had we died just before).
+        self._requeue_lost(self.ledger.scan().lost if moved else scan.lost, value, report)
         for name in scan.probation_due:
             if self.ledger.end_probation(name, value):
                 log.info("worker.readmitted", worker=name)

@@ -30,8 +30,15 @@ class WorkloadClass:
     default_deadline_s: float | None = None
     poison_after_workers: int = 3
     wait_for_capacity: bool = False  # accept jobs while no worker can serve them now
+    liveness_timeout_s: float = 2.0  # silence of the attempt's own heartbeat = stalled
+    stall_timeout_s: float = 60.0  # no ctx.progress() for this long = stalled
     priority: int = 6  # kombu Redis priority step of fresh work: lower runs first
     requeue_priority: int = 0  # a failover goes ahead of fresh work
+
+    @property
+    def liveness_interval_s(self) -> float:
+        """How often a running attempt beats: four beats fit in its timeout."""
+        return max(0.05, self.liveness_timeout_s / 4)
 
     def __post_init__(self) -> None:
         where = f"workload class {self.name!r}"
@@ -43,6 +50,8 @@ class WorkloadClass:
             raise ConfigError(f"{where}: need backoff_jitter_s >= 0 and backoff_multiplier >= 1")
         if self.default_deadline_s is not None and self.default_deadline_s <= 0:
             raise ConfigError(f"{where}: default_deadline_s must be > 0 (or left out)")
+        if self.liveness_timeout_s <= 0 or self.stall_timeout_s <= 0:
+            raise ConfigError(f"{where}: liveness_timeout_s and stall_timeout_s must be > 0")
         if self.poison_after_workers < 1:
             raise ConfigError(f"{where}: poison_after_workers must be >= 1")
         for name in ("priority", "requeue_priority"):

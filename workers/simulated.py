@@ -8,6 +8,8 @@ the prompt. Drill knobs:
 - ``"crash": true`` kills its own process half-way (like an OOM kill or a segfault) on
   every attempt; ``"crash": N`` only on attempts 1..N.
 - ``"fail": "transient"`` raises TransientError; ``"fail": "invalid"`` raises InvalidInput.
+- ``"hang": true`` stops calling ``ctx.progress()`` half-way and blocks forever, like a
+  kernel that never returns; ``"hang": N`` only on attempts 1..N.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
+import threading
 import time
 from typing import Any
 
@@ -30,11 +33,12 @@ def complete_text(prompt: str) -> str:
     return f"{prompt[::-1]} <{digest[:12]}>"
 
 
-def _should_crash(crash: Any, attempt: int) -> bool:
-    if crash is True:
+def _should_crash(knob: Any, attempt: int) -> bool:
+    """A drill knob: true for every attempt, N for attempts 1..N."""
+    if knob is True:
         return True
-    if isinstance(crash, int) and not isinstance(crash, bool):
-        return attempt <= crash
+    if isinstance(knob, int) and not isinstance(knob, bool):
+        return attempt <= knob
     return False
 
 
@@ -53,11 +57,14 @@ def sim_llm(payload: Any, ctx: Context) -> dict[str, Any]:
     if fail == "invalid":
         raise InvalidInput("simulated invalid input")
     crash_at_s = ms / 2000 if _should_crash(payload.get("crash"), ctx.attempt) else None
+    hang_at_s = ms / 2000 if _should_crash(payload.get("hang"), ctx.attempt) else None
     started = time.monotonic()
     deadline = started + ms / 1000
     while (now := time.monotonic()) < deadline:
         if crash_at_s is not None and now - started >= crash_at_s:
             os.kill(os.getpid(), signal.SIGKILL)
+        if hang_at_s is not None and now - started >= hang_at_s:
+            threading.Event().wait()  # blocks forever, and never reports progress again
         time.sleep(min(STEP_S, deadline - now))
         ctx.progress(f"{int((time.monotonic() - started) * 1000)}/{ms} ms")
     if crash_at_s is not None:

@@ -53,6 +53,8 @@ end
 local function release_attempt(id, n, a)
   local member = id .. '.' .. n
   redis.call('ZREM', key_running(NS), member)
+  redis.call('ZREM', key_liveness(NS), member)
+  redis.call('ZREM', key_stalls(NS), member)
   redis.call('HDEL', key_lost(NS), member)
   if a.worker then redis.call('SREM', key_worker_running(NS, a.worker), member) end
   if a.delivery_tag then
@@ -82,6 +84,7 @@ local function end_job(id, from, to, reason, err)
   move_state(id, from, to)
   redis.call('HSET', key_job(NS, id), 'reason', reason, 'error', err, 'ended_ms', NOW)
   redis.call('ZREM', key_deadlines(NS), id)
+  if to == 'DEAD_LETTERED' then redis.call('ZADD', key_dead_letters(NS), NOW, id) end
   local done = key_job_done(NS, id)
   redis.call('RPUSH', done, to)
   redis.call('EXPIRE', done, RETENTION_S)
