@@ -28,7 +28,7 @@ from gridqueue.errors import (
 )
 from gridqueue.handlers import check_model_name
 from gridqueue.keys import attempt_id
-from gridqueue.ledger import Ledger, connect_redis, dumps
+from gridqueue.ledger import Ledger, connect_redis, dumps, retry_redis
 from gridqueue.records import JobRecord
 from gridqueue.settings import Settings
 from gridqueue.states import JobState
@@ -136,8 +136,8 @@ class GridQueue:
             raise ValueError(f"deadline_s must be > 0, got {deadline_s}")
         if idempotency_key is not None and not idempotency_key.strip():
             raise ValueError("idempotency_key must be a non-empty string (or None)")
-        job_id = uuid.uuid4().hex
-        job_id, created = self.ledger.submit(
+        job_id = uuid.uuid4().hex  # chosen before the first try: a retry writes it once
+        job_id, created = retry_redis(self.ledger.submit)(
             job_id,
             model,
             workload,

@@ -13,6 +13,9 @@ from celery import Celery
 from gridqueue.celeryapp import TASK_NAME
 from gridqueue.keys import queue_for_model, split_attempt_id
 from gridqueue.ledger import Ledger
+from gridqueue.logs import get_logger
+
+log = get_logger("gridqueue.dispatch")
 
 
 class Dispatcher:
@@ -31,12 +34,18 @@ class Dispatcher:
             priority = 6
         else:
             priority = workload.priority if attempt == 1 else workload.requeue_priority
-        self.app.send_task(
-            TASK_NAME,
-            args=[job_id, attempt],
-            task_id=member,
-            queue=queue_for_model(lease.model),
-            priority=priority,
-        )
+        try:
+            self.app.send_task(
+                TASK_NAME,
+                args=[job_id, attempt],
+                task_id=member,
+                queue=queue_for_model(lease.model),
+                priority=priority,
+            )
+        except Exception as exc:  # kombu and redis errors alike
+            # The lease stays in the dispatch index: once it lapses, the watchdog
+            # publishes again. Nothing is lost by failing here.
+            log.warning("dispatch.failed", attempt=member, error=repr(exc))
+            return False
         self.ledger.end_dispatch(lease)
         return True

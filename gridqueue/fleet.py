@@ -62,12 +62,14 @@ class LocalFleet:
         }
         self.processes: dict[str, FleetProcess] = {}
 
-    def _spawn(self, name: str, kind: str, args: list[str]) -> FleetProcess:
+    def _spawn(
+        self, name: str, kind: str, args: list[str], env: dict[str, str] | None = None
+    ) -> FleetProcess:
         log_path = self.log_dir / f"{name}.log"
         with open(log_path, "ab") as log_file:
             process = subprocess.Popen(
                 [sys.executable, "-m", "gridqueue.cli", *args],
-                env=self.env,
+                env={**self.env, **(env or {})},
                 stdin=subprocess.DEVNULL,
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
@@ -83,9 +85,13 @@ class LocalFleet:
         models: str = "sim-llm",
         concurrency: int = 2,
         handlers: str = "workers.simulated",
+        env: dict[str, str] | None = None,
+        extra_args: tuple[str, ...] = (),
     ) -> FleetProcess:
+        """Start a worker; ``env`` overrides this one's environment (e.g. its Redis URL)."""
         args = ["worker", "--name", name, "--models", models, "--concurrency", str(concurrency)]
-        return self._spawn(name, "worker", [*args, "--handlers", handlers, "--loglevel", "WARNING"])
+        args += ["--handlers", handlers, "--loglevel", "WARNING", "--probe", "simulated"]
+        return self._spawn(name, "worker", [*args, *extra_args], env)
 
     def start_watchdog(self, name: str = "watchdog-1") -> FleetProcess:
         return self._spawn(name, "watchdog", ["watchdog"])

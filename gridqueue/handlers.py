@@ -6,11 +6,14 @@ line, and serves the models they register.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
+
+from redis.exceptions import RedisError
 
 from gridqueue.errors import InvalidModelError
 
@@ -88,7 +91,10 @@ class Context:
         now = time.monotonic()
         if not self.superseded and now - self._last_write >= self.progress_interval_s:
             self._last_write = now
-            self.superseded = not self._sink.progress(
-                self.job_id, self.attempt, self.worker, info, self._stall_ms
-            )
+            # Progress is best-effort: a Redis blip must not fail the user's work. If it
+            # lasts, the attempt's liveness lapses and the watchdog decides.
+            with contextlib.suppress(RedisError):
+                self.superseded = not self._sink.progress(
+                    self.job_id, self.attempt, self.worker, info, self._stall_ms
+                )
         return not self.superseded

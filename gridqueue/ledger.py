@@ -19,6 +19,9 @@ from importlib import resources
 from typing import Any, cast
 
 import redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_exponential_jitter
 
 from gridqueue.errors import (
     DoesNotFitError,
@@ -29,11 +32,14 @@ from gridqueue.errors import (
     WorkerNotFoundError,
 )
 from gridqueue.keys import Keys, attempt_id, lua_prelude, split_attempt_id
+from gridqueue.logs import get_logger
 from gridqueue.policies import EndedAttempt, GiveUp, Retry, decide, node_failures
 from gridqueue.records import JobRecord, WorkerRecord
 from gridqueue.settings import Settings
 from gridqueue.states import JobState, Outcome
 from gridqueue.workloads import WorkloadClass, load_workloads
+
+_log = get_logger("gridqueue.ledger")
 
 _SCRIPTS = (
     "submit",
@@ -59,6 +65,24 @@ _SCRIPTS = (
     "beat",
     "stall",
     "replay",
+)
+
+
+# A Redis blip (a restart, a failover, a dropped connection) must not lose a submit, a
+# claim or a result: callers retry for a while with jittered exponential backoff. Every
+# verb is safe to retry: each is a compare-and-set on (job, attempt), or keyed by an id
+# chosen before the first try.
+retry_redis = retry(
+    retry=retry_if_exception_type((RedisConnectionError, RedisTimeoutError)),
+    wait=wait_exponential_jitter(multiplier=0.05, max=2.0, jitter=0.1),
+    stop=stop_after_delay(30),
+    before_sleep=lambda state: _log.warning(
+        "redis.retrying",
+        call=getattr(state.fn, "__name__", "?"),
+        attempt=state.attempt_number,
+        error=repr(state.outcome.exception()) if state.outcome else "",
+    ),
+    reraise=True,
 )
 
 
@@ -311,7 +335,7 @@ class Ledger:
         give_up_at = None if timeout_s is None else time.monotonic() + timeout_s
         done_key = self.keys.job_done(job_id)
         while True:
-            record = self.get(job_id)
+            record = retry_redis(self.get)(job_id)
             if record.terminal:
                 return record
             slice_s = 1.0
@@ -323,9 +347,12 @@ class Ledger:
                         "it is tracked, call result() again or check gq.get(job_id)"
                     )
                 slice_s = min(slice_s, remaining)
-            popped = self.client.blpop([done_key], timeout=max(slice_s, 0.01))
-            if popped:  # leave the token for any other waiter
-                self.client.lpush(done_key, popped[1])
+            try:
+                popped = self.client.blpop([done_key], timeout=max(slice_s, 0.01))
+                if popped:  # leave the token for any other waiter
+                    self.client.lpush(done_key, popped[1])
+            except (RedisConnectionError, RedisTimeoutError):
+                time.sleep(min(slice_s, 0.2))  # the next read retries with backoff
 
     # -- workers ---------------------------------------------------------------------
 

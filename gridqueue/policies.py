@@ -59,7 +59,7 @@ def backoff_s(workload: WorkloadClass, attempt: int) -> float:
     if workload.backoff_max_s == 0 and workload.backoff_jitter_s == 0:
         return 0.0
     wait = wait_exponential_jitter(
-        initial=workload.backoff_initial_s,
+        multiplier=workload.backoff_initial_s,
         max=workload.backoff_max_s + workload.backoff_jitter_s,
         exp_base=workload.backoff_multiplier,
         jitter=workload.backoff_jitter_s,

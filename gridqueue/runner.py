@@ -17,28 +17,19 @@ from typing import Any
 from celery import Celery, Task
 from celery.exceptions import Reject
 from redis.exceptions import RedisError
-from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_exponential_jitter
 
 from gridqueue.celeryapp import TASK_NAME
 from gridqueue.dispatch import Dispatcher
 from gridqueue.errors import InvalidInput
 from gridqueue.handlers import Context, get_handler
 from gridqueue.keys import attempt_id
-from gridqueue.ledger import AttemptEnd, Ledger, dumps
+from gridqueue.ledger import AttemptEnd, Ledger, dumps, retry_redis
 from gridqueue.logs import get_logger
 from gridqueue.probes import Probe
 from gridqueue.settings import Settings
 from gridqueue.states import Outcome
 
 log = get_logger("gridqueue.runner")
-
-# A Redis blip must not lose a claim or a result: retry for a while, with backoff.
-_redis_retry = retry(
-    retry=retry_if_exception_type(RedisError),
-    wait=wait_exponential_jitter(initial=0.05, max=2.0, jitter=0.1),
-    stop=stop_after_delay(30),
-    reraise=True,
-)
 
 
 @dataclass
@@ -72,7 +63,7 @@ class WorkerRuntime:
 
     def end_attempt(self, job_id: str, attempt: int, outcome: Outcome, error: str) -> AttemptEnd:
         """End an attempt of this worker and, for an immediate retry, publish it now."""
-        end: AttemptEnd = _redis_retry(self.ledger.end_attempt)(
+        end: AttemptEnd = retry_redis(self.ledger.end_attempt)(
             job_id, attempt, outcome, error=error[:2000], worker=self.name
         )
         log.info(
@@ -85,7 +76,7 @@ class WorkerRuntime:
             next_attempt=end.next_attempt,
         )
         if end.status == "retry" and end.next_attempt and end.after_s == 0:
-            _redis_retry(self.dispatcher.publish)(attempt_id(job_id, end.next_attempt))
+            retry_redis(self.dispatcher.publish)(attempt_id(job_id, end.next_attempt))
         return end
 
 
@@ -147,7 +138,7 @@ def run_attempt(task: Task, job_id: str, attempt: int) -> None:
     properties: dict[str, Any] = getattr(task.request, "properties", None) or {}
     delivery_tag = str(properties.get("delivery_tag") or "")
     try:
-        claim = _redis_retry(ledger.claim)(job_id, attempt, runtime.name, os.getpid(), delivery_tag)
+        claim = retry_redis(ledger.claim)(job_id, attempt, runtime.name, os.getpid(), delivery_tag)
     except RedisError as exc:
         # Never ack a message we could not claim: put it back for a worker that can.
         log.error("attempt.claim_failed", job=job_id, attempt=attempt, error=str(exc))
@@ -190,7 +181,7 @@ def run_attempt(task: Task, job_id: str, attempt: int) -> None:
             job_id, attempt, Outcome.ERROR, f"handler returned a value that is not JSON: {exc}"
         )
         return
-    if _redis_retry(ledger.complete)(job_id, attempt, runtime.name, body):
+    if retry_redis(ledger.complete)(job_id, attempt, runtime.name, body):
         log.info("attempt.succeeded", job=job_id, attempt=attempt)
     else:
         log.warning("attempt.result_discarded", job=job_id, attempt=attempt, why="superseded")

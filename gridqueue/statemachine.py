@@ -15,12 +15,15 @@ from dataclasses import dataclass, field
 
 from gridqueue.keys import attempt_id
 from gridqueue.policies import Decision, EndedAttempt, GiveUp, Retry, decide
-from gridqueue.states import TERMINAL_STATES, JobState, Outcome, WorkerState
+from gridqueue.states import NODE_OUTCOMES, TERMINAL_STATES, JobState, Outcome, WorkerState
 from gridqueue.workloads import WorkloadClass
 
 # claim.lua counts each refusal in the stats hash.
 _REFUSALS = dict(
-    fenced="claims_refused", stale="stale_deliveries", duplicate="duplicate_deliveries"
+    fenced="claims_refused",
+    stale="stale_deliveries",
+    duplicate="duplicate_deliveries",
+    avoid="claims_deferred",
 )
 # finish.lua counts a first attempt lost to its node as a bad placement.
 _BAD_PLACEMENT = (Outcome.WORKER_LOST, Outcome.GPU_FAULT)
@@ -34,6 +37,7 @@ class AttemptModel:
 
     n: int
     worker: str | None = None
+    pid: int | None = None
     outcome: Outcome | None = None
     late_result_discarded: bool = False
 
@@ -51,6 +55,7 @@ class JobModel:
     attempts: dict[int, AttemptModel] = field(default_factory=lambda: {1: AttemptModel(1)})
     result: str | None = None
     reason: str = ""
+    chain_start: int = 1  # a replay starts a new chain: limits and poison count from here
 
     @property
     def terminal(self) -> bool:
@@ -65,24 +70,39 @@ class JobModel:
         running = self.state is JobState.RUNNING and self.attempt == n
         return running and worker in (None, self.current.worker)
 
-    def claim(self, n: int, worker: str, worker_alive: bool) -> str:
+    @property
+    def chain(self) -> list[AttemptModel]:
+        return [a for k, a in self.attempts.items() if k >= self.chain_start]
+
+    def claim(
+        self, n: int, worker: str, worker_alive: bool, pid: int = 0, others_ready: bool = False
+    ) -> str:
         # Placement fence first: a worker that is not ALIVE never starts work.
         if not worker_alive:
             return "fenced"
-        # Attempt fence: only the current attempt of a queued job may start, once.
+        # Attempt fence: only the current attempt of a queued job may start, once; the
+        # same claim retried after a lost reply (same worker and pid) is answered again.
         if self.terminal or n != self.attempt:
             return "stale"
         if self.state is JobState.RUNNING:
-            return "duplicate"
-        self.current.worker = worker
+            return "ok" if (self.current.worker, self.current.pid) == (worker, pid) else "duplicate"
+        # Spread a failing job: a node it took down leaves it to another ready node.
+        if others_ready and any(
+            a.worker == worker and a.outcome in NODE_OUTCOMES for a in self.chain[:-1]
+        ):
+            return "avoid"
+        self.current.worker, self.current.pid = worker, pid
         self.state = JobState.RUNNING
         return "ok"
 
     def complete(self, n: int, worker: str, result: str) -> str:
         # Attempt fencing: a zombie's late result must not overwrite the current attempt's.
+        attempt = self.attempts.get(n)
+        if attempt and (attempt.worker, attempt.outcome) == (worker, Outcome.SUCCEEDED):
+            return "ok"  # its own result, retried after a lost reply
         if not self.runs(n, worker):
-            if n in self.attempts:
-                self.attempts[n].late_result_discarded = True
+            if attempt is not None:
+                attempt.late_result_discarded = True
             return "stale"
         self.current.outcome = Outcome.SUCCEEDED
         self.result, self.state, self.reason = result, JobState.SUCCEEDED, ""
@@ -99,6 +119,16 @@ class JobModel:
             return "retry"
         self.state, self.reason = decision.state, decision.reason
         return "ended"
+
+    def replay(self, has_deadline: bool) -> str:
+        """An operator re-runs a dead letter: a fresh chain, the old one kept as history."""
+        if self.state is not JobState.DEAD_LETTERED:
+            return "not_dead_lettered"
+        self.attempt = self.chain_start = self.attempt + 1
+        self.attempts[self.attempt] = AttemptModel(self.attempt)
+        self.state, self.reason, self.result = JobState.QUEUED, "", None
+        self.has_deadline, self.deadline_passed = has_deadline, False
+        return "ok"
 
 
 @dataclass
@@ -128,15 +158,17 @@ class LedgerModel:
         self.jobs[job_id] = job = JobModel(job_id, workload, has_deadline, has_deadline and passed)
         return job
 
-    def claim(self, job_id: str, n: int, worker: str) -> str:
+    def claim(self, job_id: str, n: int, worker: str, pid: int = 0) -> str:
+        """Every worker serves every job's model: "another ready node" is any other ALIVE."""
         job = self.jobs.get(job_id)
         if job is None:
             return "unknown"
-        known = self.workers.get(worker)
-        status = job.claim(n, worker, known is not None and known.state is WorkerState.ALIVE)
+        ready = {name for name, w in self.workers.items() if w.state is WorkerState.ALIVE}
+        fresh = job.state is JobState.QUEUED
+        status = job.claim(n, worker, worker in ready, pid, bool(ready - {worker}))
         if status in _REFUSALS:
             self.stats[_REFUSALS[status]] += 1
-        elif status == "ok" and n == 1:
+        elif status == "ok" and fresh and n == 1:
             self.stats["first_placements"] += 1
         return status
 
@@ -159,14 +191,15 @@ class LedgerModel:
         self.lost.pop(attempt_id(job_id, n), None)
         if job is None or not job.runs(n):
             return "stale"
-        history = [EndedAttempt(a.worker, a.outcome) for k, a in job.attempts.items() if k < n]
+        chain = job.chain
+        history = [EndedAttempt(a.worker, a.outcome) for a in chain[:-1]]
         history.append(EndedAttempt(job.current.worker, outcome.value))
         remaining_s = None
         if job.has_deadline:
             remaining_s = 0.0 if job.deadline_passed else math.inf
         decision: Decision = GiveUp("unknown_workload")
         if (workload := self.workloads.get(job.workload)) is not None:
-            decision = decide(workload, outcome, n, history, remaining_s)
+            decision = decide(workload, outcome, len(chain), history, remaining_s)
         status = job.finish(n, outcome, decision, worker)
         if status != "stale" and n == 1 and outcome in _BAD_PLACEMENT:
             self.stats["bad_first_placements"] += 1
@@ -187,6 +220,13 @@ class LedgerModel:
         if job is None:
             return "unknown"
         return self._stop(job, JobState.CANCELLED, Outcome.CANCELLED, reason)
+
+    def replay(self, job_id: str) -> str:
+        job = self.jobs.get(job_id)
+        if job is None:
+            return "unknown"
+        workload = self.workloads.get(job.workload)
+        return job.replay(workload is not None and workload.default_deadline_s is not None)
 
     def _stop(self, job: JobModel, state: JobState, outcome: Outcome, reason: str) -> str:
         """End the job from outside: its current attempt, queued or running, ends with it

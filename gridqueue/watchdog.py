@@ -183,6 +183,9 @@ class Watchdog:
                     if not failing:
                         log.warning("watchdog.redis_error", owner=self.owner, error=str(exc))
                     failing = True
+                except Exception as exc:  # the control plane must outlive any one bad tick
+                    log.exception("watchdog.tick_failed", owner=self.owner, error=repr(exc))
+                    failing = True
                 elapsed = time.monotonic() - started
                 stop.wait(max(0.0, self.settings.watchdog_tick_s - elapsed))
         finally:

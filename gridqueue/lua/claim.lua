@@ -27,8 +27,35 @@ if TERMINAL[state] or tonumber(current) ~= n then
   return {'stale', state}
 end
 if state == 'RUNNING' then
+  local held = attempt_get(id, n)
+  if held and held.worker == worker and held.pid == tonumber(pid) then
+    return {'ok', payload, model, workload}  -- our own claim, retried after a lost reply
+  end
   bump('duplicate_deliveries')
   return {'duplicate'}
+end
+
+-- Spread a failing job: a worker that already went down under this job (in the current
+-- chain) does not take it again while another live worker serves the model. This bounds
+-- the blast radius and lets poison detection see distinct workers.
+local chain_start = tonumber(redis.call('HGET', job, 'chain_start') or '1')
+local failed_here = false
+for k = chain_start, n - 1 do
+  local earlier = attempt_get(id, k)
+  if earlier and earlier.worker == worker and (earlier.outcome == 'worker_lost'
+      or earlier.outcome == 'stalled' or earlier.outcome == 'gpu_fault') then
+    failed_here = true
+  end
+end
+if failed_here then
+  local fleet = redis.call('HKEYS', key_model(NS, model))
+  for _, other in ipairs(fleet) do
+    if other ~= worker and redis.call('HGET', key_worker(NS, other), 'state') == 'ALIVE' then
+      bump('claims_deferred')
+      redis.call('ZADD', key_dispatch(NS), NOW, member)
+      return {'avoid', other}
+    end
+  end
 end
 
 local a = attempt_get(id, n) or {n = n}

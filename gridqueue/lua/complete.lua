@@ -14,6 +14,9 @@ if state == 'RUNNING' and tonumber(current) == n and a and a.worker == worker th
   emit('succeeded', {'job', id, 'attempt', n, 'worker', worker})
   return {'ok'}
 end
+if state == 'SUCCEEDED' and a and a.outcome == 'succeeded' and a.worker == worker then
+  return {'ok'}  -- our own result, retried after a lost reply
+end
 if a then
   a.late_result_discarded = true
   attempt_put(id, n, a)

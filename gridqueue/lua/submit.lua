@@ -10,6 +10,8 @@ if idem ~= '' then
   local existing = redis.call('GET', key_idempotency(NS, idem))
   if existing then return {existing, 'existing'} end
 end
+-- A producer that retries after a lost reply sends the same id: the job is written once.
+if redis.call('EXISTS', key_job(NS, id)) == 1 then return {id, 'existing'} end
 
 -- Fit-aware admission: refuse at once what no GPU in the fleet can hold, and (for classes
 -- that should not wait) what no live, unquarantined worker serves now.
