@@ -351,6 +351,53 @@ def _gpu_headline(gpu: dict[str, Any]) -> str:
     return " ".join(parts)
 
 
+@app.command()
+def drill(
+    duration_s: Annotated[float, typer.Option("--duration", min=5, help="Seconds of load.")] = 60.0,
+    rate: Annotated[float, typer.Option("--rate", min=0.1, help="Jobs per second.")] = 4.0,
+    workers: Annotated[int, typer.Option("--workers", min=2)] = 5,
+    concurrency: Annotated[int, typer.Option("--concurrency", min=1)] = 2,
+    faults: Annotated[
+        str, typer.Option("--faults", help="Mix, comma-separated: kill9,child,zombie,stall,gpu.")
+    ] = "kill9,child,zombie,stall,gpu",
+    fault_interval_s: Annotated[float, typer.Option("--fault-interval", min=1.0)] = 8.0,
+    target: Annotated[
+        list[str] | None, typer.Option("--target", help="Existing worker for GPU faults.")
+    ] = None,
+    redis_url: Annotated[
+        str | None,
+        typer.Option("--redis", help="Run against this Redis (default: a private one)."),
+    ] = None,
+    watchdog: Annotated[
+        bool | None, typer.Option("--watchdog/--no-watchdog", help="Start watchdogs.")
+    ] = None,
+    seed: Annotated[int, typer.Option("--seed")] = 1,
+    as_json: JsonOption = False,
+) -> None:
+    """Run a fault drill: load, scheduled faults, and a report. Exits 1 on loss or duplicates."""
+    from gridqueue.drill import DrillPlan, print_report, run_drill
+
+    plan = DrillPlan(
+        duration_s=duration_s,
+        rate_per_s=rate,
+        workers=workers,
+        concurrency=concurrency,
+        fault_interval_s=fault_interval_s,
+        faults=tuple(f.strip() for f in faults.split(",") if f.strip()),
+        seed=seed,
+        targets=tuple(target or ()),
+    )
+    configure_logging("WARNING", "json")
+    out = err_console if as_json else console
+    start_watchdog = watchdog if watchdog is not None else redis_url is None
+    report = run_drill(plan, redis_url, start_watchdog, out)
+    print_report(report, out)
+    if as_json:
+        _print_json(report)
+    if report["lost"] or report["duplicates"]:
+        raise typer.Exit(1)
+
+
 def main() -> None:
     try:
         app()

@@ -217,3 +217,21 @@ def test_partitioned_worker_is_fenced_and_its_late_result_discarded(
         assert gq.ledger.worker("cut").state is WorkerState.PROBATION
     finally:
         proxy.close()
+
+
+def test_short_drill_reports_nothing_lost_or_duplicated(tmp_path: Path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "GRIDQUEUE_REDIS_URL"}
+    done = subprocess.run(
+        [sys.executable, "-m", "gridqueue.cli", "drill", "--duration", "25", "--rate", "3",
+         "--workers", "4", "--fault-interval", "4", "--json"],
+        capture_output=True, text=True, timeout=400, env=env,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    assert report["lost"] == 0 and report["duplicates"] == 0
+    assert report["submitted"] >= 60 and report["faults_injected"] >= 5
+    assert set(report["per_fault"]) >= {"kill9", "child", "zombie", "stall", "gpu"}
