@@ -93,6 +93,7 @@ class Drill:
         plan = self.plan
         started = time.monotonic()
         next_fault = started + min(5.0, plan.fault_interval_s)
+        next_sweep = started
         submitted = 0
         progress = Progress(
             TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=self.console
@@ -107,6 +108,9 @@ class Drill:
                     self._inject(plan.faults[len(self.injections) % len(plan.faults)])
                     next_fault += plan.fault_interval_s
                 self._run_undo()
+                if time.monotonic() >= next_sweep:
+                    self._recycle_quarantined()
+                    next_sweep = time.monotonic() + 1.0
                 progress.update(
                     task,
                     completed=elapsed,
@@ -181,6 +185,19 @@ class Drill:
         else:
             return
         self.injections.append(injection)
+
+    def _recycle_quarantined(self) -> None:
+        """Play the orchestrator for nodes the watchdog quarantined for repeated stalls:
+        no health signal will re-admit them, so replace them with fresh nodes."""
+        for name in self._own_workers():
+            record = self.gq.ledger.worker(name)
+            if (
+                record
+                and record.state is WorkerState.QUARANTINED
+                and record.quarantined_by == "watchdog"
+            ) and not record.running:  # drained: nothing left to finish there
+                self.fleet.stop(name)
+                self._replace(name)
 
     def _replace(self, dead: str) -> None:
         """An orchestrator restarts a dead node: keep the fleet's capacity."""
