@@ -26,10 +26,11 @@ from typing import Any, ClassVar
 
 from billiard.exceptions import WorkerLostError
 from celery import bootsteps
-from celery.signals import task_failure
+from celery.signals import task_failure, worker_shutdown
 from celery.worker import state as worker_state
 from redis.exceptions import RedisError
 
+from gridqueue.errors import GridQueueError
 from gridqueue.health import HealthClassifier, HealthConfig, HealthLevel
 from gridqueue.keys import split_attempt_id
 from gridqueue.logs import get_logger
@@ -120,19 +121,33 @@ class GridQueueAgent(bootsteps.StartStopStep):  # type: ignore[misc]
         self._thread.start()
 
     def stop(self, parent: Any) -> None:
+        """Warm shutdown begins: take no new work, but keep heartbeating while the pool
+        finishes what it runs (Celery stops the pool after this step). Unregistering now
+        would hand those attempts to another worker and throw their results away."""
+        if self.runtime is None:
+            return
+        with contextlib.suppress(RedisError, GridQueueError):
+            self.runtime.ledger.quarantine(
+                self.runtime.name, "shutdown", "warm shutdown", drain=True
+            )
+        log.info("worker.draining_for_shutdown", worker=self.runtime.name)
+        worker_shutdown.connect(self._on_worker_shutdown, weak=False)
+
+    def _on_worker_shutdown(self, sender: Any = None, **_: Any) -> None:
+        """The pool has stopped: nothing runs here any more. Leave the fleet."""
         self._stop.set()
         if self.health is not None:
             self.health.stop()
         if self._thread is not None:
             self._thread.join(timeout=5)
         task_failure.disconnect(self._on_task_failure)
-        if self.runtime is not None:
-            with contextlib.suppress(RedisError):
-                self.runtime.ledger.unregister(self.runtime.name, self.epoch)
-            if self.runtime.probe is not None:
-                with contextlib.suppress(Exception):
-                    self.runtime.probe.close()
-            log.info("worker.stopped", worker=self.runtime.name)
+        runtime = self._rt()
+        with contextlib.suppress(RedisError):
+            runtime.ledger.unregister(runtime.name, self.epoch)
+        if runtime.probe is not None:
+            with contextlib.suppress(Exception):
+                runtime.probe.close()
+        log.info("worker.stopped", worker=runtime.name)
 
     def _rt(self) -> WorkerRuntime:
         assert self.runtime is not None

@@ -11,6 +11,7 @@ from typing import Annotated, Any
 
 import typer
 from pydantic import ValidationError
+from pydantic_settings import SettingsError
 from rich.console import Console
 from rich.table import Table
 
@@ -36,8 +37,10 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 def load_settings(redis_url: str | None = None) -> Settings:
     try:
         settings = Settings() if redis_url is None else Settings(redis_url=redis_url)
-    except ValidationError as exc:
-        raise ConfigError(f"invalid GRIDQUEUE_* setting:\n{exc}") from exc
+    except (ValidationError, SettingsError) as exc:
+        raise ConfigError(
+            f"invalid GRIDQUEUE_* setting (lists are JSON, e.g. [48, 79]):\n{exc}"
+        ) from exc
     configure_logging(settings.log_level, settings.log_format)
     return settings
 

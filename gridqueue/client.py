@@ -17,6 +17,7 @@ from celery import Celery
 from gridqueue.celeryapp import make_celery
 from gridqueue.dispatch import Dispatcher
 from gridqueue.errors import (
+    InvalidJobError,
     JobCancelled,
     JobDeadLettered,
     JobEndedError,
@@ -133,9 +134,11 @@ class GridQueue:
         if deadline_s is None:
             deadline_s = workload_class.default_deadline_s
         elif deadline_s <= 0:
-            raise ValueError(f"deadline_s must be > 0, got {deadline_s}")
+            raise InvalidJobError(
+                f"deadline_s must be > 0 (or None for the class default), got {deadline_s}"
+            )
         if idempotency_key is not None and not idempotency_key.strip():
-            raise ValueError("idempotency_key must be a non-empty string (or None)")
+            raise InvalidJobError("idempotency_key must be a non-empty string (or None)")
         job_id = uuid.uuid4().hex  # chosen before the first try: a retry writes it once
         job_id, created = retry_redis(self.ledger.submit)(
             job_id,

@@ -39,7 +39,7 @@ class Dispatcher:
                 TASK_NAME,
                 args=[job_id, attempt],
                 task_id=member,
-                queue=queue_for_model(lease.model),
+                queue=queue_for_model(self.ledger.settings.namespace, lease.model),
                 priority=priority,
             )
         except Exception as exc:  # kombu and redis errors alike

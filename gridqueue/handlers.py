@@ -23,7 +23,7 @@ HandlerFn = Callable[[Any, "Context"], Any]
 
 
 def check_model_name(model: str) -> str:
-    if not isinstance(model, str) or not MODEL_NAME.match(model):
+    if not isinstance(model, str) or not MODEL_NAME.fullmatch(model):
         raise InvalidModelError(
             f"invalid model name {model!r}: use 1-128 letters, digits, '-', '_', '.' or ':', "
             "starting with a letter or digit"

@@ -69,12 +69,13 @@ _TEMPLATES: dict[str, tuple[str, tuple[str, ...]]] = {
 KOMBU_UNACKED = "unacked"
 KOMBU_UNACKED_INDEX = "unacked_index"
 
-QUEUE_PREFIX = "gq.model."
 
+def queue_for_model(namespace: str, model: str) -> str:
+    """The Celery queue that carries the attempts of one model (``gq.model.sim-llm``).
 
-def queue_for_model(model: str) -> str:
-    """The Celery queue that carries the attempts of one model."""
-    return QUEUE_PREFIX + model
+    It is namespaced like the ledger, so two deployments on one Redis database never
+    consume each other's messages."""
+    return f"{namespace}.model.{model}"
 
 
 def attempt_id(job_id: str, attempt: int) -> str:

@@ -255,7 +255,13 @@ class Ledger:
 
     def dead_letters(self, count: int = 100) -> list[JobRecord]:
         ids = cast(list[str], self.client.zrevrange(self.keys.dead_letters, 0, count - 1))
-        return [self.get(job_id) for job_id in ids]
+        records = []
+        for job_id in ids:
+            try:
+                records.append(self.get(job_id))
+            except JobNotFoundError:  # its record outlived job_retention_s: drop the entry
+                self.client.zrem(self.keys.dead_letters, job_id)
+        return records
 
     def complete(self, job_id: str, attempt: int, worker: str, result_json: str) -> bool:
         """Publish the result if the attempt is still current; False if it was discarded."""

@@ -99,7 +99,7 @@ class JobModel:
         # Attempt fencing: a zombie's late result must not overwrite the current attempt's.
         attempt = self.attempts.get(n)
         if attempt and (attempt.worker, attempt.outcome) == (worker, Outcome.SUCCEEDED):
-            return "ok"  # its own result, retried after a lost reply
+            pass
         if not self.runs(n, worker):
             if attempt is not None:
                 attempt.late_result_discarded = True
@@ -143,7 +143,8 @@ class WorkerModel:
 class LedgerModel:
     """Jobs, workers, the ``lost`` hash and the ``stats`` counters. With ``probation``
     (``GRIDQUEUE_PROBATION_BASE_S > 0``) a worker back from the dead serves a probation.
-    Re-admission (probation's end, release, health verdicts) is left out: it moves no job."""
+    A probation ends only by ``release`` here: its timed end needs a clock, as do health
+    verdicts and stalls, which are left out."""
 
     workloads: Mapping[str, WorkloadClass] = field(default_factory=dict)
     probation: bool = True
@@ -287,3 +288,11 @@ class LedgerModel:
             return None
         known.state = WorkerState.QUARANTINED
         return 0 if drain else self._lose_attempts_of(worker, Outcome.EVACUATED)
+
+    def release(self, worker: str) -> bool | None:
+        """An operator re-admits a quarantined or probationary worker; None if unknown."""
+        known = self.workers.get(worker)
+        if known is None or known.state not in (WorkerState.QUARANTINED, WorkerState.PROBATION):
+            return None if known is None else False
+        known.state = WorkerState.ALIVE
+        return True

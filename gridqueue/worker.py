@@ -98,7 +98,7 @@ def run_worker(
             "serve a smaller model or run on a bigger GPU"
         )
     log.info("worker.probe", probe=probe.name, note=note, gpus=len(first.gpus))
-    queues = [queue_for_model(m) for m in fitting]
+    queues = [queue_for_model(settings.namespace, m) for m in fitting]
     app = make_celery(settings.redis_url)
     register_task(app)
     install_runtime(

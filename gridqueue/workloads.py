@@ -16,6 +16,21 @@ from gridqueue.errors import ConfigError
 DEFAULT_WORKLOADS_FILE = Path(__file__).resolve().parent.parent / "config" / "workloads.toml"
 
 
+_EXPECTED_TYPES: dict[str, type | tuple[type, ...]] = {
+    "str": str,
+    "bool": bool,
+    "int": int,
+    "float": (int, float),
+    "float | None": (int, float),
+}
+_TYPE_NAMES: dict[type | tuple[type, ...], str] = {
+    str: "a string",
+    bool: "true or false",
+    int: "an integer",
+    (int, float): "a number",
+}
+
+
 @dataclass(frozen=True)
 class WorkloadClass:
     """How jobs of one class are retried, bounded and prioritised."""
@@ -42,6 +57,17 @@ class WorkloadClass:
 
     def __post_init__(self) -> None:
         where = f"workload class {self.name!r}"
+        # TOML gives each value its own type; a string where a bool belongs ("false" is
+        # truthy) would silently retry non-idempotent work, so types are checked first.
+        for spec in fields(self):
+            value = getattr(self, spec.name)
+            expected = _EXPECTED_TYPES[str(spec.type)]
+            if value is None and "None" in str(spec.type):
+                continue
+            if isinstance(value, bool) != (expected is bool) or not isinstance(value, expected):
+                raise ConfigError(
+                    f"{where}: {spec.name} must be {_TYPE_NAMES[expected]}, got {value!r}"
+                )
         if self.max_attempts < 1:
             raise ConfigError(f"{where}: max_attempts must be >= 1")
         if self.backoff_initial_s < 0 or self.backoff_max_s < self.backoff_initial_s:
@@ -72,7 +98,7 @@ def parse_workloads(document: dict[str, Any], source: str = "<memory>") -> dict[
             )
         try:
             classes[name] = WorkloadClass(name=name, **table)
-        except TypeError as exc:
+        except (TypeError, ConfigError) as exc:
             raise ConfigError(f"{source}: [{name}]: {exc}") from exc
     if not classes:
         raise ConfigError(f"{source}: defines no workload class")

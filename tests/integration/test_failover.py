@@ -339,3 +339,19 @@ def test_every_bad_input_is_refused_before_anything_is_written(gq: GridQueue) ->
             call()
     assert gq.ledger.client.dbsize() == 0  # no job, no queue message, no event
     small.close()
+
+
+def test_warm_shutdown_finishes_running_work_in_place(fleet: LocalFleet, gq: GridQueue) -> None:
+    for name in ("w1", "w2"):
+        fleet.start_worker(name, concurrency=1)
+    fleet.start_watchdog()
+    fleet.wait_alive(gq.ledger, ["w1", "w2"])
+    job = gq.submit("sim-llm", {"prompt": "finish me", "ms": 2500})
+    worker = wait_for(lambda: running_on(gq.ledger, [job.id]).get(job.id))
+
+    fleet.processes[worker].process.send_signal(signal.SIGTERM)  # a normal `docker stop`
+
+    result = job.result(timeout=30)
+    assert result["worker"] == worker and result["attempt"] == 1  # not thrown away
+    wait_for(lambda: gq.ledger.worker(worker).state is WorkerState.STOPPED, timeout_s=30)
+    assert gq.ledger.stats().get("requeues", 0) == 0
