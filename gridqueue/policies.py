@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from tenacity import RetryCallState, stop_after_attempt, wait_exponential_jitter
 
-from gridqueue.states import NODE_OUTCOMES, JobState, Outcome
+from gridqueue.states import NODE_OUTCOMES, POISON_OUTCOMES, JobState, Outcome
 from gridqueue.workloads import WorkloadClass
 
 
@@ -45,7 +45,7 @@ class EndedAttempt:
 
 def node_failures(history: Sequence[EndedAttempt]) -> set[str]:
     """Distinct workers that went down (or stalled) while running this job."""
-    return {a.worker for a in history if a.worker and a.outcome in NODE_OUTCOMES}
+    return {a.worker for a in history if a.worker and a.outcome in POISON_OUTCOMES}
 
 
 def _retry_state(attempt: int) -> RetryCallState:
@@ -91,7 +91,7 @@ def decide(
             # Non-idempotent: the work may have had effects; never run it twice blindly.
             return GiveUp(outcome.value)
         if (
-            outcome in NODE_OUTCOMES
+            outcome in POISON_OUTCOMES
             and len(node_failures(history)) >= workload.poison_after_workers
         ):
             return GiveUp("poison", JobState.DEAD_LETTERED)

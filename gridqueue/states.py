@@ -49,6 +49,11 @@ class Outcome(StrEnum):
 # never retries these blindly, and enough of them on distinct workers mark a poison job.
 NODE_OUTCOMES = frozenset({Outcome.WORKER_LOST, Outcome.STALLED, Outcome.GPU_FAULT})
 
+# Outcomes that may be the job's own doing (it crashed or wedged its process): the same on
+# enough distinct workers marks a poison job. A GPU that fails its health check is the
+# node's fault, not evidence against the job.
+POISON_OUTCOMES = frozenset({Outcome.WORKER_LOST, Outcome.STALLED})
+
 
 class WorkerState(StrEnum):
     ALIVE = "ALIVE"

@@ -14,7 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gridqueue.policies import EndedAttempt, GiveUp, Retry, backoff_s, decide
-from gridqueue.states import NODE_OUTCOMES, JobState, Outcome
+from gridqueue.states import NODE_OUTCOMES, POISON_OUTCOMES, JobState, Outcome
 from gridqueue.workloads import WorkloadClass, load_workloads
 
 WORKLOADS = load_workloads()
@@ -145,7 +145,7 @@ def test_only_node_failures_count_toward_poison() -> None:
 
 @given(
     workers=st.lists(st.sampled_from(["w1", "w2", "w3", "w4", "w5"]), min_size=1, max_size=7),
-    outcome=st.sampled_from(sorted(NODE_OUTCOMES)),
+    outcome=st.sampled_from(sorted(POISON_OUTCOMES)),
 )
 def test_poison_is_decided_by_distinct_workers(workers: list[str], outcome: Outcome) -> None:
     attempt = len(workers)
@@ -156,6 +156,12 @@ def test_poison_is_decided_by_distinct_workers(workers: list[str], outcome: Outc
         assert decision == GiveUp(outcome.value, JobState.FAILED)
     else:
         assert isinstance(decision, Retry)
+
+
+def test_gpu_faults_on_many_workers_do_not_make_a_job_poison() -> None:
+    # A sick GPU is the node's fault: the job moves on and is not dead-lettered for it.
+    history = lost_on("w1", "w2", "w3", outcome=Outcome.GPU_FAULT)
+    assert isinstance(decide(BATCH, Outcome.GPU_FAULT, 3, history), Retry)
 
 
 # -- deadlines --------------------------------------------------------------------------
