@@ -99,7 +99,7 @@ class JobModel:
         # Attempt fencing: a zombie's late result must not overwrite the current attempt's.
         attempt = self.attempts.get(n)
         if attempt and (attempt.worker, attempt.outcome) == (worker, Outcome.SUCCEEDED):
-            pass
+            return "ok"  # its own result, retried after a lost reply
         if not self.runs(n, worker):
             if attempt is not None:
                 attempt.late_result_discarded = True
