@@ -6,6 +6,8 @@ from __future__ import annotations
 import importlib
 import json
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FuturesTimeout
 
 import redis
 
@@ -65,7 +67,11 @@ def run_worker(
             f"no handler registered for {missing} in {handler_modules}; "
             f"registered: {sorted(registered())}"
         )
-    probe, note = make_probe(
+    # Opening NVML (nvmlInit, device handles) can hang on a wedged driver like any other
+    # NVML call: bound it, and refuse to start rather than hang without a heartbeat.
+    opener = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gq-probe-open")
+    opening = opener.submit(
+        make_probe,
         probe_kind,
         sim_gpus=sim_gpus,
         sim_gpu_name=sim_gpu_name,
@@ -74,6 +80,16 @@ def run_worker(
             connect_redis(settings.redis_url), Keys(settings.namespace), name
         ),
     )
+    open_timeout_s = 5 * settings.health_probe_timeout_s
+    try:
+        probe, note = opening.result(timeout=open_timeout_s)
+    except FuturesTimeout as exc:
+        raise ConfigError(
+            f"the {probe_kind} GPU probe did not open within {open_timeout_s:g} s "
+            "(nvml_unresponsive: a wedged driver?); this node cannot serve until it answers"
+        ) from exc
+    finally:
+        opener.shutdown(wait=False)
     first = DeadlineReader(probe, settings.health_probe_timeout_s).read()
     largest = max((g.memory_total_bytes or 0 for g in first.gpus), default=0)
     model_fit: dict[str, dict[str, int]] = {}
