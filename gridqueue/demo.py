@@ -146,6 +146,7 @@ def _fleet_table(gq: GridQueue, notes: list[str]) -> Table:
 
 
 def _print_report(report: dict[str, Any], console: Console) -> None:
+    console.print()
     table = Table(title="gridqueue demo report")
     table.add_column("measure")
     table.add_column("value", justify="right")
