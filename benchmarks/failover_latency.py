@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 from gridqueue.audit import audit, failover_latencies_ms, percentile  # noqa: E402
 from gridqueue.client import GridQueue  # noqa: E402
 from gridqueue.embedded import EmbeddedRedis  # noqa: E402
-from gridqueue.fleet import LocalFleet  # noqa: E402
+from gridqueue.fleet import LocalFleet, wait_for  # noqa: E402
 from gridqueue.settings import Settings  # noqa: E402
 from gridqueue.states import JobState  # noqa: E402
 
@@ -38,16 +38,6 @@ WORKERS = 4
 CONCURRENCY = 2
 JOBS_PER_ROUND = 4
 JOB_MS = 2500
-
-
-def wait_until(predicate: Any, timeout_s: float, what: str) -> Any:
-    give_up_at = time.monotonic() + timeout_s
-    while time.monotonic() < give_up_at:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise RuntimeError(f"timed out waiting for {what}")
 
 
 def gridqueue_run(url: str, kills: int, log_dir: Path) -> dict[str, Any]:
@@ -74,7 +64,7 @@ def gridqueue_run(url: str, kills: int, log_dir: Path) -> dict[str, Any]:
                     return {r.id: r.worker or "" for r in records}
                 return None
 
-            placement = wait_until(placed, 30, "jobs to start")
+            placement = wait_for(placed, 30, what="jobs to start")
             victim = placement[jobs[0]]
             kill_ms = gq.ledger.time_ms()
             fleet.kill(victim)
@@ -129,7 +119,7 @@ def bare_celery_run(url: str, window_s: float, log_dir: Path) -> dict[str, Any]:
         from benchmarks.bare_celery import app
 
         app.send_task("bare.infer", args=[key, 30_000])
-        first = wait_until(lambda: client.lrange(key, 0, -1), 60, "bare task to start")
+        first = wait_for(lambda: client.lrange(key, 0, -1), 60, what="bare task to start")
         pid = int(first[0].decode().split(":")[0])
         holder = next(n for n, p in procs.items() if _is_child(pid, p.pid))
         killed_at = time.monotonic()

@@ -24,22 +24,12 @@ from gridqueue.audit import audit, percentile  # noqa: E402
 from gridqueue.client import GridQueue  # noqa: E402
 from gridqueue.embedded import EmbeddedRedis  # noqa: E402
 from gridqueue.faults import clear_faults, inject_fault  # noqa: E402
-from gridqueue.fleet import LocalFleet  # noqa: E402
+from gridqueue.fleet import LocalFleet, wait_for  # noqa: E402
 from gridqueue.probes.simulated import Fault  # noqa: E402
 from gridqueue.settings import Settings  # noqa: E402
 from gridqueue.states import WorkerState  # noqa: E402
 
 FAULTS = [Fault(xid=(79,)), Fault(ecc_dbe=True), Fault(gpu_lost=True), Fault(xid=(48,))]
-
-
-def wait_until(predicate: Any, timeout_s: float, what: str) -> Any:
-    give_up_at = time.monotonic() + timeout_s
-    while time.monotonic() < give_up_at:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.01)
-    raise RuntimeError(f"timed out waiting for {what}")
 
 
 def run(url: str, injections: int, log_dir: Path) -> dict[str, Any]:
@@ -61,12 +51,12 @@ def run(url: str, injections: int, log_dir: Path) -> dict[str, Any]:
             time.sleep(0.5)
             injected_ms = gq.ledger.time_ms()
             inject_fault(settings, sick, 0, FAULTS[i % len(FAULTS)])
-            record = wait_until(
+            record = wait_for(
                 lambda sick=sick: (
                     (w := gq.ledger.worker(sick)) and w.state is WorkerState.QUARANTINED and w
                 ),
                 10,
-                "quarantine",
+                what="quarantine",
             )
             latency = record.quarantined_ms - injected_ms
             latencies.append(latency)

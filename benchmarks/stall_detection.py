@@ -25,19 +25,9 @@ sys.path.insert(0, str(ROOT))
 from gridqueue.audit import audit, percentile  # noqa: E402
 from gridqueue.client import GridQueue  # noqa: E402
 from gridqueue.embedded import EmbeddedRedis  # noqa: E402
-from gridqueue.fleet import LocalFleet  # noqa: E402
+from gridqueue.fleet import LocalFleet, wait_for  # noqa: E402
 from gridqueue.settings import Settings  # noqa: E402
 from gridqueue.states import JobState  # noqa: E402
-
-
-def wait_until(predicate: Any, timeout_s: float, what: str) -> Any:
-    give_up_at = time.monotonic() + timeout_s
-    while time.monotonic() < give_up_at:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.01)
-    raise RuntimeError(f"timed out waiting for {what}")
 
 
 def run(url: str, stalls: int, log_dir: Path) -> dict[str, Any]:
@@ -57,8 +47,10 @@ def run(url: str, stalls: int, log_dir: Path) -> dict[str, Any]:
         for i in range(stalls):
             job = gq.submit("sim-llm", {"prompt": f"stall {i}", "ms": 3000})
             jobs.append(job.id)
-            record = wait_until(
-                lambda job=job: (r := gq.get(job.id)).state is JobState.RUNNING and r, 30, "run"
+            record = wait_for(
+                lambda job=job: (r := gq.get(job.id)).state is JobState.RUNNING and r,
+                30,
+                what="run",
             )
             pid = record.attempts[0].pid
             time.sleep(0.3)

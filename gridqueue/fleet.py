@@ -12,12 +12,30 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from gridqueue.errors import GridQueueError
 from gridqueue.ledger import Ledger
 from gridqueue.states import WorkerState
+
+T = TypeVar("T")
+
+
+def wait_for(
+    predicate: Callable[[], T], timeout_s: float = 30.0, interval_s: float = 0.02, what: str = ""
+) -> T:
+    """Poll until ``predicate()`` is truthy and return it; TimeoutError after ``timeout_s``."""
+    give_up_at = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > give_up_at:
+            raise TimeoutError(f"not met within {timeout_s} s: {what or predicate}")
+        time.sleep(interval_s)
 
 
 @dataclass

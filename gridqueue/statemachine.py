@@ -18,7 +18,7 @@ from gridqueue.policies import Decision, EndedAttempt, GiveUp, Retry, decide
 from gridqueue.states import NODE_OUTCOMES, TERMINAL_STATES, JobState, Outcome, WorkerState
 from gridqueue.workloads import WorkloadClass
 
-# claim.lua counts each refusal in the stats hash.
+# claim.lua counts each claim that starts nothing.
 _REFUSALS = dict(
     fenced="claims_refused",
     stale="stale_deliveries",
@@ -156,7 +156,10 @@ class LedgerModel:
     def submit(
         self, job_id: str, workload: str, has_deadline: bool = False, passed: bool = False
     ) -> JobModel:
-        self.jobs[job_id] = job = JobModel(job_id, workload, has_deadline, has_deadline and passed)
+        """A producer retrying after a lost reply sends the same id: written once."""
+        if (job := self.jobs.get(job_id)) is None:
+            job = JobModel(job_id, workload, has_deadline, has_deadline and passed)
+            self.jobs[job_id] = job
         return job
 
     def claim(self, job_id: str, n: int, worker: str, pid: int = 0) -> str:
@@ -188,9 +191,8 @@ class LedgerModel:
     def end_attempt(self, job_id: str, n: int, outcome: Outcome, worker: str = "") -> str:
         """``Ledger.end_attempt``: ask the workload's policy, then commit as ``finish.lua``."""
         job = self.jobs.get(job_id)
-        # Ended or refused, the attempt is no longer the watchdog's to handle.
-        self.lost.pop(attempt_id(job_id, n), None)
         if job is None or not job.runs(n):
+            self.lost.pop(attempt_id(job_id, n), None)  # superseded: not the watchdog's now
             return "stale"
         chain = job.chain
         history = [EndedAttempt(a.worker, a.outcome) for a in chain[:-1]]
@@ -202,7 +204,10 @@ class LedgerModel:
         if (workload := self.workloads.get(job.workload)) is not None:
             decision = decide(workload, outcome, len(chain), history, remaining_s)
         status = job.finish(n, outcome, decision, worker)
-        if status != "stale" and n == 1 and outcome in _BAD_PLACEMENT:
+        if status == "stale":  # another worker's word: refused; if lost, it stays lost
+            return status
+        self.lost.pop(attempt_id(job_id, n), None)
+        if n == 1 and outcome in _BAD_PLACEMENT:
             self.stats["bad_first_placements"] += 1
         if status == "retry":
             self.stats["requeues"] += 1

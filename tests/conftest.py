@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from gridqueue import GridQueue
 from gridqueue.embedded import EmbeddedRedis
 from gridqueue.fleet import LocalFleet
 from gridqueue.ledger import Ledger, connect_redis
@@ -42,6 +43,13 @@ def ledger(settings: Settings) -> Iterator[Ledger]:
     ledger = Ledger(connect_redis(settings.redis_url), settings)
     yield ledger
     ledger.client.close()
+
+
+@pytest.fixture
+def gq(settings: Settings) -> Iterator[GridQueue]:
+    client = GridQueue(settings=settings)
+    yield client
+    client.close()
 
 
 @pytest.fixture

@@ -10,11 +10,13 @@ if not leader_is(token) then return {'not_leader'} end
 local job = key_job(NS, id)
 local state, current = unpack(redis.call('HMGET', job, 'state', 'attempt'))
 local a = attempt_get(id, n)
-if state ~= 'RUNNING' or tonumber(current) ~= n or not a
-   or (expected_worker ~= '' and a.worker ~= expected_worker) then
-  redis.call('HDEL', key_lost(NS), member)
+if state ~= 'RUNNING' or tonumber(current) ~= n or not a then
+  redis.call('HDEL', key_lost(NS), member)  -- superseded: no longer the watchdog's to end
   return {'stale'}
 end
+-- Another worker's word on a running attempt is refused, and leaves its lost entry (if
+-- its own worker is gone) for the watchdog: dropping it would strand the attempt.
+if expected_worker ~= '' and a.worker ~= expected_worker then return {'stale'} end
 
 a.ended_ms = NOW
 a.outcome = outcome

@@ -27,13 +27,6 @@ from tests.helpers import wait_for
 pytestmark = pytest.mark.chaos
 
 
-@pytest.fixture
-def gq(settings: Settings) -> Iterator[GridQueue]:
-    client = GridQueue(settings=settings)
-    yield client
-    client.close()
-
-
 def pid_exists(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -8,26 +8,17 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 
 import pytest
 
 from gridqueue import GridQueue, JobCancelled, JobExpired, JobFailed
 from gridqueue.fleet import LocalFleet
 from gridqueue.ledger import Ledger
-from gridqueue.settings import Settings
 from gridqueue.states import JobState, WorkerState
 from tests.helpers import wait_for
 from workers.simulated import complete_text
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def gq(settings: Settings) -> Iterator[GridQueue]:
-    client = GridQueue(settings=settings)
-    yield client
-    client.close()
 
 
 def running_on(ledger: Ledger, job_ids: list[str]) -> dict[str, str]:

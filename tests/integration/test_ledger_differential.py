@@ -22,7 +22,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import initialize, run_state_machine_as_test
 
@@ -98,7 +98,7 @@ class MirroredLedger(LedgerModel):
         deadline_in_ms = (1 if passed else 3_600_000) if has_deadline else 0
         payload = dumps({"job": job_id})
         reply = self.ledger.submit(job_id, "sim-llm", workload, payload, deadline_in_ms, None)
-        assert reply == (job_id, True)
+        assert reply == (job_id, job_id not in self.jobs)
         if deadline_in_ms == 1:
             time.sleep(0.003)  # the 1 ms deadline has passed on the server clock
         job = super().submit(job_id, workload, has_deadline, passed)
@@ -255,6 +255,7 @@ senders = st.sampled_from(["holder", "holder", *WORKERS])
 # Arguments of each verb, and how often it comes up: enough claims to push jobs through
 # retries, enough workers coming back, few enough cancels that jobs live a while.
 ARGUMENTS: Mapping[str, tuple[st.SearchStrategy[Any], ...]] = {
+    "submit": (jobs, st.sampled_from(sorted(WORKLOADS)), st.sampled_from(DEADLINES)),
     "register": (workers,),
     "unregister": (workers,),
     "declare_dead": (workers,),
@@ -291,6 +292,9 @@ def apply(mirror: MirroredLedger, op: Op) -> None:
             mirror.complete(job_id, n, worker, dumps({"attempt": n, "worker": worker}))
         else:
             mirror.end_attempt(job_id, n, Outcome(rest[0]), worker)
+    elif verb == "submit":  # again, as a producer retrying; or the never-submitted job
+        job_id, workload, deadline = args
+        mirror.submit(job_id, workload, deadline != "none", deadline == "passed")
     elif verb == "unregister":
         known = mirror.workers.get(args[0])
         mirror.unregister(args[0], known.epoch if known else 1)
@@ -302,7 +306,75 @@ def apply(mirror: MirroredLedger, op: Op) -> None:
         getattr(mirror, verb)(*args)
 
 
+# Paths the random draws reach seldom, spelled out: a claim retried after a lost reply, a
+# node left out for the job it took down, poison, a replay, a result sent twice, a zombie,
+# a retry past the deadline; evacuation, draining, probation and release.
+FAILOVER_AND_REPLAY: list[Op] = [
+    ("claim", "j1", 0, "w1", 4242),
+    ("claim", "j1", 0, "w1", 4242),
+    ("claim", "j1", 0, "w2", 4243),
+    ("end_attempt", "j1", 0, "holder", "worker_lost"),
+    ("claim", "j1", 0, "w1", 4242),
+    ("claim", "j1", 0, "w2", 4242),
+    ("end_attempt", "j1", 0, "holder", "stalled"),
+    ("replay", "j1"),
+    ("claim", "j1", 0, "w1", 4242),
+    ("complete", "j1", 0, "holder"),
+    ("complete", "j1", 0, "holder"),
+    ("complete", "j1", -1, "w2"),
+    ("claim", "j3", 0, "w2", 4242),
+    ("end_attempt", "j3", 0, "holder", "error"),
+    ("expire", "j2"),
+]
+QUARANTINE_AND_PROBATION: list[Op] = [
+    ("claim", "j1", 0, "w1", 4242),
+    ("claim", "j2", 0, "w1", 4243),
+    ("claim", "j3", 0, "w2", 4242),
+    ("quarantine", "w1", False),
+    ("claim", "j1", 1, "w1", 4242),
+    ("watchdog_lost",),
+    ("quarantine", "w2", True),
+    ("complete", "j3", 0, "holder"),
+    ("declare_dead", "w1"),
+    ("register", "w1"),
+    ("claim", "j1", 0, "w1", 4242),
+    ("release", "w1"),
+    ("claim", "j1", 0, "w1", 4242),
+    ("unregister", "w1"),
+    ("watchdog_lost",),
+    ("release", "w2"),
+    ("cancel", "j2"),
+    ("cancel", GHOST),
+]
+
+# finish.lua used to drop the lost entry when another worker reported a failure for a
+# running attempt, stranding it on its dead node (j1 has no deadline): it must stay lost.
+STRANGER_FAILURE_REPORT: list[Op] = [
+    ("claim", "j1", 0, "w1", 4242),
+    ("declare_dead", "w1"),
+    ("end_attempt", "j1", 0, "w2", "worker_lost"),
+    ("watchdog_lost",),
+    ("claim", "j1", 0, "w2", 4242),
+    ("complete", "j1", 0, "holder"),
+]
+
+
 @settings(max_examples=40, deadline=None)
+@example(
+    probation=False,
+    setup=[("batch", "none"), ("batch", "none"), ("batch", "none")],
+    ops=STRANGER_FAILURE_REPORT,
+)
+@example(
+    probation=False,
+    setup=[("fragile", "none"), ("batch", "far"), ("realtime", "passed")],
+    ops=FAILOVER_AND_REPLAY,
+)
+@example(
+    probation=True,
+    setup=[("batch", "none"), ("batch", "none"), ("exclusive", "far")],
+    ops=QUARANTINE_AND_PROBATION,
+)
 @given(
     probation=st.booleans(),
     setup=st.lists(

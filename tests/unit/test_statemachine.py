@@ -244,16 +244,21 @@ class JobLifecycle(RuleBasedStateMachine):
         dead = [j.id for j in self.model.jobs.values() if j.state is JobState.DEAD_LETTERED]
         self.operator_replays(data.draw(st.sampled_from(dead)))
 
-    @rule(what=st.sampled_from(["stranger_result", "claim_retried", "progress"]), data=st.data())
+    @rule(
+        what=st.sampled_from(["stranger_result", "stranger_failure", "claim_retried", "progress"]),
+        data=st.data(),
+    )
     def echo(self, what: str, data: st.DataObject) -> None:
-        """Messages that change nothing: a stranger's result, a claim retried after a lost
-        reply, a progress mark. One rule, so that they do not crowd out the job path."""
-        if what == "stranger_result":
-            self.stranger_completes(
-                data.draw(st.sampled_from(JOBS)),
-                data.draw(st.sampled_from((*WORKERS, HEALTHY))),
-                data.draw(st.sampled_from([0, -1, 1])),
-            )
+        """Messages that change nothing: a stranger's result or failure, a claim retried
+        after a lost reply, a progress mark. One rule, so they do not crowd out the rest."""
+        if what.startswith("stranger"):
+            job_id = data.draw(st.sampled_from(JOBS))
+            worker = data.draw(st.sampled_from((*WORKERS, HEALTHY)))
+            delta = data.draw(st.sampled_from([0, -1, 1]))
+            if what == "stranger_result":
+                self.stranger_completes(job_id, worker, delta)
+            else:
+                self.stranger_fails(job_id, worker, delta, data.draw(st.sampled_from(ENDINGS)))
         elif self.claims and what == "claim_retried":
             self.claimer_retries_its_claim(data)
         elif self.claims:
@@ -295,6 +300,20 @@ class JobLifecycle(RuleBasedStateMachine):
         assert not self.model.complete(job_id, n, worker, result_of(n, worker))
         self.discarded += 1
         assert snapshot(job) == before
+
+    def stranger_fails(self, job_id: str, worker: str, delta: int, outcome: Outcome) -> None:
+        """A failure reported for an attempt this worker never claimed (a fenced node's
+        agent reporting the child it killed during a duplicate delivery): refused, and a
+        lost attempt stays lost, for the watchdog."""
+        job = self.model.jobs[job_id]
+        n = max(1, job.attempt + delta)
+        if (job_id, n, worker) in self.claims:
+            return
+        before, lost = snapshot(job), dict(self.model.lost)
+        assert self.model.end_attempt(job_id, n, outcome, worker=worker) == "stale"
+        assert snapshot(job) == before
+        if not self.superseded(job_id, n):
+            assert self.model.lost == lost
 
     @precondition(lambda self: self.claims)
     @rule(data=st.data(), outcome=st.sampled_from(ENDINGS))
@@ -582,3 +601,17 @@ def test_a_replayed_dead_letter_starts_a_fresh_chain() -> None:
     assert model.end_attempt("j", 3, Outcome.WORKER_LOST, worker="w1") == "retry"
     assert model.replay("j") == "not_dead_lettered"
     assert model.replay("nope") == "unknown"
+
+
+def test_another_workers_failure_report_leaves_a_lost_attempt_for_the_watchdog() -> None:
+    """finish.lua once dropped the lost entry here, stranding the attempt on a dead node."""
+    model = LedgerModel(workloads=WORKLOADS)
+    job = model.submit("j", "batch")  # no deadline: nothing else would end it
+    model.register("w1")
+    model.register("w2")
+    model.claim("j", 1, "w1")
+    model.declare_dead("w1")
+    assert model.end_attempt("j", 1, Outcome.WORKER_LOST, worker="w2") == "stale"
+    assert model.lost == {"j.1": "worker_lost"}
+    assert model.end_attempt("j", 1, Outcome.WORKER_LOST) == "retry"  # the watchdog
+    assert (job.state, job.attempt) == (JobState.QUEUED, 2)
