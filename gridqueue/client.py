@@ -9,6 +9,7 @@ raises or returns a job that is in the ledger and will run.
 from __future__ import annotations
 
 import json
+import math
 import uuid
 from typing import Any
 
@@ -133,7 +134,7 @@ class GridQueue:
             )
         if deadline_s is None:
             deadline_s = workload_class.default_deadline_s
-        elif deadline_s <= 0:
+        elif not math.isfinite(deadline_s) or deadline_s <= 0:
             raise InvalidJobError(
                 f"deadline_s must be > 0 (or None for the class default), got {deadline_s}"
             )

@@ -182,12 +182,6 @@ def test_bad_deadlines_and_keys_are_refused_before_writing(
         gq.submit("sim-llm", {"prompt": "hello"}, **kwargs)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=(ValueError, OverflowError),  # int(nan * 1000), int(inf * 1000): before Redis
-    reason="GridQueue.submit checks deadline_s <= 0 only: nan and inf escape as a bare "
-    "ValueError / OverflowError instead of an InvalidJobError",
-)
 @pytest.mark.parametrize("deadline_s", [math.nan, math.inf])
 def test_a_deadline_that_is_not_a_finite_number_is_refused(
     gq: GridQueue, deadline_s: float
