@@ -22,6 +22,7 @@ class AttemptRecord:
     not_before_ms: int | None = None
     worker: str | None = None
     pid: int | None = None
+    epoch: int | None = None
     started_ms: int | None = None
     ended_ms: int | None = None
     outcome: str | None = None

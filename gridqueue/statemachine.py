@@ -38,6 +38,7 @@ class AttemptModel:
     n: int
     worker: str | None = None
     pid: int | None = None
+    epoch: int | None = None  # the worker's incarnation that claimed it
     outcome: Outcome | None = None
     late_result_discarded: bool = False
 
@@ -75,23 +76,30 @@ class JobModel:
         return [a for k, a in self.attempts.items() if k >= self.chain_start]
 
     def claim(
-        self, n: int, worker: str, worker_alive: bool, pid: int = 0, others_ready: bool = False
+        self,
+        n: int,
+        worker: str,
+        worker_alive: bool,
+        pid: int = 0,
+        others_ready: bool = False,
+        epoch: int = 0,
     ) -> str:
         # Placement fence first: a worker that is not ALIVE never starts work.
         if not worker_alive:
             return "fenced"
         # Attempt fence: only the current attempt of a queued job may start, once; the
-        # same claim retried after a lost reply (same worker and pid) is answered again.
+        # same claim retried after a lost reply (same incarnation and pid) is answered again.
         if self.terminal or n != self.attempt:
             return "stale"
         if self.state is JobState.RUNNING:
-            return "ok" if (self.current.worker, self.current.pid) == (worker, pid) else "duplicate"
+            held = (self.current.worker, self.current.pid, self.current.epoch)
+            return "ok" if held == (worker, pid, epoch) else "duplicate"
         # Spread a failing job: a node it took down leaves it to another ready node.
         if others_ready and any(
             a.worker == worker and a.outcome in NODE_OUTCOMES for a in self.chain[:-1]
         ):
             return "avoid"
-        self.current.worker, self.current.pid = worker, pid
+        self.current.worker, self.current.pid, self.current.epoch = worker, pid, epoch
         self.state = JobState.RUNNING
         return "ok"
 
@@ -169,7 +177,9 @@ class LedgerModel:
             return "unknown"
         ready = {name for name, w in self.workers.items() if w.state is WorkerState.ALIVE}
         fresh = job.state is JobState.QUEUED
-        status = job.claim(n, worker, worker in ready, pid, bool(ready - {worker}))
+        known = self.workers.get(worker)
+        epoch = known.epoch if known else 0
+        status = job.claim(n, worker, worker in ready, pid, bool(ready - {worker}), epoch)
         if status in _REFUSALS:
             self.stats[_REFUSALS[status]] += 1
         elif status == "ok" and fresh and n == 1:

@@ -10,7 +10,7 @@ if not state then return {'unknown'} end
 
 -- Placement fence: a worker that is not ALIVE (declared dead, stopped, unknown) never
 -- starts work. Its copy of the message is acked, so the attempt is published again.
-local worker_state = redis.call('HGET', key_worker(NS, worker), 'state')
+local worker_state, epoch = unpack(redis.call('HMGET', key_worker(NS, worker), 'state', 'epoch'))
 if worker_state ~= 'ALIVE' then
   bump('claims_refused')
   if state == 'QUEUED' and tonumber(current) == n then
@@ -28,7 +28,8 @@ if TERMINAL[state] or tonumber(current) ~= n then
 end
 if state == 'RUNNING' then
   local held = attempt_get(id, n)
-  if held and held.worker == worker and held.pid == tonumber(pid) then
+  if held and held.worker == worker and held.pid == tonumber(pid)
+     and held.epoch == tonumber(epoch) then
     return {'ok', payload, model, workload}  -- our own claim, retried after a lost reply
   end
   bump('duplicate_deliveries')
@@ -61,6 +62,7 @@ end
 local a = attempt_get(id, n) or {n = n}
 a.worker = worker
 a.pid = tonumber(pid)
+a.epoch = tonumber(epoch)  -- the incarnation: a restart that reuses the pid is not "us"
 a.started_ms = NOW
 if tag ~= '' then a.delivery_tag = tag end
 attempt_put(id, n, a)

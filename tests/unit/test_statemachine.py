@@ -199,7 +199,8 @@ class JobLifecycle(RuleBasedStateMachine):
         n = max(1, job.attempt + delta)
         alive = self.alive(worker)
         current = job.state is not JobState.QUEUED and not job.terminal and n == job.attempt
-        holder = (job.current.worker, job.current.pid) if current else None
+        holder = (job.current.worker, job.current.pid, job.current.epoch) if current else None
+        incarnation = self.model.workers[worker].epoch if worker in self.model.workers else 0
         failed_here = any(
             a.worker == worker and a.outcome in NODE_OUTCOMES
             for k, a in job.attempts.items()
@@ -215,7 +216,9 @@ class JobLifecycle(RuleBasedStateMachine):
         elif holder is not None:
             # The same claim again (a reply lost on the way back) is answered again; any
             # other delivery of a running attempt starts nothing.
-            assert status == ("ok" if holder == (worker, pid) else "duplicate")
+            # Only the same incarnation's retry is answered again: a restart that reuses
+            # the pid is a stranger to the attempt.
+            assert status == ("ok" if holder == (worker, pid, incarnation) else "duplicate")
         elif failed_here and others_ready:
             assert status == "avoid"  # the job goes to a node it has not taken down
         else:
