@@ -289,6 +289,13 @@ class Ledger:
         if record.state is not JobState.RUNNING or record.attempt != attempt:
             self.client.hdel(self.keys.lost, attempt_id(job_id, attempt))
             return AttemptEnd("stale")
+        if worker and record.attempts[-1].worker == worker:
+            # The watchdog may already have judged this attempt (stalled, evacuated, a GPU
+            # fault) and ordered its child killed: the worker then reports the kill, but
+            # the verdict is the cause, and the one the policy and the history must see.
+            verdict = self.client.hget(self.keys.lost, attempt_id(job_id, attempt))
+            if verdict:
+                outcome = Outcome(str(verdict))
         # A replay starts a fresh chain: only its attempts count for limits and poison.
         chain = [a for a in record.attempts if a.n >= record.chain_start]
         current = chain[-1]

@@ -204,6 +204,9 @@ class LedgerModel:
         if job is None or not job.runs(n):
             self.lost.pop(attempt_id(job_id, n), None)  # superseded: not the watchdog's now
             return "stale"
+        verdict = self.lost.get(attempt_id(job_id, n))
+        if worker and verdict is not None and job.current.worker == worker:
+            outcome = Outcome(verdict)  # the watchdog's verdict is the cause, not the symptom
         chain = job.chain
         history = [EndedAttempt(a.worker, a.outcome) for a in chain[:-1]]
         history.append(EndedAttempt(job.current.worker, outcome.value))

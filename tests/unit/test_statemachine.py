@@ -325,13 +325,16 @@ class JobLifecycle(RuleBasedStateMachine):
         job = self.model.jobs[job_id]
         zombie = self.superseded(job_id, n)
         before = snapshot(job)
+        # An attempt the watchdog already judged (lost: stalled, evacuated...) keeps that
+        # verdict as its outcome, whatever its worker reports after the kill.
+        verdict = self.model.lost.get(attempt_id(job_id, n))
         status = self.model.end_attempt(job_id, n, outcome, worker=worker)
         if zombie:
             assert status == "stale"
             assert snapshot(job) == before
         else:
             assert status in ("retry", "ended")
-            assert job.attempts[n].outcome == outcome
+            assert job.attempts[n].outcome == (Outcome(verdict) if verdict else outcome)
             assert job.terminal == (status == "ended")
             self.no_retry_past_the_deadline(job, status)
 
