@@ -216,6 +216,8 @@ def test_operator_quarantine_drain_and_release_record_who_and_why(
     record = gq.ledger.worker(busy)
     assert record.state is WorkerState.QUARANTINED and record.quarantine_reason == "fan failure"
     assert record.quarantined_by.startswith("operator:")
+    # The watchdog applies the policy on its next tick; the outcome names the cause.
+    wait_for(lambda: gq.get(job.id).attempts[0].outcome is not None, timeout_s=10)
     assert gq.get(job.id).attempts[0].outcome == "evacuated"
     assert job.result(timeout=60)["worker"] != busy
 
