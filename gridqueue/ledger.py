@@ -470,6 +470,12 @@ class Ledger:
             progress_lapsed=list(stuck),
         )
 
+    def lost_attempts(self, batch: int = 256) -> dict[str, str]:
+        """Attempts whose worker is gone, with the outcome to apply: the part of a scan
+        that changes when the tick itself declares a worker dead or an attempt stalled."""
+        _, found = self.client.hscan(self.keys.lost, 0, count=batch)
+        return cast(dict[str, str], found)
+
     def begin_dispatch(self, member: str) -> DispatchLease | None:
         reply = self._call("begin_dispatch", member, int(self.settings.dispatch_grace_s * 1000))
         if reply[0] != "ok":

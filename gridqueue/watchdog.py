@@ -125,7 +125,7 @@ class Watchdog:
                 log.warning("worker.quarantined", attempt=member, action="repeated stalls")
         # Everything above moved attempts to the lost hash in the same atomic step as its
         # verdict; requeue them now (and a successor would, had we died just before).
-        self._requeue_lost(self.ledger.scan().lost if moved else scan.lost, value, report)
+        self._requeue_lost(self.ledger.lost_attempts() if moved else scan.lost, value, report)
         for name in scan.probation_due:
             if self.ledger.end_probation(name, value):
                 log.info("worker.readmitted", worker=name)
