@@ -12,6 +12,8 @@ from typing import Literal
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from gridqueue.workloads import DEFAULT_WORKLOADS_FILE
+
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
@@ -35,8 +37,10 @@ class Settings(BaseSettings):
     payload_max_bytes: int = Field(1_048_576, gt=0, description="Largest JSON payload accepted.")
     events_max_len: int = Field(100_000, gt=0, description="Approximate cap of the event stream.")
     job_retention_s: int = Field(7 * 86_400, gt=0, description="How long ended jobs are kept.")
-    workloads_file: Path | None = Field(
-        None, description="Workload classes; default config/workloads.toml of this project."
+    workloads_file: Path = Field(
+        DEFAULT_WORKLOADS_FILE,
+        description="Workload classes; default the classes shipped in the package "
+        "(gridqueue/config/workloads.toml).",
     )
     health_interval_s: float = Field(0.2, gt=0, description="How often the GPU probe reads.")
     health_probe_timeout_s: float = Field(

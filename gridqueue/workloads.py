@@ -1,19 +1,24 @@
 """Workload classes: frozen descriptions of how a kind of job is retried.
 
-They are read from ``config/workloads.toml`` (or ``GRIDQUEUE_WORKLOADS_FILE``). A class is
-data only; :mod:`gridqueue.policies` turns it into decisions.
+The defaults ship inside the package, in ``gridqueue/config/workloads.toml``;
+``GRIDQUEUE_WORKLOADS_FILE`` points at another file. A class is data only;
+:mod:`gridqueue.policies` turns it into decisions.
 """
 
 from __future__ import annotations
 
 import tomllib
 from dataclasses import dataclass, fields
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from gridqueue.errors import ConfigError
 
-DEFAULT_WORKLOADS_FILE = Path(__file__).resolve().parent.parent / "config" / "workloads.toml"
+# Package data, so that it is found by any install (wheel, editable, the Docker image).
+DEFAULT_WORKLOADS_FILE = Path(
+    str(resources.files("gridqueue").joinpath("config", "workloads.toml"))
+)
 
 
 _EXPECTED_TYPES: dict[str, type | tuple[type, ...]] = {
@@ -113,6 +118,10 @@ def load_workloads(path: Path | None = None) -> dict[str, WorkloadClass]:
     except FileNotFoundError as exc:
         raise ConfigError(
             f"workload classes file {path} not found; set GRIDQUEUE_WORKLOADS_FILE"
+        ) from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(
+            f"cannot read workload classes file {path} ({exc}); fix GRIDQUEUE_WORKLOADS_FILE"
         ) from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
