@@ -5,14 +5,17 @@ ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
-WORKDIR /app
-COPY . /app
-# Editable, so that config/workloads.toml (the default GRIDQUEUE_WORKLOADS_FILE) is found
-# next to the package.
-RUN pip install -e . \
+# Installed the way any server installs it, `pip install .` (no extras, not editable):
+# the default workload classes and the demo handlers (workers.simulated) ship inside the
+# installed packages, so the source tree is not kept.
+WORKDIR /tmp/gridqueue-src
+COPY . .
+RUN pip install . \
+    && cd / && rm -rf /tmp/gridqueue-src \
     && useradd --create-home --uid 10001 gridqueue
 
 # Celery warns when a worker runs as root; nothing here needs it.
 USER gridqueue
+WORKDIR /home/gridqueue
 
 CMD ["gridqueue", "--help"]
