@@ -7,15 +7,20 @@ import json
 import signal
 import sys
 import threading
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
+import redis
 import typer
+from kombu.exceptions import OperationalError as BrokerError
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from gridqueue.errors import ConfigError, GridQueueError, JobEndedError
+from gridqueue.errors import ConfigError, GridQueueError, JobEndedError, RedisUnavailableError
 from gridqueue.logs import configure_logging
 from gridqueue.settings import Settings
 
@@ -34,7 +39,18 @@ RedisOption = Annotated[
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 
 
+# How long the first PING of a command may take to connect and answer.
+REDIS_PING_TIMEOUT_S = 3.0
+
+
+class _Target:
+    """The Redis this command talks to, for the error line of a failure after the start."""
+
+    redis_url: str | None = None
+
+
 def load_settings(redis_url: str | None = None) -> Settings:
+    """The settings of a command that talks to Redis, once Redis has answered a PING."""
     try:
         settings = Settings() if redis_url is None else Settings(redis_url=redis_url)
     except (ValidationError, SettingsError) as exc:
@@ -42,7 +58,32 @@ def load_settings(redis_url: str | None = None) -> Settings:
             f"invalid GRIDQUEUE_* setting (lists are JSON, e.g. [48, 79]):\n{exc}"
         ) from exc
     configure_logging(settings.log_level, settings.log_format)
+    require_redis(settings.redis_url)
     return settings
+
+
+def require_redis(url: str) -> None:
+    """Fail fast when Redis is unreachable at the start. The ledger retries Redis for 30 s,
+    which rides out a blip in the middle of a run, but only delays a plain mistake."""
+    _Target.redis_url = url
+    try:
+        client = redis.Redis.from_url(
+            url,
+            socket_connect_timeout=REDIS_PING_TIMEOUT_S,
+            socket_timeout=REDIS_PING_TIMEOUT_S,
+            retry=Retry(NoBackoff(), 0),
+        )
+    except ValueError as exc:
+        raise ConfigError(
+            f"invalid Redis URL {RedisUnavailableError.mask(url)} ({exc}); "
+            "fix GRIDQUEUE_REDIS_URL or --redis"
+        ) from exc
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        raise RedisUnavailableError(url, exc) from exc
+    finally:
+        client.close()
 
 
 def _print_json(value: Any) -> None:
@@ -393,6 +434,8 @@ def drill(
     configure_logging("WARNING", "json")
     out = err_console if as_json else console
     start_watchdog = watchdog if watchdog is not None else redis_url is None
+    if redis_url is not None:
+        require_redis(redis_url)
     report = run_drill(plan, redis_url, start_watchdog, out)
     print_report(report, out)
     if as_json:
@@ -401,12 +444,22 @@ def drill(
         raise typer.Exit(1)
 
 
+def _fail(exc: GridQueueError) -> NoReturn:
+    # soft_wrap: a message is never broken over lines; escape: "[realtime]" is text.
+    err_console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True, highlight=False)
+    sys.exit(2)
+
+
 def main() -> None:
+    """The ``gridqueue`` command: a gridqueue error, or a Redis that cannot be reached, is one
+    line on stderr and exit status 2, never a traceback."""
     try:
         app()
     except GridQueueError as exc:
-        err_console.print(f"[red]error:[/red] {exc}")
-        sys.exit(2)
+        _fail(exc)
+    except (redis.ConnectionError, redis.TimeoutError, BrokerError) as exc:
+        # Redis went away after the first PING, and the ledger's retries ran out.
+        _fail(RedisUnavailableError(_Target.redis_url, exc))
 
 
 if __name__ == "__main__":

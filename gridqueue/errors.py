@@ -6,6 +6,8 @@ Control-flow signals are not errors and live with the code that raises them.
 
 from __future__ import annotations
 
+import re
+
 
 class GridQueueError(Exception):
     """gridqueue failed; the message says why and what to do."""
@@ -49,6 +51,46 @@ class DoesNotFitError(AdmissionError):
 class NoCapacityError(AdmissionError):
     """No live, unquarantined worker serves this model now; start one, or use a class that
     waits for capacity (wait_for_capacity in config/workloads.toml)."""
+
+
+class RedisUnavailableError(GridQueueError):
+    """Cannot reach Redis; start Redis or set GRIDQUEUE_REDIS_URL (or --redis) to its URL."""
+
+    def __init__(self, url: str | None = None, cause: BaseException | str | None = None) -> None:
+        self.url = None if url is None else self.mask(url)
+        self.reason = self._reason(cause)
+        if self.url is None and self.reason is None:
+            super().__init__()
+            return
+        head, _, advice = (self.__doc__ or "").strip().partition("; ")
+        where = f" at {self.url}" if self.url else ""
+        why = f" ({self.reason})" if self.reason else ""
+        super().__init__(f"{head[:1].lower()}{head[1:]}{where}{why}; {advice.rstrip('.')}")
+
+    @staticmethod
+    def mask(url: str) -> str:
+        """The URL with its password (in the user info, or ``?password=``) as ``***``."""
+        scheme, sep, rest = url.partition("://")
+        if not sep:
+            return url
+        before_query, question, query = rest.partition("?")
+        userinfo, at, location = before_query.rpartition("@")
+        if at and ":" in userinfo:
+            before_query = f"{userinfo.partition(':')[0]}:***@{location}"
+        query = re.sub(r"(?i)(\bpassword=)[^&#]*", r"\1***", query)
+        return f"{scheme}://{before_query}{question}{query}"
+
+    @staticmethod
+    def _reason(cause: BaseException | str | None) -> str | None:
+        """A short, one-line why: the OS's word for a socket error, else the message."""
+        if cause is None:
+            return None
+        if isinstance(cause, BaseException):
+            low = cause.__cause__ or cause.__context__
+            if isinstance(low, OSError) and low.strerror:
+                return low.strerror
+        text = " ".join(str(cause).split()).rstrip(".")
+        return text or type(cause).__name__
 
 
 class JobNotFoundError(GridQueueError):

@@ -13,7 +13,7 @@ import redis
 
 from gridqueue.agent import GridQueueAgent
 from gridqueue.celeryapp import make_celery
-from gridqueue.errors import ConfigError
+from gridqueue.errors import ConfigError, RedisUnavailableError
 from gridqueue.handlers import check_model_name, get_handler, registered
 from gridqueue.keys import Keys, queue_for_model
 from gridqueue.ledger import connect_redis
@@ -67,6 +67,13 @@ def run_worker(
             f"no handler registered for {missing} in {handler_modules}; "
             f"registered: {sorted(registered())}"
         )
+    # Redis first: the probe's fault source reads it, and a Redis that cannot be reached
+    # would otherwise surface as a GPU too small for every model.
+    client = connect_redis(settings.redis_url)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        raise RedisUnavailableError(settings.redis_url, exc) from exc
     # Opening NVML (nvmlInit, device handles) can hang on a wedged driver like any other
     # NVML call: bound it, and refuse to start rather than hang without a heartbeat.
     opener = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gq-probe-open")
@@ -76,9 +83,7 @@ def run_worker(
         sim_gpus=sim_gpus,
         sim_gpu_name=sim_gpu_name,
         sim_gpu_memory_gb=sim_gpu_memory_gb,
-        fault_source=fault_source(
-            connect_redis(settings.redis_url), Keys(settings.namespace), name
-        ),
+        fault_source=fault_source(client, Keys(settings.namespace), name),
     )
     open_timeout_s = 5 * settings.health_probe_timeout_s
     try:
