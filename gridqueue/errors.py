@@ -37,7 +37,7 @@ class PayloadTooLargeError(InvalidJobError):
 
 
 class InvalidModelError(InvalidJobError):
-    """The model name is empty or malformed; use letters, digits, '-', '_', '.' or ':'."""
+    """The model name is empty or malformed; use letters, digits, '-', '_' or '.'."""
 
 
 class AdmissionError(GridQueueError):
@@ -99,6 +99,11 @@ class JobNotFoundError(GridQueueError):
 
 class WorkerNotFoundError(GridQueueError):
     """No such worker; `gridqueue status` lists the registered ones."""
+
+
+class WorkerNameInUseError(ConfigError):
+    """Another live process heartbeats under this worker name; give each process its own
+    --name, or stop the other one first."""
 
 
 class JobTimeoutError(GridQueueError):

@@ -17,7 +17,9 @@ from redis.exceptions import RedisError
 
 from gridqueue.errors import InvalidModelError
 
-MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
+# No ':' in a model name: kombu names a queue's priority lists '<queue>:3', ':6', ':9',
+# so a model 'x:3' would share a list with model 'x'.
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 HandlerFn = Callable[[Any, "Context"], Any]
 
@@ -25,8 +27,8 @@ HandlerFn = Callable[[Any, "Context"], Any]
 def check_model_name(model: str) -> str:
     if not isinstance(model, str) or not MODEL_NAME.fullmatch(model):
         raise InvalidModelError(
-            f"invalid model name {model!r}: use 1-128 letters, digits, '-', '_', '.' or ':', "
-            "starting with a letter or digit"
+            f"invalid model name {model!r}: use 1-128 letters, digits, '-', '_' or '.', "
+            "starting with a letter or digit (no ':', which kombu uses for priority lists)"
         )
     return model
 
@@ -68,6 +70,24 @@ class ProgressSink(Protocol):
     ) -> bool: ...
 
 
+class Confirmation:
+    """When the ledger last confirmed that an attempt is still current. Past ``within_s``
+    without one (``stale_after_s``: a Redis partition, say), the attempt may belong to
+    another worker already: its node may have been declared dead and its job moved."""
+
+    def __init__(self, within_s: float) -> None:
+        self.within_s = within_s
+        self._at = time.monotonic()
+
+    def record(self, current: bool) -> bool:
+        if current:
+            self._at = time.monotonic()
+        return current
+
+    def recent(self) -> bool:
+        return time.monotonic() - self._at < self.within_s
+
+
 class Context:
     """What a handler knows of its attempt, and how it reports progress."""
 
@@ -76,7 +96,13 @@ class Context:
     progress_interval_s = 0.1
 
     def __init__(
-        self, job_id: str, attempt: int, worker: str, sink: ProgressSink, stall_ms: int = 60_000
+        self,
+        job_id: str,
+        attempt: int,
+        worker: str,
+        sink: ProgressSink,
+        stall_ms: int = 60_000,
+        confirm_within_s: float = 1.0,
     ) -> None:
         self.job_id = job_id
         self.attempt = attempt
@@ -84,17 +110,20 @@ class Context:
         self._sink = sink
         self._stall_ms = stall_ms
         self._last_write = 0.0
+        self._confirmed = Confirmation(confirm_within_s)
         self.superseded = False
 
     def progress(self, info: str = "") -> bool:
-        """Mark progress. Returns False once this attempt was superseded (stop early)."""
+        """Mark progress. Returns False once this attempt was superseded, or while it
+        cannot be confirmed current (stop early, or at least do nothing irreversible)."""
         now = time.monotonic()
         if not self.superseded and now - self._last_write >= self.progress_interval_s:
             self._last_write = now
             # Progress is best-effort: a Redis blip must not fail the user's work. If it
             # lasts, the attempt's liveness lapses and the watchdog decides.
             with contextlib.suppress(RedisError):
-                self.superseded = not self._sink.progress(
+                current = self._sink.progress(
                     self.job_id, self.attempt, self.worker, info, self._stall_ms
                 )
-        return not self.superseded
+                self.superseded = not self._confirmed.record(current)
+        return not self.superseded and self._confirmed.recent()

@@ -18,7 +18,10 @@ Layout (``ns`` is ``GRIDQUEUE_NAMESPACE``, ``gq`` by default; an attempt is ``<j
     {ns}:worker:{name}:running set     attempts this worker runs
     {ns}:worker:{name}:kill    set     attempts the worker agent must SIGKILL
     {ns}:worker:{name}:faults  hash    simulated GPU faults injected by the drill (gpu -> JSON)
-    {ns}:model:{model}         hash    worker -> {required_bytes, largest_gpu_bytes}: fit checks
+    {ns}:model:{model}         hash    worker -> {required_bytes, largest_gpu_bytes}: the
+                                       workers that consume the model's queue now
+    {ns}:model:{model}:unfit   hash    the same, for workers the model does not fit (they
+                                       do not consume it; admission tells the user why)
     {ns}:probation             zset    worker -> end of its probation (ms)
     {ns}:health_changes        zset    worker -> when its health verdict changed (ms)
     {ns}:counts                hash    job state -> number of jobs in it
@@ -56,6 +59,7 @@ _TEMPLATES: dict[str, tuple[str, tuple[str, ...]]] = {
     "worker_kill": ("{ns}:worker:{name}:kill", ("name",)),
     "worker_faults": ("{ns}:worker:{name}:faults", ("name",)),
     "model": ("{ns}:model:{model}", ("model",)),
+    "model_unfit": ("{ns}:model:{model}:unfit", ("model",)),
     "probation": ("{ns}:probation", ()),
     "health_changes": ("{ns}:health_changes", ()),
     "counts": ("{ns}:counts", ()),
@@ -121,6 +125,9 @@ class Keys:
 
     def model(self, model: str) -> str:
         return self._render("model", model=model)
+
+    def model_unfit(self, model: str) -> str:
+        return self._render("model_unfit", model=model)
 
     @property
     def probation(self) -> str:

@@ -29,9 +29,10 @@ from gridqueue.errors import (
     JobNotFoundError,
     JobTimeoutError,
     NoCapacityError,
+    WorkerNameInUseError,
     WorkerNotFoundError,
 )
-from gridqueue.keys import Keys, attempt_id, lua_prelude, split_attempt_id
+from gridqueue.keys import Keys, attempt_id, lua_prelude, queue_for_model, split_attempt_id
 from gridqueue.logs import get_logger
 from gridqueue.policies import EndedAttempt, GiveUp, Retry, decide, node_failures
 from gridqueue.records import JobRecord, WorkerRecord
@@ -65,6 +66,8 @@ _SCRIPTS = (
     "beat",
     "stall",
     "replay",
+    "redeliver",
+    "sweep_deliveries",
 )
 
 
@@ -98,8 +101,15 @@ def connect_redis(url: str) -> redis.Redis:
 
 
 @dataclass(frozen=True)
+class Submitted:
+    job_id: str
+    created: bool
+    dispatch_lease: str = ""  # the producer's lease on attempt 1's publish
+
+
+@dataclass(frozen=True)
 class Claim:
-    status: str  # ok | fenced | stale | duplicate | unknown
+    status: str  # ok | fenced | stale | duplicate | avoid | not_served | unknown
     payload: str | None = None
     model: str | None = None
     workload: str | None = None
@@ -186,8 +196,8 @@ class Ledger:
         deadline_in_ms: int,
         idempotency_key: str | None,
         wait_for_capacity: bool = True,
-    ) -> tuple[str, bool]:
-        """Write a job and its dispatch promise. Returns (job id, created).
+    ) -> Submitted:
+        """Write a job and its dispatch promise, leased to this producer for the grace.
 
         Raises DoesNotFitError if no registered GPU can hold the model, and (unless
         ``wait_for_capacity``) NoCapacityError if no live, unquarantined worker serves it.
@@ -203,16 +213,35 @@ class Ledger:
             self.settings.job_retention_s,
             int(self.settings.dispatch_grace_s * 1000),
             "1" if wait_for_capacity else "0",
+            *self._watch_ms(workload),
         )
         if reply[0] == "does_not_fit":
             raise DoesNotFitError(_does_not_fit_message(model, json.loads(reply[1])))
         if reply[0] == "no_capacity":
             raise NoCapacityError(_no_capacity_message(model, json.loads(reply[1])))
-        job, how = reply
-        return str(job), how == "created"
+        if reply[1] == "created":
+            return Submitted(str(reply[0]), True, str(reply[2]))
+        return Submitted(str(reply[0]), False)
+
+    def _watch_ms(self, workload: str) -> tuple[int, int]:
+        """The liveness and stall timeouts a claim registers for jobs of this class."""
+        found = self.workloads.get(workload)
+        liveness_s = found.liveness_timeout_s if found else 5.0
+        stall_s = found.stall_timeout_s if found else 300.0
+        return int(liveness_s * 1000), int(stall_s * 1000)
 
     def claim(self, job_id: str, attempt: int, worker: str, pid: int, delivery_tag: str) -> Claim:
-        reply = self._call("claim", job_id, attempt, worker, pid, delivery_tag)
+        """Start attempt ``attempt`` on this worker, and put it under a liveness and stall
+        watch in the same step."""
+        reply = self._call(
+            "claim",
+            job_id,
+            attempt,
+            worker,
+            pid,
+            delivery_tag,
+            int(self.settings.stale_after_s * 1000),
+        )
         if reply[0] == "ok":
             return Claim("ok", payload=reply[1], model=reply[2], workload=reply[3])
         return Claim(reply[0], detail=reply[1] if len(reply) > 1 else None)
@@ -275,11 +304,15 @@ class Ledger:
         error: str = "",
         worker: str = "",
         token: str = "",
+        pid: int | None = None,
+        epoch: int | None = None,
     ) -> AttemptEnd:
         """End running attempt ``attempt`` without a result; requeue or fail per policy.
 
         The decision is made here from a read of the record and committed by a script
-        that compares and sets on (job, attempt), so a stale decision is refused.
+        that compares and sets on (job, attempt), so a stale decision is refused. A
+        worker's report names the process that ran it (``pid``, ``epoch``): another
+        child of the same node, or another incarnation, cannot end it.
         """
         try:
             record = self.get(job_id)
@@ -317,13 +350,30 @@ class Ledger:
             if decision.reason == "poison":
                 evidence = ", ".join(f"{a.worker}: {a.outcome}" for a in history if a.worker)
                 error = f"poison: it took down {len(node_failures(history))} workers ({evidence})"
-        reply = self._call("finish", job_id, attempt, outcome.value, error, *args, worker, token)
+        reply = self._call(
+            "finish",
+            job_id,
+            attempt,
+            outcome.value,
+            error,
+            *args,
+            worker,
+            token,
+            "" if pid is None else pid,
+            "" if epoch is None else epoch,
+        )
         if reply[0] == "retry":
             after_s = decision.after_s if isinstance(decision, Retry) else 0.0
             return AttemptEnd("retry", next_attempt=int(reply[1]), after_s=after_s)
         if reply[0] == "ended":
             return AttemptEnd("ended", state=reply[1])
         return AttemptEnd(reply[0])
+
+    def redeliver(self, job_id: str, attempt: int) -> bool:
+        """Attempt ``attempt`` lost its consumer before it was claimed (a pool child died
+        with it, and Celery acked the message): make its publish due now. False if the
+        attempt is no longer the job's queued one."""
+        return bool(self._call("redeliver", job_id, attempt)[0] == "ok")
 
     def expire(self, job_id: str, token: str = "") -> bool:
         return bool(self._call("expire", job_id, token)[0] == "ok")
@@ -383,9 +433,11 @@ class Ledger:
     ) -> int:
         """Register a new incarnation; returns its epoch (the fence of its heartbeats).
 
-        ``model_fit`` maps each model served to ``{required_bytes, largest_gpu_bytes}``.
+        ``model_fit`` maps each model served to ``{required_bytes, largest_gpu_bytes}``;
+        the worker is listed as a consumer of the models that fit. Raises
+        WorkerNameInUseError while another process heartbeats under ``name``.
         """
-        epoch, _state = self._call(
+        reply = self._call(
             "register",
             name,
             ",".join(models),
@@ -396,11 +448,28 @@ class Ledger:
             probe,
             json.dumps(gpus or []),
             json.dumps(model_fit or {}),
+            int(self.settings.stale_after_s * 1000),
         )
-        return int(epoch)
+        if reply[0] == "in_use":
+            _, other_host, other_pid, age_ms = reply
+            raise WorkerNameInUseError(
+                f"worker name {name!r} is in use by pid {other_pid} on host {other_host!r}, "
+                f"which heartbeated {int(age_ms)} ms ago; give this worker another --name, "
+                "or stop the other process first"
+            )
+        return int(reply[0])
 
-    def heartbeat(self, name: str, epoch: int, health: str = "", verdict: str = "") -> Heartbeat:
-        reply = self._call("heartbeat", name, epoch, health, verdict)
+    def heartbeat(
+        self,
+        name: str,
+        epoch: int,
+        health: str = "",
+        verdict: str = "",
+        held: list[str] | None = None,
+    ) -> Heartbeat:
+        """Beat; ``held`` lists the attempts this worker's processes hold, so that kill
+        orders for them are repeated until they are gone."""
+        reply = self._call("heartbeat", name, epoch, health, verdict, ",".join(held or ()))
         if reply[0] == "fenced":
             return Heartbeat(fenced=True, kill=[], state=reply[1])
         return Heartbeat(fenced=False, kill=list(reply[2:]), state=reply[1])
@@ -476,14 +545,29 @@ class Ledger:
         _, found = self.client.hscan(self.keys.lost, 0, count=batch)
         return cast(dict[str, str], found)
 
-    def begin_dispatch(self, member: str) -> DispatchLease | None:
-        reply = self._call("begin_dispatch", member, int(self.settings.dispatch_grace_s * 1000))
+    def begin_dispatch(self, member: str, own_lease: str = "") -> DispatchLease | None:
+        """Lease a due dispatch (or one whose lease ``own_lease`` is) for publishing."""
+        reply = self._call(
+            "begin_dispatch", member, int(self.settings.dispatch_grace_s * 1000), own_lease
+        )
         if reply[0] != "ok":
             return None
         return DispatchLease(member, reply[1], reply[2], reply[3])
 
     def end_dispatch(self, lease: DispatchLease) -> None:
         self._call("end_dispatch", lease.member, lease.lease)
+
+    def sweep_deliveries(self, token: str, batch: int = 256) -> list[str]:
+        """Recover deliveries whose consumer died before claiming them (see
+        ``sweep_deliveries.lua``); returns the attempts whose dispatch is now due."""
+        reply = self._call(
+            "sweep_deliveries",
+            int(self.settings.dispatch_grace_s * 1000),
+            batch,
+            queue_for_model(self.settings.namespace, ""),
+            token,
+        )
+        return [str(member) for member in reply[1:]] if reply[0] == "ok" else []
 
     def lease(self, owner: str, lease_ms: int) -> tuple[bool, str]:
         held, value = self._call("lease", owner, lease_ms)

@@ -89,7 +89,10 @@ def decide(
     if outcome in NODE_OUTCOMES or outcome is Outcome.EVACUATED:
         if not workload.idempotent:
             # Non-idempotent: the work may have had effects; never run it twice blindly.
-            return GiveUp(outcome.value)
+            # FAILED/worker_lost means "outcome unknown", whether the child or its whole
+            # node died; the attempt's own record keeps which.
+            lost = outcome in (Outcome.WORKER_LOST, Outcome.NODE_LOST)
+            return GiveUp(Outcome.WORKER_LOST.value if lost else outcome.value)
         if (
             outcome in POISON_OUTCOMES
             and len(node_failures(history)) >= workload.poison_after_workers

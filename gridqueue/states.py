@@ -35,7 +35,8 @@ class Outcome(StrEnum):
     """How one attempt ended."""
 
     SUCCEEDED = "succeeded"
-    WORKER_LOST = "worker_lost"  # the node or the child died under it
+    WORKER_LOST = "worker_lost"  # the child running it died (or stalled) while its node lived
+    NODE_LOST = "node_lost"  # the whole node died, stopped or restarted under it
     ERROR = "error"  # the handler raised
     INVALID_INPUT = "invalid_input"  # the handler refused the payload: never retried
     STALLED = "stalled"
@@ -47,11 +48,13 @@ class Outcome(StrEnum):
 
 # Outcomes that say the *node* failed the job, not the job itself. A non-idempotent class
 # never retries these blindly, and enough of them on distinct workers mark a poison job.
-NODE_OUTCOMES = frozenset({Outcome.WORKER_LOST, Outcome.STALLED, Outcome.GPU_FAULT})
+NODE_OUTCOMES = frozenset(
+    {Outcome.WORKER_LOST, Outcome.NODE_LOST, Outcome.STALLED, Outcome.GPU_FAULT}
+)
 
 # Outcomes that may be the job's own doing (it crashed or wedged its process): the same on
-# enough distinct workers marks a poison job. A GPU that fails its health check is the
-# node's fault, not evidence against the job.
+# enough distinct workers marks a poison job. A GPU that fails its health check, or a whole
+# node that dies (its heartbeat stops), is the node's fault, not evidence against the job.
 POISON_OUTCOMES = frozenset({Outcome.WORKER_LOST, Outcome.STALLED})
 
 

@@ -17,6 +17,39 @@ local function now_ms()
 end
 local NOW = now_ms()
 
+-- What a claim registers when the job record predates these fields (seconds as ms).
+local DEFAULT_LIVENESS_MS = 5000
+local DEFAULT_STALL_MS = 300000
+-- A worker that went down under an attempt with one of these outcomes does not take the
+-- job again while another worker can.
+local AVOID_OUTCOMES = {worker_lost = true, node_lost = true, stalled = true, gpu_fault = true}
+-- kombu scores unacked_index by delivery time (seconds). A claimed delivery is moved this
+-- far ahead, out of the stranded-delivery sweep's range; kombu never restores by score in
+-- gridqueue (its visibility timeout is ten years), so nothing else reads it.
+local CLAIMED_OFFSET_S = 1e10
+
+local function serves(models_csv, model)
+  for served in string.gmatch(models_csv or '', '[^,]+') do
+    if served == model then return true end
+  end
+  return false
+end
+
+-- A worker that could take an attempt of `model` now: ALIVE, heartbeating, serving it.
+local function can_take(name, model, stale_after_ms)
+  local state, models = unpack(redis.call('HMGET', key_worker(NS, name), 'state', 'models'))
+  if state ~= 'ALIVE' or not serves(models, model) then return false end
+  local beat = redis.call('ZSCORE', key_workers(NS), name)
+  return beat ~= false and beat ~= nil and NOW - tonumber(beat) < stale_after_ms
+end
+
+local function mark_delivery_claimed(tag)
+  local delivered = redis.call('ZSCORE', KOMBU_UNACKED_INDEX, tag)
+  if delivered and tonumber(delivered) < CLAIMED_OFFSET_S then
+    redis.call('ZADD', KOMBU_UNACKED_INDEX, tonumber(delivered) + CLAIMED_OFFSET_S, tag)
+  end
+end
+
 local function emit(kind, fields)
   local args = {'XADD', key_events(NS), 'MAXLEN', '~', EVENTS_MAXLEN, '*', 'type', kind, 'ts', NOW}
   for _, v in ipairs(fields) do args[#args + 1] = v end

@@ -1,16 +1,19 @@
--- claim(id, n, worker, pid, delivery_tag)
+-- claim(id, n, worker, pid, delivery_tag, stale_after_ms)
 --   -> {'ok', payload, model, workload} | {'fenced', worker_state} | {'stale', state}
---      | {'duplicate'} | {'unknown'}
+--      | {'duplicate'} | {'avoid', other_worker} | {'not_served', model} | {'unknown'}
 local id, n, worker, pid, tag = ARGV[7], tonumber(ARGV[8]), ARGV[9], ARGV[10], ARGV[11]
+local stale_after_ms = tonumber(ARGV[12])
 local member = id .. '.' .. n
 local job = key_job(NS, id)
-local state, current, payload, model, workload = unpack(
-  redis.call('HMGET', job, 'state', 'attempt', 'payload', 'model', 'workload'))
+local state, current, payload, model, workload, liveness_ms, stall_ms = unpack(
+  redis.call('HMGET', job, 'state', 'attempt', 'payload', 'model', 'workload', 'liveness_ms',
+             'stall_ms'))
 if not state then return {'unknown'} end
 
 -- Placement fence: a worker that is not ALIVE (declared dead, stopped, unknown) never
 -- starts work. Its copy of the message is acked, so the attempt is published again.
-local worker_state, epoch = unpack(redis.call('HMGET', key_worker(NS, worker), 'state', 'epoch'))
+local worker_state, epoch, served = unpack(
+  redis.call('HMGET', key_worker(NS, worker), 'state', 'epoch', 'models'))
 if worker_state ~= 'ALIVE' then
   bump('claims_refused')
   if state == 'QUEUED' and tonumber(current) == n then
@@ -36,22 +39,31 @@ if state == 'RUNNING' then
   return {'duplicate'}
 end
 
+-- A worker starts only models it serves: a message that reached it through a queue name
+-- it shares with another model is published again for a worker that does.
+if not serves(served, model) then
+  bump('claims_refused')
+  redis.call('ZADD', key_dispatch(NS), NOW, member)
+  emit('claim_refused', {'job', id, 'attempt', n, 'worker', worker, 'model', model,
+                         'worker_state', 'NOT_SERVING'})
+  return {'not_served', model}
+end
+
 -- Spread a failing job: a worker that already went down under this job (in the current
--- chain) does not take it again while another live worker serves the model. This bounds
--- the blast radius and lets poison detection see distinct workers.
+-- chain) does not take it again while another worker that can take it is ready: ALIVE,
+-- heartbeating, serving the model, and not itself one that failed under this job. Deferring
+-- to anyone else would bounce the attempt between workers until its deadline.
 local chain_start = tonumber(redis.call('HGET', job, 'chain_start') or '1')
-local failed_here = false
+local failed = {}
 for k = chain_start, n - 1 do
   local earlier = attempt_get(id, k)
-  if earlier and earlier.worker == worker and (earlier.outcome == 'worker_lost'
-      or earlier.outcome == 'stalled' or earlier.outcome == 'gpu_fault') then
-    failed_here = true
+  if earlier and earlier.worker and AVOID_OUTCOMES[earlier.outcome] then
+    failed[earlier.worker] = true
   end
 end
-if failed_here then
-  local fleet = redis.call('HKEYS', key_model(NS, model))
-  for _, other in ipairs(fleet) do
-    if other ~= worker and redis.call('HGET', key_worker(NS, other), 'state') == 'ALIVE' then
+if failed[worker] then
+  for _, other in ipairs(redis.call('HKEYS', key_model(NS, model))) do
+    if other ~= worker and not failed[other] and can_take(other, model, stale_after_ms) then
       bump('claims_deferred')
       redis.call('ZADD', key_dispatch(NS), NOW, member)
       return {'avoid', other}
@@ -71,6 +83,12 @@ redis.call('HSET', job, 'worker', worker, 'progress_ms', NOW)
 redis.call('ZREM', key_dispatch(NS), member)
 redis.call('ZADD', key_running(NS), NOW, member)
 redis.call('SADD', key_worker_running(NS, worker), member)
+-- The watch starts with the claim, not with the child's first beat: a child frozen right
+-- after claiming, or a claim whose reply was lost, is still a watched attempt.
+redis.call('ZADD', key_liveness(NS), NOW + tonumber(liveness_ms or DEFAULT_LIVENESS_MS), member)
+redis.call('ZADD', key_stalls(NS), NOW + tonumber(stall_ms or DEFAULT_STALL_MS), member)
+-- The delivery is claimed: take it out of the stranded-delivery sweep's range.
+if tag ~= '' then mark_delivery_claimed(tag) end
 if n == 1 then bump('first_placements') end
 emit('claimed', {'job', id, 'attempt', n, 'worker', worker, 'pid', pid})
 return {'ok', payload, model, workload}

@@ -13,7 +13,7 @@ redis.call('HSET', key_worker(NS, name), 'state', 'DEAD', 'declared_dead_ms', NO
 local failures = record_failure(name)
 local members = redis.call('SMEMBERS', key_worker_running(NS, name))
 for _, member in ipairs(members) do
-  redis.call('HSET', key_lost(NS), member, 'worker_lost')
+  redis.call('HSET', key_lost(NS), member, 'node_lost')
 end
 bump('workers_declared_dead')
 emit('worker_dead', {'worker', name, 'silent_ms', silent_ms, 'last_heartbeat_ms', last,

@@ -1,9 +1,11 @@
--- finish(id, n, outcome, error, decision, after_ms, end_state, reason, expected_worker, token)
+-- finish(id, n, outcome, error, decision, after_ms, end_state, reason, expected_worker, token,
+--        expected_pid, expected_epoch)
 --   Ends running attempt n without a result and applies the policy's decision:
 --   -> {'retry', next_attempt} | {'ended', end_state} | {'stale'} | {'not_leader'}
 local id, n, outcome, err = ARGV[7], tonumber(ARGV[8]), ARGV[9], ARGV[10]
 local decision, after_ms, end_state, reason = ARGV[11], tonumber(ARGV[12]), ARGV[13], ARGV[14]
 local expected_worker, token = ARGV[15], ARGV[16]
+local expected_pid, expected_epoch = ARGV[17], ARGV[18]
 local member = id .. '.' .. n
 if not leader_is(token) then return {'not_leader'} end
 
@@ -15,15 +17,19 @@ if state ~= 'RUNNING' or tonumber(current) ~= n or not a then
   return {'stale'}
 end
 -- Another worker's word on a running attempt is refused, and leaves its lost entry (if
--- its own worker is gone) for the watchdog: dropping it would strand the attempt.
+-- its own worker is gone) for the watchdog: dropping it would strand the attempt. So is
+-- the word of another child of the same node (a duplicate delivery that died) or of
+-- another incarnation of it: only the process that claimed the attempt can end it.
 if expected_worker ~= '' and a.worker ~= expected_worker then return {'stale'} end
+if expected_pid ~= '' and a.pid ~= tonumber(expected_pid) then return {'stale'} end
+if expected_epoch ~= '' and a.epoch ~= tonumber(expected_epoch) then return {'stale'} end
 
 a.ended_ms = NOW
 a.outcome = outcome
 if err ~= '' then a.error = err end
 attempt_put(id, n, a)
 release_attempt(id, n, a)
-if n == 1 and (outcome == 'worker_lost' or outcome == 'gpu_fault') then
+if n == 1 and (outcome == 'worker_lost' or outcome == 'node_lost' or outcome == 'gpu_fault') then
   bump('bad_first_placements')
 end
 

@@ -1,9 +1,12 @@
--- heartbeat(name, epoch, health_json, verdict) -> {'ok', state, attempts_to_kill...}
---                                               | {'fenced', state}
+-- heartbeat(name, epoch, health_json, verdict, held_csv)
+--   -> {'ok', state, attempts_to_kill...} | {'fenced', state}
 -- A worker declared dead (or replaced by a newer incarnation) is fenced: its heartbeat is
 -- refused, and it must kill its children and register again. A change of health verdict
 -- is queued for the watchdog, which quarantines or re-admits the node.
-local name, epoch, health, verdict = ARGV[7], ARGV[8], ARGV[9], ARGV[10]
+--
+-- Kill orders are returned, not consumed: an order stays until the worker's heartbeat no
+-- longer lists the attempt among those it holds (held_csv), so a lost reply loses none.
+local name, epoch, health, verdict, held = ARGV[7], ARGV[8], ARGV[9], ARGV[10], ARGV[11]
 local wk = key_worker(NS, name)
 local state, current_epoch, old_verdict = unpack(
   redis.call('HMGET', wk, 'state', 'epoch', 'verdict'))
@@ -24,7 +27,14 @@ local reply = {'ok', state}
 local kill = key_worker_kill(NS, name)
 local doomed = redis.call('SMEMBERS', kill)
 if #doomed > 0 then
-  redis.call('DEL', kill)
-  for _, member in ipairs(doomed) do reply[#reply + 1] = member end
+  local holds = {}
+  for member in string.gmatch(held or '', '[^,]+') do holds[member] = true end
+  for _, member in ipairs(doomed) do
+    if holds[member] then
+      reply[#reply + 1] = member
+    else
+      redis.call('SREM', kill, member)  -- nothing here runs it any more: done
+    end
+  end
 end
 return reply

@@ -1,25 +1,61 @@
 -- register(name, models_csv, pid, host, concurrency, info_json, probe, gpus_json,
---          model_fit_json) -> {epoch, state}
+--          model_fit_json, stale_after_ms) -> {epoch, state} | {'in_use', host, pid, age_ms}
 -- A new incarnation of a worker. Attempts still listed under this name belong to an
--- earlier incarnation (killed and restarted before the watchdog noticed): they are lost.
--- A node back from being declared dead serves its probation first; a quarantine outlives
--- a restart (an operator releases it, or its health recovers).
+-- earlier incarnation (killed and restarted before the watchdog noticed): they are lost
+-- with their node. A node back from being declared dead serves its probation first; a
+-- quarantine outlives a restart (an operator releases it, or its health recovers).
+--
+-- One name, one process: while another process (another pid or host) heartbeats under the
+-- name, a register is refused. Otherwise each would fence the other, forever.
+--
+-- The worker is listed under exactly the models it consumes now (those that fit its GPUs);
+-- the ones that do not fit are listed apart, for admission to explain. Both listings are
+-- replaced, not added to: a model the worker no longer serves no longer names it.
 local name, models, pid, host = ARGV[7], ARGV[8], ARGV[9], ARGV[10]
 local concurrency, info, probe, gpus, model_fit = ARGV[11], ARGV[12], ARGV[13], ARGV[14], ARGV[15]
+local stale_after_ms = tonumber(ARGV[16])
 local wk = key_worker(NS, name)
-for _, member in ipairs(redis.call('SMEMBERS', key_worker_running(NS, name))) do
-  redis.call('HSET', key_lost(NS), member, 'worker_lost')
+local previous, old_pid, old_host, last_beat, old_models, old_unfit = unpack(redis.call(
+  'HMGET', wk, 'state', 'pid', 'host', 'last_heartbeat_ms', 'models', 'unfit_models'))
+previous = previous or ''
+if (previous == 'ALIVE' or previous == 'QUARANTINED' or previous == 'PROBATION')
+   and (old_pid ~= pid or old_host ~= host)
+   and NOW - tonumber(last_beat or '0') < stale_after_ms then
+  bump('registers_refused')
+  return {'in_use', old_host or '', old_pid or '', NOW - tonumber(last_beat or '0')}
 end
-local previous = redis.call('HGET', wk, 'state') or ''
+for _, member in ipairs(redis.call('SMEMBERS', key_worker_running(NS, name))) do
+  redis.call('HSET', key_lost(NS), member, 'node_lost')
+end
+for _, csv in ipairs({old_models or '', old_unfit or ''}) do
+  for model in string.gmatch(csv, '[^,]+') do
+    redis.call('HDEL', key_model(NS, model), name)
+    redis.call('HDEL', key_model_unfit(NS, model), name)
+  end
+end
+local consumed, unfit = {}, {}
+for model, fit in pairs(cjson.decode(model_fit)) do
+  if fit.largest_gpu_bytes >= fit.required_bytes then
+    consumed[#consumed + 1] = model
+    redis.call('HSET', key_model(NS, model), name, cjson.encode(fit))
+  else
+    unfit[#unfit + 1] = model
+    redis.call('HSET', key_model_unfit(NS, model), name, cjson.encode(fit))
+  end
+end
+-- A worker registered without fit data (no probe) consumes the models it names.
+if next(cjson.decode(model_fit)) == nil then
+  for model in string.gmatch(models, '[^,]+') do consumed[#consumed + 1] = model end
+end
+table.sort(consumed)
+table.sort(unfit)
 local epoch = redis.call('HINCRBY', wk, 'epoch', 1)
-redis.call('HSET', wk, 'name', name, 'models', models, 'pid', pid, 'host', host,
+redis.call('HSET', wk, 'name', name, 'models', table.concat(consumed, ','),
+  'unfit_models', table.concat(unfit, ','), 'pid', pid, 'host', host,
   'concurrency', concurrency, 'registered_ms', NOW, 'last_heartbeat_ms', NOW, 'info', info,
   'probe', probe, 'gpus', gpus, 'verdict', '')
 redis.call('HDEL', wk, 'declared_dead_ms', 'health')
 redis.call('DEL', key_worker_kill(NS, name))
-for model, fit in pairs(cjson.decode(model_fit)) do
-  redis.call('HSET', key_model(NS, model), name, cjson.encode(fit))
-end
 redis.call('ZADD', key_workers(NS), NOW, name)
 if previous == 'QUARANTINED' or previous == 'PROBATION' then
   -- keep the state (and any probation deadline) it had
@@ -31,5 +67,5 @@ else
 end
 local state = redis.call('HGET', wk, 'state')
 emit('worker_registered', {'worker', name, 'epoch', epoch, 'previous_state', previous,
-                           'state', state, 'models', models})
+                           'state', state, 'models', table.concat(consumed, ',')})
 return {epoch, state}

@@ -1,10 +1,13 @@
 -- submit(id, model, workload, payload, deadline_in_ms, idempotency_key, idempotency_ttl_s,
---        dispatch_grace_ms, wait_for_capacity)
---   -> {job_id, 'created' | 'existing'} | {'does_not_fit', json} | {'no_capacity', json}
+--        dispatch_grace_ms, wait_for_capacity, liveness_ms, stall_ms)
+--   -> {job_id, 'created', dispatch_lease} | {job_id, 'existing'} | {'does_not_fit', json}
+--      | {'no_capacity', json}
+-- liveness_ms and stall_ms are the class's watch timeouts: the claim registers them.
 local id, model, workload, payload = ARGV[7], ARGV[8], ARGV[9], ARGV[10]
 local deadline_in_ms = tonumber(ARGV[11])
 local idem, idem_ttl_s, grace_ms = ARGV[12], tonumber(ARGV[13]), tonumber(ARGV[14])
 local wait_for_capacity = ARGV[15] == '1'
+local liveness_ms, stall_ms = tonumber(ARGV[16]), tonumber(ARGV[17])
 
 if idem ~= '' then
   local existing = redis.call('GET', key_idempotency(NS, idem))
@@ -14,20 +17,24 @@ end
 if redis.call('EXISTS', key_job(NS, id)) == 1 then return {id, 'existing'} end
 
 -- Fit-aware admission: refuse at once what no GPU in the fleet can hold, and (for classes
--- that should not wait) what no live, unquarantined worker serves now.
-local fleet = redis.call('HGETALL', key_model(NS, model))
+-- that should not wait) what no live, unquarantined worker serves now. The model's
+-- consumers and the workers it does not fit are listed apart.
 local workers, fitting, ready = {}, 0, 0
 local required, largest = 0, 0
-for i = 1, #fleet, 2 do
-  local name, fit = fleet[i], cjson.decode(fleet[i + 1])
-  local state = redis.call('HGET', key_worker(NS, name), 'state')
-  if state and state ~= 'STOPPED' then
-    workers[#workers + 1] = {name = name, state = state, largest_gpu_bytes = fit.largest_gpu_bytes}
-    required = math.max(required, fit.required_bytes)
-    largest = math.max(largest, fit.largest_gpu_bytes)
-    if fit.largest_gpu_bytes >= fit.required_bytes then
-      fitting = fitting + 1
-      if state == 'ALIVE' then ready = ready + 1 end
+for _, listing in ipairs({key_model(NS, model), key_model_unfit(NS, model)}) do
+  local fleet = redis.call('HGETALL', listing)
+  for i = 1, #fleet, 2 do
+    local name, fit = fleet[i], cjson.decode(fleet[i + 1])
+    local state = redis.call('HGET', key_worker(NS, name), 'state')
+    if state and state ~= 'STOPPED' then
+      workers[#workers + 1] = {name = name, state = state,
+                               largest_gpu_bytes = fit.largest_gpu_bytes}
+      required = math.max(required, fit.required_bytes)
+      largest = math.max(largest, fit.largest_gpu_bytes)
+      if fit.largest_gpu_bytes >= fit.required_bytes then
+        fitting = fitting + 1
+        if state == 'ALIVE' then ready = ready + 1 end
+      end
     end
   end
 end
@@ -48,11 +55,12 @@ if deadline_in_ms > 0 then
 end
 redis.call('HSET', key_job(NS, id), 'id', id, 'model', model, 'workload', workload,
   'payload', payload, 'attempt', 1, 'created_ms', NOW, 'deadline_ms', deadline,
-  'idempotency_key', idem)
+  'idempotency_key', idem, 'liveness_ms', liveness_ms, 'stall_ms', stall_ms)
 move_state(id, nil, 'QUEUED')
 attempt_put(id, 1, {n = 1, queued_ms = NOW})
 -- The dispatch entry is the producer's promise to publish: if it dies before it does,
 -- the watchdog publishes once the grace has passed.
+-- The score is the producer's lease: only it may publish before the grace has passed.
 redis.call('ZADD', key_dispatch(NS), NOW + grace_ms, id .. '.1')
 emit('submitted', {'job', id, 'attempt', 1, 'model', model, 'workload', workload})
-return {id, 'created'}
+return {id, 'created', tostring(NOW + grace_ms)}

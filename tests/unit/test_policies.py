@@ -92,9 +92,23 @@ def test_batch_backoff_grows_on_average_until_the_cap() -> None:
 def test_exclusive_fails_a_lost_attempt_explicitly() -> None:
     for outcome in NODE_OUTCOMES:
         decision = decide(EXCLUSIVE, outcome, 1, lost_on("w1", outcome=outcome))
-        assert decision == GiveUp(outcome.value, JobState.FAILED)
+        # A dead node and a dead child both mean "outcome unknown": FAILED/worker_lost.
+        reason = "worker_lost" if outcome is Outcome.NODE_LOST else outcome.value
+        assert decision == GiveUp(reason, JobState.FAILED)
     assert decide(EXCLUSIVE, Outcome.WORKER_LOST, 1, lost_on("w1")) == GiveUp(
         "worker_lost", JobState.FAILED
+    )
+
+
+def test_nodes_that_died_under_a_job_are_no_evidence_of_poison() -> None:
+    """Three whole nodes dying under a job (each declared dead on a stale heartbeat) is
+    bad luck for the job, not its fault: it is retried, not dead-lettered. Three children
+    dying under it while their nodes lived is poison."""
+    nodes = [EndedAttempt(f"w{k}", Outcome.NODE_LOST.value) for k in range(1, 4)]
+    assert isinstance(decide(BATCH, Outcome.NODE_LOST, 3, nodes), Retry)
+    children = [EndedAttempt(f"w{k}", Outcome.WORKER_LOST.value) for k in range(1, 4)]
+    assert decide(BATCH, Outcome.WORKER_LOST, 3, children) == GiveUp(
+        "poison", JobState.DEAD_LETTERED
     )
 
 

@@ -1,0 +1,368 @@
+"""The contract's holes, closed in the ledger: each test drives the real Lua scripts on a
+private redis-server the way a worker, a producer or the watchdog would, and checks that
+a job that has not ended always has an owner that will move it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from gridqueue.errors import WorkerNameInUseError
+from gridqueue.keys import KOMBU_UNACKED, KOMBU_UNACKED_INDEX, attempt_id, queue_for_model
+from gridqueue.ledger import Ledger, connect_redis
+from gridqueue.settings import Settings
+from gridqueue.states import JobState, Outcome, WorkerState
+
+GIB = 2**30
+PAYLOAD = '{"prompt":"p","ms":10}'
+
+
+def fits(*models: str, required_gib: int = 8, largest_gib: int = 80) -> dict[str, dict[str, int]]:
+    fit = {"required_bytes": required_gib * GIB, "largest_gpu_bytes": largest_gib * GIB}
+    return {model: dict(fit) for model in models}
+
+
+def register(
+    ledger: Ledger,
+    name: str,
+    *models: str,
+    pid: int = 100,
+    host: str = "node-a",
+    model_fit: dict[str, dict[str, int]] | None = None,
+) -> int:
+    models = models or ("sim-llm",)
+    return ledger.register(
+        name, list(models), pid, host, 1, "{}", model_fit=model_fit or fits(*models)
+    )
+
+
+def submit(ledger: Ledger, job_id: str, model: str = "sim-llm", workload: str = "realtime") -> str:
+    return ledger.submit(job_id, model, workload, PAYLOAD, 60_000, None).job_id
+
+
+def deliver(
+    ledger: Ledger, job_id: str, n: int, tag: str, age_s: float, model: str = "sim-llm"
+) -> None:
+    """What kombu writes when a consumer takes a message with acks_late: the message in
+    ``unacked`` and its delivery time (the consumer's clock, seconds) in
+    ``unacked_index``."""
+    queue = queue_for_model(ledger.settings.namespace, model)
+    message = {
+        "body": "",
+        "headers": {"id": attempt_id(job_id, n), "task": "gridqueue.attempt"},
+        "properties": {"delivery_tag": tag},
+    }
+    client = ledger.client
+    client.hset(KOMBU_UNACKED, tag, json.dumps([message, "", queue]))
+    client.zadd(KOMBU_UNACKED_INDEX, {tag: time.time() - age_s})
+
+
+def leader(ledger: Ledger) -> str:
+    held, token = ledger.lease("test-watchdog", 60_000)
+    assert held
+    return token
+
+
+# -- hole 1: message taken, never claimed ---------------------------------------------------
+
+
+def test_a_delivery_unclaimed_past_the_grace_is_republished_and_removed(ledger: Ledger) -> None:
+    register(ledger, "w1")
+    job = submit(ledger, "j1")
+    ledger.client.zrem(ledger.keys.dispatch, attempt_id(job, 1))  # the producer published it
+    deliver(ledger, job, 1, "tag-dead", age_s=ledger.settings.dispatch_grace_s + 1)
+
+    recovered = ledger.sweep_deliveries(leader(ledger))
+
+    assert recovered == [attempt_id(job, 1)]
+    assert ledger.client.hget(KOMBU_UNACKED, "tag-dead") is None
+    assert ledger.client.zscore(KOMBU_UNACKED_INDEX, "tag-dead") is None
+    due = ledger.client.zscore(ledger.keys.dispatch, attempt_id(job, 1))
+    assert due is not None and due <= ledger.time_ms()
+    assert ledger.stats()["stranded_deliveries"] == 1
+    assert ledger.get(job).state is JobState.QUEUED  # same attempt, published again
+
+
+def test_a_delivery_within_its_claim_grace_is_left_alone(ledger: Ledger) -> None:
+    register(ledger, "w1")
+    job = submit(ledger, "j1")
+    deliver(ledger, job, 1, "tag-fresh", age_s=0.0)
+
+    assert ledger.sweep_deliveries(leader(ledger)) == []
+    assert ledger.client.hget(KOMBU_UNACKED, "tag-fresh") is not None
+
+
+def test_a_claimed_delivery_leaves_the_sweep_for_good(ledger: Ledger) -> None:
+    """A long-running attempt's message stays in unacked (acks_late) while it runs: the
+    sweep must not republish it, and must not read it again every tick."""
+    register(ledger, "w1")
+    job = submit(ledger, "j1")
+    deliver(ledger, job, 1, "tag-run", age_s=0.0)
+    assert ledger.claim(job, 1, "w1", 4242, "tag-run").status == "ok"
+    # Long after the claim grace, the delivery is still out of range.
+    ceiling = time.time() + 3600
+    assert ledger.client.zrangebyscore(KOMBU_UNACKED_INDEX, "-inf", ceiling) == []
+    assert ledger.sweep_deliveries(leader(ledger)) == []
+    assert ledger.get(job).state is JobState.RUNNING
+
+
+def test_deliveries_of_other_applications_are_never_touched(ledger: Ledger) -> None:
+    """Another Celery app (or another gridqueue namespace) on the same database keeps its
+    unacked messages and its own visibility-timeout redelivery."""
+    stranger = {"body": "", "headers": {"id": "abc.1"}, "properties": {}}
+    ledger.client.hset(KOMBU_UNACKED, "tag-other", json.dumps([stranger, "", "celery"]))
+    ledger.client.zadd(KOMBU_UNACKED_INDEX, {"tag-other": time.time() - 3600})
+    other_ns = queue_for_model("otherns", "sim-llm")
+    ledger.client.hset(KOMBU_UNACKED, "tag-ns", json.dumps([stranger, "", other_ns]))
+    ledger.client.zadd(KOMBU_UNACKED_INDEX, {"tag-ns": time.time() - 3600})
+
+    assert ledger.sweep_deliveries(leader(ledger)) == []
+    assert ledger.client.zscore(KOMBU_UNACKED_INDEX, "tag-other") is not None
+    assert ledger.client.zscore(KOMBU_UNACKED_INDEX, "tag-ns") is not None
+
+
+def test_the_sweep_is_fenced_by_the_leader_token(ledger: Ledger) -> None:
+    register(ledger, "w1")
+    job = submit(ledger, "j1")
+    deliver(ledger, job, 1, "tag-dead", age_s=60)
+    leader(ledger)
+    assert ledger.sweep_deliveries("someone-else:99") == []
+    assert ledger.client.hget(KOMBU_UNACKED, "tag-dead") is not None
+
+
+def test_a_child_lost_before_its_claim_is_redelivered(ledger: Ledger) -> None:
+    register(ledger, "w1")
+    job = submit(ledger, "j1")
+    ledger.client.zrem(ledger.keys.dispatch, attempt_id(job, 1))  # published and delivered
+    # The child died before claiming: the worker's report ends nothing (the attempt never
+    # ran) and the attempt is made due again.
+    end = ledger.end_attempt(job, 1, Outcome.WORKER_LOST, worker="w1", pid=4242, epoch=1)
+    assert end.status == "stale"
+    assert ledger.redeliver(job, 1)
+    assert ledger.client.zscore(ledger.keys.dispatch, attempt_id(job, 1)) is not None
+    # Once it is claimed, a late report of that lost delivery redelivers nothing.
+    assert ledger.claim(job, 1, "w1", 4243, "").status == "ok"
+    assert not ledger.redeliver(job, 1)
+
+
+# -- hole 2: claimed but unwatched ------------------------------------------------------------
+
+
+def test_the_claim_puts_the_attempt_under_its_class_watch(ledger: Ledger) -> None:
+    register(ledger, "w1")
+    job = submit(ledger, "j1", workload="batch")
+    before = ledger.time_ms()
+    assert ledger.claim(job, 1, "w1", 4242, "").status == "ok"
+    member = attempt_id(job, 1)
+    batch = ledger.workloads["batch"]
+    liveness = ledger.client.zscore(ledger.keys.liveness, member)
+    stall = ledger.client.zscore(ledger.keys.stalls, member)
+    assert liveness is not None and stall is not None, "a claimed attempt nothing watches"
+    assert before + batch.liveness_timeout_s * 1000 <= liveness
+    assert liveness <= ledger.time_ms() + batch.liveness_timeout_s * 1000
+    assert before + batch.stall_timeout_s * 1000 <= stall
+
+
+def test_a_claim_whose_child_never_beats_is_declared_stalled(ledger: Ledger) -> None:
+    """A claim whose reply was lost, or a child frozen between its claim and its first
+    beat: the watch the claim registered lapses, and the watchdog's verdict moves it."""
+    register(ledger, "w1")
+    job = submit(ledger, "j1")
+    assert ledger.claim(job, 1, "w1", 4242, "").status == "ok"
+    member = attempt_id(job, 1)
+    ledger.client.zadd(ledger.keys.liveness, {member: ledger.time_ms() - 1})  # time passes
+    scan = ledger.scan()
+    assert member in scan.liveness_lapsed
+    stalled, _ = ledger.stall(member, "liveness", leader(ledger))
+    assert stalled
+    assert ledger.lost_attempts() == {member: "stalled"}
+
+
+# -- hole 3: avoid loops ----------------------------------------------------------------------
+
+
+def test_register_replaces_the_models_a_worker_is_listed_under(ledger: Ledger) -> None:
+    register(ledger, "w1", "sim-llm", "sim-embed")
+    assert ledger.client.hexists(ledger.keys.model("sim-embed"), "w1")
+    register(ledger, "w1", "sim-llm")  # restarted without sim-embed
+    assert not ledger.client.hexists(ledger.keys.model("sim-embed"), "w1")
+    assert ledger.client.hexists(ledger.keys.model("sim-llm"), "w1")
+
+
+def test_a_model_that_does_not_fit_is_not_listed_as_consumed(ledger: Ledger) -> None:
+    fit = {**fits("sim-llm"), **fits("sim-llm-70b", required_gib=140)}
+    register(ledger, "w1", "sim-llm", "sim-llm-70b", model_fit=fit)
+    assert not ledger.client.hexists(ledger.keys.model("sim-llm-70b"), "w1")
+    assert ledger.client.hexists(ledger.keys.model_unfit("sim-llm-70b"), "w1")
+    assert ledger.worker("w1") is not None
+    assert ledger.worker("w1").models == ["sim-llm"]  # type: ignore[union-attr]
+
+
+def lose_first_attempt(ledger: Ledger, job: str, worker: str) -> None:
+    assert ledger.claim(job, 1, worker, 4242, "").status == "ok"
+    end = ledger.end_attempt(job, 1, Outcome.WORKER_LOST, worker=worker, pid=4242)
+    assert end.status == "retry"
+
+
+def test_avoid_defers_only_to_a_worker_that_still_consumes_the_model(ledger: Ledger) -> None:
+    register(ledger, "w1")
+    register(ledger, "w2")
+    register(ledger, "w2", "sim-embed")  # w2 no longer serves sim-llm, but is ALIVE
+    job = submit(ledger, "j1")
+    lose_first_attempt(ledger, job, "w1")
+    # w1 failed under the job, but no one else can take it: w1 runs it, no bouncing.
+    assert ledger.claim(job, 2, "w1", 4243, "").status == "ok"
+
+
+def test_avoid_never_defers_to_a_silent_worker(ledger: Ledger) -> None:
+    register(ledger, "w1")
+    register(ledger, "w2")
+    ledger.client.zadd(ledger.keys.workers, {"w2": ledger.time_ms() - 60_000})  # silent
+    job = submit(ledger, "j1")
+    lose_first_attempt(ledger, job, "w1")
+    assert ledger.claim(job, 2, "w1", 4243, "").status == "ok"
+
+
+def test_two_workers_that_both_failed_a_job_do_not_bounce_it(ledger: Ledger) -> None:
+    register(ledger, "w1")
+    register(ledger, "w2")
+    job = submit(ledger, "j1", workload="batch")
+    lose_first_attempt(ledger, job, "w1")
+    assert ledger.claim(job, 2, "w2", 5000, "").status == "ok"
+    assert ledger.end_attempt(job, 2, Outcome.WORKER_LOST, worker="w2", pid=5000).status == "retry"
+    ledger.client.zadd(ledger.keys.dispatch, {attempt_id(job, 3): 0})
+    # Each failed once: neither may defer to the other.
+    assert ledger.claim(job, 3, "w1", 4244, "").status == "ok"
+
+
+def test_avoid_still_spreads_a_failing_job_to_a_ready_worker(ledger: Ledger) -> None:
+    register(ledger, "w1")
+    register(ledger, "w2")
+    job = submit(ledger, "j1")
+    lose_first_attempt(ledger, job, "w1")
+    claim = ledger.claim(job, 2, "w1", 4243, "")
+    assert (claim.status, claim.detail) == ("avoid", "w2")
+
+
+# -- hole 4: two processes, one name ------------------------------------------------------
+
+
+def test_a_second_process_under_a_live_name_is_refused(ledger: Ledger) -> None:
+    epoch = register(ledger, "w1", pid=100, host="node-a")
+    with pytest.raises(WorkerNameInUseError) as refused:
+        register(ledger, "w1", pid=200, host="node-b")
+    assert "node-a" in str(refused.value) and "100" in str(refused.value)
+    record = ledger.worker("w1")
+    assert record is not None and record.epoch == epoch and record.pid == 100  # not fenced
+    # The same process registering again (after a fence) is itself, not a second process.
+    assert register(ledger, "w1", pid=100, host="node-a") == epoch + 1
+
+
+def test_a_name_is_free_again_once_its_heartbeat_is_stale(settings: Settings) -> None:
+    fast = settings.model_copy(update={"stale_after_s": 0.3, "heartbeat_interval_s": 0.1})
+    ledger = Ledger(connect_redis(fast.redis_url), fast)
+    register(ledger, "w1", pid=100)
+    with pytest.raises(WorkerNameInUseError):
+        register(ledger, "w1", pid=200)
+    time.sleep(0.4)  # a kill -9, then a restart once the old heartbeat is stale
+    register(ledger, "w1", pid=200)
+    assert ledger.worker("w1").pid == 200  # type: ignore[union-attr]
+
+
+# -- hole 6: failure reports fenced by process, not name ---------------------------------------
+
+
+def test_another_child_of_the_same_node_cannot_end_a_running_attempt(ledger: Ledger) -> None:
+    epoch = register(ledger, "w1")
+    job = submit(ledger, "j1")
+    assert ledger.claim(job, 1, "w1", 4242, "").status == "ok"
+    # A duplicate delivery killed child 5151 of the same node: its report is refused.
+    end = ledger.end_attempt(job, 1, Outcome.WORKER_LOST, worker="w1", pid=5151, epoch=epoch)
+    assert end.status == "stale"
+    assert ledger.get(job).state is JobState.RUNNING
+    # Another incarnation of the node cannot end it either.
+    end = ledger.end_attempt(job, 1, Outcome.WORKER_LOST, worker="w1", pid=4242, epoch=epoch + 7)
+    assert end.status == "stale"
+    # The child that claimed it can.
+    end = ledger.end_attempt(job, 1, Outcome.WORKER_LOST, worker="w1", pid=4242, epoch=epoch)
+    assert end.status == "retry"
+
+
+# -- hole 9: a worker only starts models it serves ---------------------------------------------
+
+
+def test_a_claim_for_a_model_the_worker_does_not_serve_is_refused(ledger: Ledger) -> None:
+    register(ledger, "w-embed", "sim-embed")
+    register(ledger, "w-llm", "sim-llm")
+    job = submit(ledger, "j1", model="sim-llm")
+    ledger.client.zrem(ledger.keys.dispatch, attempt_id(job, 1))
+    claim = ledger.claim(job, 1, "w-embed", 4242, "")
+    assert (claim.status, claim.detail) == ("not_served", "sim-llm")
+    assert ledger.get(job).state is JobState.QUEUED
+    assert ledger.client.zscore(ledger.keys.dispatch, attempt_id(job, 1)) is not None
+    assert ledger.claim(job, 1, "w-llm", 4243, "").status == "ok"
+
+
+# -- hole 11: poison evidence -----------------------------------------------------------------
+
+
+def test_three_nodes_that_died_do_not_dead_letter_an_innocent_job(settings: Settings) -> None:
+    fast = settings.model_copy(
+        update={"stale_after_s": 0.2, "heartbeat_interval_s": 0.05, "probation_base_s": 0}
+    )
+    ledger = Ledger(connect_redis(fast.redis_url), fast)
+    token = leader(ledger)
+    job = submit(ledger, "j1", workload="batch")
+    for n, worker in enumerate(("w1", "w2", "w3"), start=1):
+        register(ledger, worker)
+        assert ledger.claim(job, n, worker, 4242, "").status == "ok"
+        time.sleep(0.3)  # its node goes silent
+        assert ledger.declare_dead(worker, token) == 1
+        assert ledger.lost_attempts() == {attempt_id(job, n): "node_lost"}
+        end = ledger.end_attempt(job, n, Outcome.NODE_LOST, token=token)
+        assert end.status == "retry", end
+        ledger.client.zadd(ledger.keys.dispatch, {attempt_id(job, n + 1): 0})
+    record = ledger.get(job)
+    assert record.state is JobState.QUEUED
+    assert [a.outcome for a in record.attempts[:3]] == ["node_lost"] * 3
+
+
+# -- hole 12: smaller ones ---------------------------------------------------------------------
+
+
+def test_a_kill_order_survives_a_lost_heartbeat_reply(ledger: Ledger) -> None:
+    epoch = register(ledger, "w1")
+    job = submit(ledger, "j1")
+    assert ledger.claim(job, 1, "w1", 4242, "").status == "ok"
+    member = attempt_id(job, 1)
+    ledger.cancel(job)  # orders the child killed
+    first = ledger.heartbeat("w1", epoch, held=[member])  # ...and this reply is lost
+    again = ledger.heartbeat("w1", epoch, held=[member])
+    assert first.kill == [member] and again.kill == [member]
+    # Once the worker no longer holds it, the order is done.
+    assert ledger.heartbeat("w1", epoch, held=[]).kill == []
+    assert ledger.client.scard(ledger.keys.worker_kill("w1")) == 0
+
+
+def test_a_publisher_cannot_take_over_a_lease_another_one_holds(ledger: Ledger) -> None:
+    register(ledger, "w1")
+    submitted = ledger.submit("j1", "sim-llm", "realtime", PAYLOAD, 60_000, None)
+    member = attempt_id(submitted.job_id, 1)
+    # The producer holds the publish lease until the dispatch grace has passed.
+    assert ledger.begin_dispatch(member) is None
+    lease = ledger.begin_dispatch(member, submitted.dispatch_lease)
+    assert lease is not None
+    ledger.end_dispatch(lease)
+    # Published: nothing is left to publish, so no second message is sent.
+    assert ledger.begin_dispatch(member) is None
+
+
+def test_worker_state_after_refused_register_is_untouched(ledger: Ledger) -> None:
+    register(ledger, "w1", pid=100)
+    with pytest.raises(WorkerNameInUseError):
+        register(ledger, "w1", pid=200, host="node-b")
+    assert ledger.worker("w1").state is WorkerState.ALIVE  # type: ignore[union-attr]
+    assert ledger.stats()["registers_refused"] == 1
