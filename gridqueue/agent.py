@@ -9,6 +9,12 @@ fire-and-forget). When its heartbeat is refused (the watchdog declared it dead w
 was frozen or cut off), it kills every child still running an attempt (those attempts
 were already moved elsewhere) and registers again.
 
+It also fences itself: a node that has had no acknowledged heartbeat for almost
+``stale_after_s`` (cut off from Redis) kills its running children and stops consuming
+before the watchdog can give their jobs to others, and consumes again only once it has
+registered anew. One name is one process: a register is refused while another process
+heartbeats under the name.
+
 Threads: the heartbeat never waits on the GPU probe. The probe runs in its own thread and
 under a deadline, so a wedged driver turns into the verdict ``nvml_unresponsive`` while
 the heartbeat keeps going.
@@ -30,12 +36,12 @@ from celery.signals import task_failure, worker_shutdown
 from celery.worker import state as worker_state
 from redis.exceptions import RedisError
 
-from gridqueue.errors import GridQueueError
+from gridqueue.errors import GridQueueError, WorkerNameInUseError
 from gridqueue.health import HealthClassifier, HealthConfig, HealthLevel
 from gridqueue.keys import split_attempt_id
 from gridqueue.logs import get_logger
 from gridqueue.probes import DeadlineReader, ProbeReading
-from gridqueue.runner import WorkerRuntime, current_runtime
+from gridqueue.runner import WorkerRuntime, current_runtime, failing_child_pid
 from gridqueue.states import Outcome, WorkerState
 
 log = get_logger("gridqueue.agent")
@@ -107,24 +113,50 @@ class GridQueueAgent(bootsteps.StartStopStep):  # type: ignore[misc]
         self._consuming = True
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._fence_thread: threading.Thread | None = None
+        self._acked_at = time.monotonic()  # when the last acknowledged heartbeat was sent
+        self._self_fenced = False
+        self._evicted = False  # another process took over our name
 
     def start(self, parent: Any) -> None:
         self.runtime = current_runtime()
         self.health = HealthMonitor(self.runtime)
         reading = self.health.read_once()
-        self._register(reading)
+        self._register_when_free(reading)
         self.health.start()
         task_failure.connect(self._on_task_failure, weak=False)
+        self._acked_at = time.monotonic()
         self._thread = threading.Thread(
             target=self._heartbeat_loop, name="gq-heartbeat", daemon=True
         )
         self._thread.start()
+        self._fence_thread = threading.Thread(
+            target=self._fence_loop, name="gq-self-fence", daemon=True
+        )
+        self._fence_thread.start()
+
+    def _register_when_free(self, reading: ProbeReading) -> None:
+        """Register, waiting out a previous incarnation of this name (a restart after a
+        kill -9 comes back before its old heartbeat is stale); a name that another live
+        process keeps beating under is refused."""
+        settings = self._rt().settings
+        give_up_at = time.monotonic() + 2 * settings.stale_after_s + 1.0
+        while True:
+            try:
+                self._register(reading)
+                return
+            except WorkerNameInUseError as exc:
+                if time.monotonic() >= give_up_at:
+                    log.error("worker.name_in_use", worker=self._rt().name, error=str(exc))
+                    self._rt().fatal = exc
+                    raise
+                time.sleep(settings.heartbeat_interval_s)
 
     def stop(self, parent: Any) -> None:
         """Warm shutdown begins: take no new work, but keep heartbeating while the pool
         finishes what it runs (Celery stops the pool after this step). Unregistering now
         would hand those attempts to another worker and throw their results away."""
-        if self.runtime is None:
+        if self.runtime is None or self._evicted:
             return
         with contextlib.suppress(RedisError, GridQueueError):
             self.runtime.ledger.quarantine(
@@ -142,8 +174,9 @@ class GridQueueAgent(bootsteps.StartStopStep):  # type: ignore[misc]
             self._thread.join(timeout=5)
         task_failure.disconnect(self._on_task_failure)
         runtime = self._rt()
-        with contextlib.suppress(RedisError):
-            runtime.ledger.unregister(runtime.name, self.epoch)
+        if not self._evicted:
+            with contextlib.suppress(RedisError):
+                runtime.ledger.unregister(runtime.name, self.epoch)
         if runtime.probe is not None:
             with contextlib.suppress(Exception):
                 runtime.probe.close()
@@ -186,19 +219,7 @@ class GridQueueAgent(bootsteps.StartStopStep):  # type: ignore[misc]
         failing = False
         while not self._stop.wait(interval_s):
             try:
-                health = self.health
-                beat = runtime.ledger.heartbeat(
-                    runtime.name,
-                    self.epoch,
-                    health.snapshot if health else "",
-                    health.verdict if health else "",
-                )
-                if beat.fenced:
-                    self._on_fenced(beat.state)
-                else:
-                    self._apply_state(beat.state or "")
-                for member in beat.kill:
-                    self._kill_attempt(member, why="ordered")
+                self._beat_once()
                 if failing:
                     log.info("heartbeat.recovered", worker=runtime.name)
                     failing = False
@@ -206,6 +227,54 @@ class GridQueueAgent(bootsteps.StartStopStep):  # type: ignore[misc]
                 if not failing:
                     log.warning("heartbeat.failed", worker=runtime.name, error=str(exc))
                 failing = True
+            except Exception as exc:
+                # Any other failure must not end this thread silently: the node would be
+                # declared dead while it kept consuming. Say so loudly and beat on; if it
+                # persists, the self-fence stops the node's work.
+                log.exception("heartbeat.error", worker=runtime.name, error=repr(exc))
+                failing = True
+
+    def _beat_once(self) -> None:
+        runtime = self._rt()
+        sent_at = time.monotonic()
+        health = self.health
+        beat = runtime.ledger.heartbeat(
+            runtime.name,
+            self.epoch,
+            health.snapshot if health else "",
+            health.verdict if health else "",
+            held=[request.id for request in _held_requests()],
+        )
+        if beat.fenced:
+            self._on_fenced(beat.state)
+        elif self._self_fenced:
+            # Back in touch, and not declared dead meanwhile: still, this node let its
+            # attempts go; join again as a new incarnation before taking work.
+            self._register()
+        else:
+            self._apply_state(beat.state or "")
+        self._acked_at = sent_at
+        self._self_fenced = False
+        for member in beat.kill:
+            self._kill_attempt(member, why="ordered")
+
+    def _fence_loop(self) -> None:
+        """Fence this node when its heartbeats go unacknowledged (a partition from Redis):
+        kill the running children before the watchdog could move their jobs, and stop
+        consuming until the node has registered again."""
+        settings = self._rt().settings
+        limit_s = settings.stale_after_s - settings.heartbeat_interval_s
+        while not self._stop.wait(settings.heartbeat_interval_s / 2):
+            if self._self_fenced or time.monotonic() - self._acked_at < limit_s:
+                continue
+            self._self_fenced = True
+            log.error(
+                "worker.self_fenced", worker=self._rt().name,
+                unacknowledged_s=round(time.monotonic() - self._acked_at, 3),
+            )  # fmt: skip
+            self._apply_state(WorkerState.DEAD.value)
+            for request in _held_requests():
+                self._kill_attempt(request.id, why="self-fenced")
 
     def _apply_state(self, state: str) -> None:
         """Consume only while ALIVE. The ledger refuses other claims regardless."""
@@ -228,12 +297,20 @@ class GridQueueAgent(bootsteps.StartStopStep):  # type: ignore[misc]
         """We were declared dead: our attempts live elsewhere now. Kill, then rejoin."""
         runtime = self._rt()
         log.warning("worker.fenced", worker=runtime.name, state=state, epoch=self.epoch)
-        for request in _active_requests():
+        for request in _held_requests():
             self._kill_attempt(request.id, why="fenced")
-        self._register()
+        try:
+            self._register()
+        except WorkerNameInUseError as exc:
+            # Another process serves under our name now: it owns the name's record and
+            # its attempts. Stop consuming and shut down without touching either.
+            log.error("worker.evicted", worker=runtime.name, error=str(exc))
+            self._evicted = True
+            self._apply_state(WorkerState.STOPPED.value)
+            os.kill(os.getpid(), signal.SIGTERM)
 
     def _kill_attempt(self, member: str, why: str) -> None:
-        for request in _active_requests():
+        for request in _held_requests():
             if request.id == member and request.worker_pid:
                 log.warning("attempt.killing", attempt=member, pid=request.worker_pid, why=why)
                 with contextlib.suppress(ProcessLookupError):
@@ -243,21 +320,37 @@ class GridQueueAgent(bootsteps.StartStopStep):  # type: ignore[misc]
     def _on_task_failure(
         self, sender: Any = None, task_id: str | None = None, exception: Any = None, **_: Any
     ) -> None:
+        """A pool child died under a task. If it had claimed the attempt, the attempt ends
+        ``worker_lost`` (refused unless that very child held it); if it died before
+        claiming, Celery has acked the message and nothing holds the attempt: publish it
+        again now."""
         if not isinstance(exception, WorkerLostError) or not task_id or "." not in task_id:
             return
         job_id, attempt = split_attempt_id(task_id)
+        runtime = self._rt()
+        pid = failing_child_pid()
         try:
-            self._rt().end_attempt(job_id, attempt, Outcome.WORKER_LOST, str(exception))
+            ended = False
+            if pid is not None:
+                end = runtime.end_attempt(
+                    job_id, attempt, Outcome.WORKER_LOST, str(exception), pid=pid, epoch=self.epoch
+                )
+                ended = end.status != "stale"
+            if not ended and runtime.ledger.redeliver(job_id, attempt):
+                log.warning("attempt.redelivered", job=job_id, attempt=attempt, pid=pid)
+                runtime.dispatcher.publish(task_id)
         except RedisError as exc:
-            # The attempt stays RUNNING on a live worker; the watchdog's liveness checks
-            # catch it later. Say so loudly.
+            # A claimed attempt stays watched (its liveness lapses, the watchdog acts); an
+            # unclaimed one is republished by the watchdog's delivery sweep only if its
+            # message is still unacked. Say so loudly.
             log.error("attempt.worker_lost_unrecorded", job=job_id, attempt=attempt, error=str(exc))
 
 
-def _active_requests() -> list[Any]:
+def _held_requests() -> list[Any]:
+    """The requests this node holds: reserved for a pool slot or running in a child."""
     for _ in range(5):
         try:
-            return list(worker_state.active_requests)
-        except RuntimeError:  # the set changed size while we copied it
+            return list(worker_state.requests.values())
+        except RuntimeError:  # the dict changed size while we copied it
             continue
     return []

@@ -31,9 +31,12 @@ from gridqueue.errors import (
 from gridqueue.handlers import check_model_name
 from gridqueue.keys import attempt_id
 from gridqueue.ledger import Ledger, connect_redis, dumps, retry_redis
+from gridqueue.logs import get_logger
 from gridqueue.records import JobRecord
 from gridqueue.settings import Settings
 from gridqueue.states import JobState
+
+_log = get_logger("gridqueue.client")
 
 _ENDED_ERRORS: dict[JobState, type[JobEndedError]] = {
     JobState.FAILED: JobFailed,
@@ -141,7 +144,7 @@ class GridQueue:
         if idempotency_key is not None and not idempotency_key.strip():
             raise InvalidJobError("idempotency_key must be a non-empty string (or None)")
         job_id = uuid.uuid4().hex  # chosen before the first try: a retry writes it once
-        job_id, created = retry_redis(self.ledger.submit)(
+        submitted = retry_redis(self.ledger.submit)(
             job_id,
             model,
             workload,
@@ -150,9 +153,16 @@ class GridQueue:
             idempotency_key,
             wait_for_capacity=workload_class.wait_for_capacity,
         )
-        if created:
-            self.dispatcher.publish(attempt_id(job_id, 1))
-        return Job(self, job_id, created)
+        if submitted.created:
+            # The job is in the ledger: from here on submit() returns its handle, whatever
+            # the publish does. Raising now would tell the caller that a job that exists,
+            # and will run, did not; a retry without an idempotency key would run it twice.
+            # The dispatch entry covers a publish that fails: the watchdog sends it.
+            try:
+                self.dispatcher.publish(attempt_id(job_id, 1), submitted.dispatch_lease)
+            except Exception as exc:  # redis and kombu errors alike
+                _log.warning("submit.publish_deferred", job=job_id, error=repr(exc))
+        return Job(self, submitted.job_id, submitted.created)
 
     def job(self, job_id: str) -> Job:
         """A handle on an existing job."""

@@ -23,9 +23,10 @@ class Dispatcher:
         self.ledger = ledger
         self.app = app
 
-    def publish(self, member: str) -> bool:
-        """Publish attempt ``member`` if it is still the job's queued attempt."""
-        lease = self.ledger.begin_dispatch(member)
+    def publish(self, member: str, own_lease: str = "") -> bool:
+        """Publish attempt ``member`` if it is still the job's queued attempt and its
+        dispatch is due (or leased to us: ``own_lease``, the producer's from submit)."""
+        lease = self.ledger.begin_dispatch(member, own_lease)
         if lease is None:
             return False
         job_id, attempt = split_attempt_id(member)

@@ -16,12 +16,13 @@ from typing import Any
 
 from celery import Celery, Task
 from celery.exceptions import Reject
+from celery.worker.request import Request
 from redis.exceptions import RedisError
 
 from gridqueue.celeryapp import TASK_NAME
 from gridqueue.dispatch import Dispatcher
 from gridqueue.errors import InvalidInput
-from gridqueue.handlers import Context, get_handler
+from gridqueue.handlers import Confirmation, Context, HandlerFn, get_handler
 from gridqueue.keys import attempt_id
 from gridqueue.ledger import AttemptEnd, Ledger, dumps, retry_redis
 from gridqueue.logs import get_logger
@@ -46,6 +47,7 @@ class WorkerRuntime:
     probe: Probe | None = None
     probe_note: str = ""
     host: str = field(default_factory=socket.gethostname)
+    fatal: Exception | None = None  # why the agent could not join the fleet
     _ledger: Ledger | None = None
     _pid: int = 0
 
@@ -61,10 +63,19 @@ class WorkerRuntime:
     def dispatcher(self) -> Dispatcher:
         return Dispatcher(self.ledger, self.app)
 
-    def end_attempt(self, job_id: str, attempt: int, outcome: Outcome, error: str) -> AttemptEnd:
-        """End an attempt of this worker and, for an immediate retry, publish it now."""
+    def end_attempt(
+        self,
+        job_id: str,
+        attempt: int,
+        outcome: Outcome,
+        error: str,
+        pid: int | None = None,
+        epoch: int | None = None,
+    ) -> AttemptEnd:
+        """End an attempt that process ``pid`` of this worker ran and, for an immediate
+        retry, publish it now."""
         end: AttemptEnd = retry_redis(self.ledger.end_attempt)(
-            job_id, attempt, outcome, error=error[:2000], worker=self.name
+            job_id, attempt, outcome, error=error[:2000], worker=self.name, pid=pid, epoch=epoch
         )
         log.info(
             "attempt.ended",
@@ -99,7 +110,10 @@ class AttemptLiveness:
 
     The node's heartbeat says the worker's main process is alive; this one says the
     process running *this* attempt is. A frozen child (SIGSTOP, D-state) stops beating and
-    the watchdog declares the attempt stalled after the class's liveness_timeout_s.
+    the watchdog declares the attempt stalled after the class's liveness_timeout_s. The
+    claim registered the first deadline, so the thread starts with a wait, not a beat.
+    It beats until the attempt's outcome is in the ledger, not just until the handler
+    returns: a result still being written through a Redis blip is not a stall.
     """
 
     def __init__(self, runtime: WorkerRuntime, job_id: str, attempt: int, timeout_s: float):
@@ -108,11 +122,11 @@ class AttemptLiveness:
         self.attempt = attempt
         self.timeout_ms = int(timeout_s * 1000)
         self.interval_s = max(0.05, timeout_s / 4)
+        self._confirmed = Confirmation(runtime.settings.stale_after_s)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="gq-liveness", daemon=True)
 
     def start(self) -> None:
-        self._beat()
         self._thread.start()
 
     def stop(self) -> None:
@@ -120,16 +134,20 @@ class AttemptLiveness:
 
     def _beat(self) -> bool:
         try:
-            return self.runtime.ledger.beat(
-                self.job_id, self.attempt, self.runtime.name, self.timeout_ms
+            return self._confirmed.record(
+                self.runtime.ledger.beat(
+                    self.job_id, self.attempt, self.runtime.name, self.timeout_ms
+                )
             )
         except RedisError:
-            return True  # keep trying: a blip must not look like a stall on our side
+            # A blip must not look like a stall on our side; but once the attempt could
+            # not be confirmed current for stale_after_s, it may well be another's now.
+            return self._confirmed.recent()
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval_s):
             if not self._beat():
-                return  # superseded: nothing left to vouch for
+                return  # superseded, or unconfirmed for too long: nothing to vouch for
 
 
 def run_attempt(task: Task, job_id: str, attempt: int) -> None:
@@ -144,6 +162,8 @@ def run_attempt(task: Task, job_id: str, attempt: int) -> None:
         log.error("attempt.claim_failed", job=job_id, attempt=attempt, error=str(exc))
         raise Reject(str(exc), requeue=True) from exc
     if claim.status != "ok":
+        # Refused (fenced, not served, deferred), stale or a duplicate: the message is
+        # acked, and the claim itself made the attempt's dispatch due again if it must.
         log.info(
             "attempt.skipped", job=job_id, attempt=attempt, why=claim.status, detail=claim.detail
         )
@@ -152,43 +172,82 @@ def run_attempt(task: Task, job_id: str, attempt: int) -> None:
     log.info("attempt.started", job=job_id, attempt=attempt, model=claim.model)
     found = get_handler(claim.model)
     if found is None:
-        runtime.end_attempt(
-            job_id, attempt, Outcome.ERROR, f"no handler for model {claim.model!r} on this worker"
-        )
+        error = f"no handler for model {claim.model!r} on this worker"
+        runtime.end_attempt(job_id, attempt, Outcome.ERROR, error, pid=os.getpid())
         return
     workload = ledger.workloads.get(claim.workload or "")
     liveness_s = workload.liveness_timeout_s if workload else 5.0
     stall_ms = int((workload.stall_timeout_s if workload else 300.0) * 1000)
-    ctx = Context(job_id, attempt, runtime.name, ledger, stall_ms=stall_ms)
-    ctx.progress("started")  # the stall clock starts now, progress() or not
+    # The claim started the stall clock and the liveness watch.
+    ctx = Context(
+        job_id,
+        attempt,
+        runtime.name,
+        ledger,
+        stall_ms=stall_ms,
+        confirm_within_s=runtime.settings.stale_after_s,
+    )
     liveness = AttemptLiveness(runtime, job_id, attempt, liveness_s)
     liveness.start()
     try:
-        result = found.fn(json.loads(claim.payload), ctx)
-    except InvalidInput as exc:
+        _run_claimed(runtime, found.fn, json.loads(claim.payload), ctx)
+    finally:
         liveness.stop()
-        runtime.end_attempt(job_id, attempt, Outcome.INVALID_INPUT, str(exc))
+
+
+def _run_claimed(runtime: WorkerRuntime, fn: HandlerFn, payload: Any, ctx: Context) -> None:
+    """Run the handler and write its outcome; the caller beats until this returns."""
+    job_id, attempt, pid = ctx.job_id, ctx.attempt, os.getpid()
+    try:
+        result = fn(payload, ctx)
+    except InvalidInput as exc:
+        runtime.end_attempt(job_id, attempt, Outcome.INVALID_INPUT, str(exc), pid=pid)
         return
     except Exception as exc:
-        liveness.stop()
-        runtime.end_attempt(job_id, attempt, Outcome.ERROR, f"{type(exc).__name__}: {exc}")
+        error = f"{type(exc).__name__}: {exc}"
+        runtime.end_attempt(job_id, attempt, Outcome.ERROR, error, pid=pid)
         return
-    liveness.stop()
     try:
         body = dumps(result)
     except (TypeError, ValueError) as exc:
-        runtime.end_attempt(
-            job_id, attempt, Outcome.ERROR, f"handler returned a value that is not JSON: {exc}"
-        )
+        error = f"handler returned a value that is not JSON: {exc}"
+        runtime.end_attempt(job_id, attempt, Outcome.ERROR, error, pid=pid)
         return
-    if retry_redis(ledger.complete)(job_id, attempt, runtime.name, body):
+    if retry_redis(runtime.ledger.complete)(job_id, attempt, runtime.name, body):
         log.info("attempt.succeeded", job=job_id, attempt=attempt)
     else:
         log.warning("attempt.result_discarded", job=job_id, attempt=attempt, why="superseded")
 
 
+_failing = threading.local()
+
+
+class AttemptRequest(Request):  # type: ignore[misc]
+    """Celery's request, in the worker's main process, telling the agent which pool
+    child a failure came from: a report of a dead child must name the process that ran
+    the attempt, or a duplicate delivery that died could end a healthy attempt."""
+
+    def on_failure(
+        self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False
+    ) -> Any:
+        _failing.pid = self.worker_pid  # read by task_failure receivers, on this thread
+        try:
+            return super().on_failure(
+                exc_info, send_failed_event=send_failed_event, return_ok=return_ok
+            )
+        finally:
+            _failing.pid = None
+
+
+def failing_child_pid() -> int | None:
+    """In a task_failure receiver: the pid of the pool child that accepted the task, or
+    None if no child accepted it yet."""
+    pid = getattr(_failing, "pid", None)
+    return int(pid) if pid else None
+
+
 def register_task(app: Celery) -> Task:
-    task: Task = app.task(name=TASK_NAME, bind=True, acks_late=True, ignore_result=True)(
-        run_attempt
-    )
+    task: Task = app.task(
+        name=TASK_NAME, bind=True, acks_late=True, ignore_result=True, Request=AttemptRequest
+    )(run_attempt)
     return task

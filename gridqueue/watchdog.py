@@ -9,7 +9,15 @@ deposed leader's writes are refused), then:
    of fresh work) or fail explicitly;
 3. expires jobs past their deadline, killing their running attempt;
 4. publishes dispatches that are due: retries whose backoff passed, and publishes that a
-   dead producer or watchdog never finished.
+   dead producer or watchdog never finished;
+5. sweeps kombu's deliveries for messages taken by a consumer that died before claiming
+   them, and publishes those attempts again.
+
+Liveness is judged on Redis server time, so the watchdog also checks that clock against
+its own monotonic one: when the Redis host's clock jumps (an NTP step, a failover to a
+replica whose clock is ahead), every heartbeat looks old at once, so no worker is judged
+until the fleet has beaten again on the new clock. One item that fails (a script error
+on one job) is logged and skipped; it does not abort the rest of the tick.
 
 All state is in Redis; a standby that takes the lease carries on where the leader stopped.
 Every step is a range query over what is due, so a tick costs O(log n + k).
@@ -23,26 +31,60 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gridqueue.celeryapp import make_celery
 from gridqueue.dispatch import Dispatcher
 from gridqueue.keys import attempt_id, split_attempt_id
-from gridqueue.ledger import Ledger, connect_redis
+from gridqueue.ledger import AttemptEnd, Ledger, connect_redis
 from gridqueue.logs import get_logger
 from gridqueue.settings import Settings
 from gridqueue.states import Outcome
 
 log = get_logger("gridqueue.watchdog")
 
+_T = TypeVar("_T")
+
 _LOST_ERRORS = {
     "worker_lost": "the worker running this attempt was lost",
+    "node_lost": "the node running this attempt died or stopped; its outcome is unknown",
     "gpu_fault": "the node's GPU failed its health check; the attempt was moved",
     "evacuated": "an operator quarantined the node; the attempt was moved",
     "stalled": "the attempt stopped beating or making progress; its child was killed",
 }
+
+
+@dataclass
+class ClockWatch:
+    """Notices a jump of the Redis host's clock: the server time read by two scans must
+    advance as the watchdog's monotonic clock did between them, within the reads' own
+    round trips and ``tolerance_s``."""
+
+    tolerance_s: float
+    _last: tuple[int, float, float] | None = None  # (server ms, mono before, mono after)
+
+    def jumped_ms(self, server_ms: int, mono_before: float, mono_after: float) -> int:
+        """The jump since the previous reading (0 if none): positive when the server
+        clock ran ahead of the monotonic one, negative when it went back."""
+        last, self._last = self._last, (server_ms, mono_before, mono_after)
+        if last is None:
+            return 0
+        last_ms, last_before, last_after = last
+        elapsed_ms = server_ms - last_ms
+        shortest_ms = (mono_before - last_after) * 1000
+        longest_ms = (mono_after - last_before) * 1000
+        tolerance_ms = self.tolerance_s * 1000
+        if elapsed_ms > longest_ms + tolerance_ms:
+            return int(elapsed_ms - longest_ms)
+        if elapsed_ms < shortest_ms - tolerance_ms:
+            return int(elapsed_ms - shortest_ms)
+        return 0
 
 
 @dataclass
@@ -55,6 +97,9 @@ class TickReport:
     workers_quarantined: int = 0
     attempts_stalled: int = 0
     dispatched: int = 0
+    deliveries_recovered: int = 0
+    clock_jump_ms: int = 0
+    items_failed: int = 0
     duration_s: float = 0.0
 
 
@@ -73,6 +118,7 @@ class Watchdog:
         self.grace_s = self.settings.stale_after_s + max(
             liveness_beat_s, self.settings.heartbeat_interval_s
         )
+        self.clock = ClockWatch(tolerance_s=self.settings.stale_after_s / 4)
 
     def tick(self) -> TickReport:
         started = time.perf_counter()
@@ -94,18 +140,27 @@ class Watchdog:
                 log.info("watchdog.grace", owner=self.owner, grace_s=self.grace_s)
             self.token = value
         report = TickReport(leader=True)
+        before = time.monotonic()
         scan = self.ledger.scan()
-        self._last_ok = now
+        report.clock_jump_ms = self.clock.jumped_ms(scan.now_ms, before, time.monotonic())
+        if report.clock_jump_ms:
+            # Every heartbeat and watch now looks older (or younger) than it is: hold all
+            # verdicts until the fleet has beaten again on the new clock.
+            self._blind_until = time.monotonic() + self.grace_s
+            log.warning(
+                "watchdog.clock_jump", owner=self.owner, jump_ms=report.clock_jump_ms,
+                grace_s=self.grace_s,
+            )  # fmt: skip
         moved = False
         judging = now >= self._blind_until
         for name in scan.stale_workers if judging else ():
-            count = self.ledger.declare_dead(name, value)
+            count = self._item(report, self.ledger.declare_dead, name, value)
             if count is not None:
                 report.workers_declared_dead += 1
                 moved = True
                 log.warning("worker.declared_dead", worker=name, attempts=count)
         for name in scan.health_changes:
-            action = self.ledger.apply_health(name, value)
+            action = self._item(report, self.ledger.apply_health, name, value)
             if action in ("evacuated", "draining"):
                 report.workers_quarantined += 1
                 moved |= action == "evacuated"
@@ -115,7 +170,8 @@ class Watchdog:
         lapsed = [(m, "liveness") for m in scan.liveness_lapsed]
         lapsed += [(m, "progress") for m in scan.progress_lapsed]
         for member, kind in lapsed if judging else ():
-            stalled, quarantined = self.ledger.stall(member, kind, value)
+            verdict = self._item(report, self.ledger.stall, member, kind, value)
+            stalled, quarantined = verdict or (False, False)
             if stalled:
                 report.attempts_stalled += 1
                 moved = True
@@ -127,33 +183,58 @@ class Watchdog:
         # verdict; requeue them now (and a successor would, had we died just before).
         self._requeue_lost(self.ledger.lost_attempts() if moved else scan.lost, value, report)
         for name in scan.probation_due:
-            if self.ledger.end_probation(name, value):
+            if self._item(report, self.ledger.end_probation, name, value):
                 log.info("worker.readmitted", worker=name)
         for job_id in scan.expired_jobs:
-            if self.ledger.expire(job_id, value):
+            if self._item(report, self.ledger.expire, job_id, value):
                 report.jobs_expired += 1
                 log.info("job.expired", job=job_id)
-        for member in scan.due_dispatches:
-            report.dispatched += self.dispatcher.publish(member)
+        due = list(scan.due_dispatches)
+        for member in self.ledger.sweep_deliveries(value):
+            report.deliveries_recovered += 1
+            log.warning("attempt.delivery_stranded", attempt=member)
+            if member not in due:
+                due.append(member)
+        for member in due:
+            report.dispatched += bool(self._item(report, self.dispatcher.publish, member))
+        # A long tick is no blind spot: we were in touch with Redis all along.
+        self._last_ok = time.monotonic()
         report.duration_s = time.perf_counter() - started
         return report
+
+    def _item(self, report: TickReport, verb: Callable[..., _T], *args: Any) -> _T | None:
+        """Apply one verb to one item. A failure particular to the item (a script error,
+        a bad record) is logged and skipped, so it cannot hold up the rest of the tick;
+        losing Redis itself ends the tick."""
+        try:
+            return verb(*args)
+        except (RedisConnectionError, RedisTimeoutError):
+            raise
+        except Exception as exc:
+            report.items_failed += 1
+            log.exception("watchdog.item_failed", verb=verb.__name__, item=args[0], error=repr(exc))
+            return None
 
     def _requeue_lost(self, lost: dict[str, str], token: str, report: TickReport) -> None:
         """Apply the class policy to attempts whose worker is gone or evacuated."""
         for member, outcome in lost.items():
             job_id, attempt = split_attempt_id(member)
-            end = self.ledger.end_attempt(
+            end = self._item(
+                report,
+                self._end_lost,
                 job_id,
                 attempt,
-                Outcome(outcome),
-                error=_LOST_ERRORS.get(outcome, "the worker running this attempt was lost"),
-                token=token,
+                outcome,
+                token,
             )
+            if end is None:
+                continue
             if end.status == "retry" and end.next_attempt:
                 report.attempts_requeued += 1
                 if end.after_s == 0:
-                    report.dispatched += self.dispatcher.publish(
-                        attempt_id(job_id, end.next_attempt)
+                    next_member = attempt_id(job_id, end.next_attempt)
+                    report.dispatched += bool(
+                        self._item(report, self.dispatcher.publish, next_member)
                     )
             elif end.status == "ended":
                 report.attempts_failed += 1
@@ -166,6 +247,15 @@ class Watchdog:
                 state=end.state,
                 next_attempt=end.next_attempt,
             )
+
+    def _end_lost(self, job_id: str, attempt: int, outcome: str, token: str) -> AttemptEnd:
+        return self.ledger.end_attempt(
+            job_id,
+            attempt,
+            Outcome(outcome),
+            error=_LOST_ERRORS.get(outcome, "the worker running this attempt was lost"),
+            token=token,
+        )
 
     def run(self, stop: threading.Event | None = None) -> None:
         stop = stop or threading.Event()

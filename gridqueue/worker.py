@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FuturesTimeout
 
 import redis
+from celery import Celery
 
 from gridqueue.agent import GridQueueAgent
 from gridqueue.celeryapp import make_celery
@@ -122,20 +123,31 @@ def run_worker(
     queues = [queue_for_model(settings.namespace, m) for m in fitting]
     app = make_celery(settings.redis_url)
     register_task(app)
-    install_runtime(
-        WorkerRuntime(
-            name,
-            models,
-            settings,
-            concurrency,
-            app,
-            queues=queues,
-            model_fit=model_fit,
-            probe=probe,
-            probe_note=note,
-        )
+    runtime = WorkerRuntime(
+        name,
+        models,
+        settings,
+        concurrency,
+        app,
+        queues=queues,
+        model_fit=model_fit,
+        probe=probe,
+        probe_note=note,
     )
+    install_runtime(runtime)
     app.steps["worker"].add(GridQueueAgent)
+    try:
+        _celery_worker(app, name, queues, concurrency, loglevel)
+    finally:
+        # Celery logs a bootstep's failure and exits 0: a worker that could not join
+        # the fleet (its name is in use) must say so and fail.
+        if runtime.fatal is not None:
+            raise runtime.fatal
+
+
+def _celery_worker(
+    app: Celery, name: str, queues: list[str], concurrency: int, loglevel: str
+) -> None:
     app.worker_main(
         argv=[
             "worker",
