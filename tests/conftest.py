@@ -1,5 +1,11 @@
 """Shared fixtures: a private redis-server per session, flushed between tests, and a
-fleet of real gridqueue processes that is always torn down."""
+fleet of real gridqueue processes that is always torn down.
+
+Every property test runs under one hypothesis profile: no per-example deadline (a slow or
+busy machine must not turn a correct example into a failure; timing belongs in
+benchmarks/) and the reproduction blob printed on failure, so any failure seen once can
+be replayed with ``@reproduce_failure``.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +14,23 @@ from pathlib import Path
 
 import pytest
 import redis
+from hypothesis import HealthCheck
+from hypothesis import settings as hypothesis_settings
 
 from gridqueue import GridQueue
 from gridqueue.embedded import EmbeddedRedis
 from gridqueue.fleet import LocalFleet
 from gridqueue.ledger import Ledger, connect_redis
 from gridqueue.settings import Settings
+
+hypothesis_settings.register_profile(
+    "gridqueue",
+    deadline=None,
+    print_blob=True,
+    # Slow data generation is the machine's load, not a fault of the code under test.
+    suppress_health_check=[HealthCheck.too_slow],
+)
+hypothesis_settings.load_profile("gridqueue")
 
 
 @pytest.fixture(scope="session")
