@@ -19,8 +19,20 @@ from gridqueue.probes import (
 )
 
 GIB = 2**30
-TIMEOUT_S = 0.2
-MARGIN_S = 0.15
+# The reader's deadline: long enough that a read which waited a deadline of its own cannot
+# be mistaken for one that answered at once, whatever the machine's load.
+TIMEOUT_S = 1.0
+# A hang never ends by itself, so any finite bound shows that the deadline ended the read;
+# this one leaves room for a slow, busy machine.
+SLACK_S = 10.0
+
+
+def wait_until_responsive(reader: DeadlineReader, timeout_s: float = SLACK_S) -> ProbeReading:
+    give_up_at = time.monotonic() + timeout_s
+    while (reading := reader.read()).unresponsive:
+        assert time.monotonic() < give_up_at, "the probe still reads unresponsive"
+        time.sleep(0.02)
+    return reading
 
 
 class Faults:
@@ -152,22 +164,23 @@ def test_an_nvml_hang_is_unresponsive_through_the_deadline_reader(
     faults.set(0, Fault(nvml_hang=True))
     started = time.monotonic()
     hung = reader.read()
-    assert time.monotonic() - started < TIMEOUT_S + MARGIN_S
+    assert time.monotonic() - started < TIMEOUT_S + SLACK_S
     assert hung == ProbeReading(
         probe="simulated", gpus=(), unresponsive=True, error=f"probe read exceeded {TIMEOUT_S:g} s"
     )
     assert verdict(hung) == Verdict(HealthLevel.UNHEALTHY, ("nvml_unresponsive",))
     before = {thread.ident for thread in threading.enumerate()}
     started = time.monotonic()
-    assert reader.read().unresponsive  # at once, and without a second reader thread
-    assert time.monotonic() - started < 0.05
+    again = reader.read()  # at once, and without a second reader thread
+    # It joined the read in flight, whose deadline has passed: one that waited a deadline
+    # of its own would take at least TIMEOUT_S.
+    assert time.monotonic() - started < TIMEOUT_S
+    assert again.unresponsive
+    assert again.error is not None and "still hung after" in again.error
     assert {thread.ident for thread in threading.enumerate()} <= before
 
     faults.clear()
-    deadline = time.monotonic() + 2.0
-    while (reading := reader.read()).unresponsive:
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    reading = wait_until_responsive(reader)
     assert verdict(reading) == Verdict(HealthLevel.HEALTHY, ())
 
 
@@ -176,10 +189,7 @@ def test_closing_the_probe_ends_a_hung_read(probe: SimulatedProbe, faults: Fault
     reader = DeadlineReader(probe, TIMEOUT_S)
     assert reader.read().unresponsive
     probe.close()
-    deadline = time.monotonic() + 2.0
-    while reader.read().unresponsive:
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    wait_until_responsive(reader)
 
 
 def test_fault_round_trips_through_json() -> None:
