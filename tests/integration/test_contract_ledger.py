@@ -15,6 +15,7 @@ from gridqueue.keys import KOMBU_UNACKED, KOMBU_UNACKED_INDEX, attempt_id, queue
 from gridqueue.ledger import Ledger, connect_redis
 from gridqueue.settings import Settings
 from gridqueue.states import JobState, Outcome, WorkerState
+from gridqueue.watchdog import TickReport, Watchdog
 
 GIB = 2**30
 PAYLOAD = '{"prompt":"p","ms":10}'
@@ -366,3 +367,58 @@ def test_worker_state_after_refused_register_is_untouched(ledger: Ledger) -> Non
         register(ledger, "w1", pid=200, host="node-b")
     assert ledger.worker("w1").state is WorkerState.ALIVE  # type: ignore[union-attr]
     assert ledger.stats()["registers_refused"] == 1
+
+
+# -- the watchdog's tick ----------------------------------------------------------------------
+
+
+def patient(settings: Settings) -> Settings:
+    """A leader lease long enough that a slow test machine never loses it mid-test."""
+    return settings.model_copy(update={"watchdog_lease_s": 60.0})
+
+
+def test_one_failing_item_does_not_hold_up_the_rest_of_a_tick(settings: Settings) -> None:
+    watchdog = Watchdog(patient(settings), owner="tick-test")
+    ledger = watchdog.ledger
+    register(ledger, "w1")
+    for job in ("a-corrupt", "b-sound"):  # both due, the corrupt one first
+        ledger.submit(job, "sim-llm", "realtime", PAYLOAD, 1, None)
+    ledger.client.hset(ledger.keys.job("a-corrupt"), "a:1", "not json")
+    time.sleep(0.01)
+
+    report = watchdog.tick()
+
+    assert report.items_failed == 1
+    assert ledger.get("b-sound").state is JobState.EXPIRED
+
+
+class SlowTickWatchdog(Watchdog):
+    slow_s = 0.0
+
+    def _requeue_lost(self, lost: dict[str, str], token: str, report: TickReport) -> None:
+        time.sleep(self.slow_s)  # a tick with much to do
+        super()._requeue_lost(lost, token, report)
+
+
+def tick_for(watchdog: Watchdog, seconds: float) -> None:
+    """Tick as the watchdog's loop does (every watchdog_tick_s) for ``seconds``."""
+    until = time.monotonic() + seconds
+    while time.monotonic() < until:
+        watchdog.tick()
+        time.sleep(watchdog.settings.watchdog_tick_s)
+
+
+def test_a_long_tick_opens_no_blind_period(settings: Settings) -> None:
+    watchdog = SlowTickWatchdog(patient(settings), owner="tick-test")
+    ledger = watchdog.ledger
+    tick_for(watchdog, watchdog.grace_s + 0.1)  # a new leader's grace, then it judges
+    register(ledger, "ghost")  # beats once, then never again
+    watchdog.slow_s = settings.stale_after_s * 0.8
+    watchdog.tick()
+    watchdog.slow_s = 0.0
+    time.sleep(settings.stale_after_s * 0.4)
+
+    report = watchdog.tick()  # the ghost is silent past stale_after_s now
+
+    assert report.workers_declared_dead == 1
+    assert ledger.worker("ghost").state is WorkerState.DEAD  # type: ignore[union-attr]
