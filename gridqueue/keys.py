@@ -14,6 +14,8 @@ Layout (``ns`` is ``GRIDQUEUE_NAMESPACE``, ``gq`` by default; an attempt is ``<j
     {ns}:stalls                zset    attempt -> when its progress mark lapses (ms)
     {ns}:dead_letters          zset    dead-lettered job -> when (ms)
     {ns}:workers               zset    live worker -> last heartbeat (ms)
+    {ns}:gone                  zset    dead or stopped worker -> when it left (ms); its keys
+                                       are deleted job_retention_s later
     {ns}:worker:{name}         hash    worker record: state, epoch, models, pid, health...
     {ns}:worker:{name}:running set     attempts this worker runs
     {ns}:worker:{name}:kill    set     attempts the worker agent must SIGKILL
@@ -54,6 +56,7 @@ _TEMPLATES: dict[str, tuple[str, tuple[str, ...]]] = {
     "stalls": ("{ns}:stalls", ()),
     "dead_letters": ("{ns}:dead_letters", ()),
     "workers": ("{ns}:workers", ()),
+    "gone": ("{ns}:gone", ()),
     "worker": ("{ns}:worker:{name}", ("name",)),
     "worker_running": ("{ns}:worker:{name}:running", ("name",)),
     "worker_kill": ("{ns}:worker:{name}:kill", ("name",)),
@@ -168,6 +171,10 @@ class Keys:
     @property
     def workers(self) -> str:
         return self._render("workers")
+
+    @property
+    def gone(self) -> str:
+        return self._render("gone")
 
     @property
     def counts(self) -> str:

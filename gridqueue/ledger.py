@@ -68,6 +68,7 @@ _SCRIPTS = (
     "replay",
     "redeliver",
     "sweep_deliveries",
+    "forget",
 )
 
 
@@ -350,6 +351,9 @@ class Ledger:
             if decision.reason == "poison":
                 evidence = ", ".join(f"{a.worker}: {a.outcome}" for a in history if a.worker)
                 error = f"poison: it took down {len(node_failures(history))} workers ({evidence})"
+            elif decision.reason == Outcome.WORKER_LOST.value:
+                # Non-idempotent work lost with its process: it may have had effects.
+                error = f"outcome unknown: it may have run partly ({error or outcome.value})"
         reply = self._call(
             "finish",
             job_id,
@@ -411,9 +415,11 @@ class Ledger:
                     )
                 slice_s = min(slice_s, remaining)
             try:
-                popped = self.client.blpop([done_key], timeout=max(slice_s, 0.01))
-                if popped:  # leave the token for any other waiter
-                    self.client.lpush(done_key, popped[1])
+                # Rotate the token in place rather than pop and push it back: the list
+                # never empties, so it keeps the TTL end_job gave it, and other waiters
+                # still find it.
+                timeout = cast(int, max(slice_s, 0.01))  # Redis takes a float; the stub says int
+                self.client.blmove(done_key, done_key, timeout, "RIGHT", "LEFT")
             except (RedisConnectionError, RedisTimeoutError):
                 time.sleep(min(slice_s, 0.2))  # the next read retries with backoff
 
@@ -568,6 +574,15 @@ class Ledger:
             token,
         )
         return [str(member) for member in reply[1:]] if reply[0] == "ok" else []
+
+    def forget(self, token: str, batch: int = 256) -> tuple[int, int]:
+        """Delete what has outlived ``job_retention_s`` and has no TTL of its own: workers
+        gone that long, and dead-letter entries. Returns (workers, dead letters)."""
+        before_ms = self.time_ms() - self.settings.job_retention_s * 1000
+        reply = self._call("forget", before_ms, batch, token)
+        if reply[0] == "not_leader":
+            return 0, 0
+        return int(reply[0]), int(reply[1])
 
     def lease(self, owner: str, lease_ms: int) -> tuple[bool, str]:
         held, value = self._call("lease", owner, lease_ms)

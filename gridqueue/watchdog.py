@@ -51,6 +51,10 @@ log = get_logger("gridqueue.watchdog")
 
 _T = TypeVar("_T")
 
+# How often the leader prunes what outlived the job retention (workers long gone, dead
+# letters whose records expired): bounded keys need no faster sweep.
+_FORGET_EVERY_S = 1.0
+
 _LOST_ERRORS = {
     "worker_lost": "the worker running this attempt was lost",
     "node_lost": "the node running this attempt died or stopped; its outcome is unknown",
@@ -119,6 +123,7 @@ class Watchdog:
             liveness_beat_s, self.settings.heartbeat_interval_s
         )
         self.clock = ClockWatch(tolerance_s=self.settings.stale_after_s / 4)
+        self._next_forget = 0.0
 
     def tick(self) -> TickReport:
         started = time.perf_counter()
@@ -197,6 +202,9 @@ class Watchdog:
                 due.append(member)
         for member in due:
             report.dispatched += bool(self._item(report, self.dispatcher.publish, member))
+        if now >= self._next_forget:
+            self._next_forget = now + _FORGET_EVERY_S
+            self._item(report, self.ledger.forget, value)
         # A long tick is no blind spot: we were in touch with Redis all along.
         self._last_ok = time.monotonic()
         report.duration_s = time.perf_counter() - started

@@ -10,6 +10,7 @@ if silent_ms < stale_after_ms then return {'alive'} end
 redis.call('ZREM', key_workers(NS), name)
 redis.call('ZREM', key_probation(NS), name)
 redis.call('HSET', key_worker(NS, name), 'state', 'DEAD', 'declared_dead_ms', NOW)
+redis.call('ZADD', key_gone(NS), NOW, name)
 local failures = record_failure(name)
 local members = redis.call('SMEMBERS', key_worker_running(NS, name))
 for _, member in ipairs(members) do

@@ -57,6 +57,7 @@ redis.call('HSET', wk, 'name', name, 'models', table.concat(consumed, ','),
 redis.call('HDEL', wk, 'declared_dead_ms', 'health')
 redis.call('DEL', key_worker_kill(NS, name))
 redis.call('ZADD', key_workers(NS), NOW, name)
+redis.call('ZREM', key_gone(NS), name)
 if previous == 'QUARANTINED' or previous == 'PROBATION' then
   -- keep the state (and any probation deadline) it had
 elseif previous == 'DEAD' and PROBATION_BASE_MS > 0 then

@@ -7,5 +7,6 @@ for _, member in ipairs(redis.call('SMEMBERS', key_worker_running(NS, name))) do
 end
 redis.call('HSET', wk, 'state', 'STOPPED', 'stopped_ms', NOW)
 redis.call('ZREM', key_workers(NS), name)
+redis.call('ZADD', key_gone(NS), NOW, name)
 emit('worker_stopped', {'worker', name, 'epoch', epoch})
 return 1

@@ -1,0 +1,33 @@
+-- forget(before_ms, batch, token) -> {workers_forgotten, dead_letters_pruned} | {'not_leader'}
+-- Everything gridqueue writes has a bound. Job records, their done tokens and idempotency
+-- keys expire on their own (job_retention_s after the job ends); what has no TTL of its
+-- own is pruned here once it is older than the retention:
+--   a worker that left the fleet (declared dead, stopped): its record, its running, kill
+--   and fault keys, and its fields in the model listings;
+--   dead-letter entries, whose job records have expired by then.
+local before_ms, batch, token = tonumber(ARGV[7]), tonumber(ARGV[8]), ARGV[9]
+if not leader_is(token) then return {'not_leader'} end
+local forgotten = 0
+for _, name in ipairs(redis.call('ZRANGEBYSCORE', key_gone(NS), '-inf', before_ms,
+                                 'LIMIT', 0, batch)) do
+  local wk = key_worker(NS, name)
+  local state, models, unfit = unpack(redis.call('HMGET', wk, 'state', 'models', 'unfit_models'))
+  redis.call('ZREM', key_gone(NS), name)
+  if state == 'DEAD' or state == 'STOPPED' or not state then
+    for _, csv in ipairs({models or '', unfit or ''}) do
+      for model in string.gmatch(csv, '[^,]+') do
+        redis.call('HDEL', key_model(NS, model), name)
+        redis.call('HDEL', key_model_unfit(NS, model), name)
+      end
+    end
+    redis.call('DEL', wk, key_worker_running(NS, name), key_worker_kill(NS, name),
+               key_worker_faults(NS, name))
+    redis.call('ZREM', key_workers(NS), name)
+    redis.call('ZREM', key_probation(NS), name)
+    redis.call('ZREM', key_health_changes(NS), name)
+    emit('worker_forgotten', {'worker', name, 'state', state or ''})
+    forgotten = forgotten + 1
+  end
+end
+local pruned = redis.call('ZREMRANGEBYSCORE', key_dead_letters(NS), '-inf', before_ms)
+return {forgotten, pruned}

@@ -1,0 +1,79 @@
+"""Everything gridqueue writes has a bound: after a run of 5,000 jobs and 200 worker
+names, and the job retention, the key count is back to its floor."""
+
+from __future__ import annotations
+
+import time
+
+from gridqueue.ledger import Ledger
+from gridqueue.settings import Settings
+from gridqueue.states import JobState, Outcome
+from gridqueue.watchdog import Watchdog
+
+GIB = 2**30
+FIT = {"sim-llm": {"required_bytes": 8 * GIB, "largest_gpu_bytes": 80 * GIB}}
+PAYLOAD = '{"prompt":"p","ms":10}'
+
+
+def keys_of(ledger: Ledger) -> set[str]:
+    return set(ledger.client.scan_iter(count=1000))  # type: ignore[arg-type]
+
+
+def test_keys_return_to_their_floor_after_the_retention(settings: Settings) -> None:
+    settings = settings.model_copy(
+        update={
+            "job_retention_s": 5,
+            "stale_after_s": 0.2,
+            "heartbeat_interval_s": 0.05,
+            "watchdog_lease_s": 60.0,
+        }
+    )
+    watchdog = Watchdog(settings, owner="bounds")
+    ledger = watchdog.ledger
+    watchdog.tick()
+    floor = keys_of(ledger)  # the leader's keys and the first events: a fleet at rest
+
+    # 200 worker names come and go: half stop cleanly, half die.
+    token = ledger.lease("bounds", 60_000)[1]
+    for k in range(200):
+        ledger.register(f"w{k}", ["sim-llm"], 1000 + k, "node", 1, "{}", model_fit=FIT)
+    runners = [f"w{k}" for k in range(4)]
+    # 5,000 jobs through the ledger as workers run them: most succeed (some waited on by
+    # their producer, some with idempotency keys), some fail as poison, some are cancelled.
+    for n in range(5000):
+        job = f"job{n}"
+        ledger.submit(job, "sim-llm", "batch", PAYLOAD, 60_000, f"idem{n}" if n % 5 == 0 else None)
+        if n % 250 == 1:  # poison: it takes down three workers' children
+            for attempt, worker in enumerate(runners[:3], start=1):
+                assert ledger.claim(job, attempt, worker, 7, "").status == "ok"
+                end = ledger.end_attempt(job, attempt, Outcome.WORKER_LOST, worker=worker, pid=7)
+                assert end.status in ("retry", "ended")
+            assert ledger.get(job).state is JobState.DEAD_LETTERED
+        elif n % 100 == 2:
+            assert ledger.cancel(job)
+        else:
+            worker = runners[n % len(runners)]
+            assert ledger.claim(job, 1, worker, 7, "").status == "ok"
+            assert ledger.complete(job, 1, worker, '{"ok":true}')
+            if n % 100 == 0:
+                assert ledger.wait(job, 1).state is JobState.SUCCEEDED
+    for k in range(0, 200, 2):
+        ledger.unregister(f"w{k}", 1)
+    time.sleep(settings.stale_after_s * 1.5)
+    for k in range(1, 200, 2):
+        assert ledger.declare_dead(f"w{k}", token) is not None
+
+    assert len(keys_of(ledger)) > 2000  # the run left its marks (the first may be gone)
+
+    time.sleep(settings.job_retention_s + 0.5)
+    for _ in range(3):  # the leader forgets at most a batch a second
+        watchdog._next_forget = 0.0
+        watchdog.tick()
+    left = keys_of(ledger) - floor
+    # What stays is fixed in size: counters by state and by name, and the capped stream.
+    fixed = {ledger.keys.counts, ledger.keys.stats, ledger.keys.events}
+    assert left <= fixed, sorted(left - fixed)[:20]
+    assert ledger.client.hlen(ledger.keys.counts) <= len(JobState)
+    assert ledger.client.zcard(ledger.keys.gone) == 0
+    assert ledger.client.zcard(ledger.keys.dead_letters) == 0
+    assert ledger.workers() == []
