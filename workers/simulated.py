@@ -10,18 +10,29 @@ the prompt. Drill knobs:
 - ``"fail": "transient"`` raises TransientError; ``"fail": "invalid"`` raises InvalidInput.
 - ``"hang": true`` stops calling ``ctx.progress()`` half-way and blocks forever, like a
   kernel that never returns; ``"hang": N`` only on attempts 1..N.
+
+Every run is counted in Redis before it does anything else (``{ns}:sim:runs``, job id ->
+runs started), and again when it returns (``{ns}:sim:returns``): a run killed half-way
+still counts, so the audit can tell how many times a job really ran, whatever the ledger
+says (see :mod:`gridqueue.audit`). A run that cannot record its start does no work.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import signal
 import threading
 import time
+import uuid
 from typing import Any
 
+from redis.exceptions import RedisError
+
 from gridqueue import Context, InvalidInput, TransientError, handler
+from gridqueue.audit import count_run
+from gridqueue.ledger import retry_redis
 
 STEP_S = 0.05
 MAX_MS = 3_600_000
@@ -42,10 +53,30 @@ def _should_crash(knob: Any, attempt: int) -> bool:
     return False
 
 
+def _count(ctx: Context, token: str, returned: bool) -> None:
+    """Count this run in the Redis the worker's ledger uses (the context's sink)."""
+    ledger = getattr(ctx, "ledger", None) or getattr(ctx, "_sink", None)
+    client = getattr(ledger, "client", None)
+    settings = getattr(ledger, "settings", None)
+    if client is None or settings is None:
+        return  # a context without a ledger (a unit test's fake): nothing to count into
+    retry_redis(count_run)(
+        client,
+        settings.namespace,
+        ctx.job_id,
+        ctx.attempt,
+        token,
+        settings.job_retention_s,
+        returned=returned,
+    )
+
+
 @handler("sim-llm", gpu_memory_gb=8.0)
 @handler("sim-embed", gpu_memory_gb=1.0)
 @handler("sim-llm-70b", gpu_memory_gb=140.0)  # needs more than one 80 GB GPU holds
 def sim_llm(payload: Any, ctx: Context) -> dict[str, Any]:
+    run = uuid.uuid4().hex
+    _count(ctx, run, returned=False)  # first: a run killed at any later point still counts
     if not isinstance(payload, dict) or not isinstance(payload.get("prompt"), str):
         raise InvalidInput('sim-llm needs a payload {"prompt": str, "ms": int}')
     ms = payload.get("ms", 100)
@@ -69,4 +100,6 @@ def sim_llm(payload: Any, ctx: Context) -> dict[str, Any]:
         ctx.progress(f"{int((time.monotonic() - started) * 1000)}/{ms} ms")
     if crash_at_s is not None:
         os.kill(os.getpid(), signal.SIGKILL)
+    with contextlib.suppress(RedisError):  # informative only: the result matters more
+        _count(ctx, run, returned=True)
     return {"text": complete_text(payload["prompt"]), "worker": ctx.worker, "attempt": ctx.attempt}
