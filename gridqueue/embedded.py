@@ -49,8 +49,15 @@ def free_port() -> int:
 class EmbeddedRedis:
     """``with EmbeddedRedis() as url:`` gives a private, throw-away Redis."""
 
-    def __init__(self, appendonly: bool = False, port: int | None = None) -> None:
+    def __init__(
+        self, appendonly: bool = False, port: int | None = None, appendfsync: str = "always"
+    ) -> None:
+        """``appendfsync`` is Redis's own: ``always``, ``everysec`` (the usual production
+        setting: a crash may lose up to a second of writes) or ``no``."""
+        if appendfsync not in ("always", "everysec", "no"):
+            raise ValueError(f"appendfsync must be always, everysec or no, not {appendfsync!r}")
         self.appendonly = appendonly
+        self.appendfsync = appendfsync
         self.port = port or free_port()
         self.binary = find_redis_server()
         self._tmp = tempfile.TemporaryDirectory(prefix="gridqueue-redis-")
@@ -69,7 +76,7 @@ class EmbeddedRedis:
             "--dir", str(self.dir),
             "--save", "",
             "--appendonly", "yes" if self.appendonly else "no",
-            "--appendfsync", "always",
+            "--appendfsync", self.appendfsync,
             "--logfile", str(self.dir / "redis.log"),
         ]  # fmt: skip
         self.process = subprocess.Popen(
@@ -90,7 +97,8 @@ class EmbeddedRedis:
             time.sleep(0.02)
 
     def kill(self) -> None:
-        """kill -9 the server, as a crash would; start() brings it back on the same port."""
+        """kill -9 the server, as a crash would; start() brings it back on the same port and
+        directory, from what its AOF holds (nothing, with AOF off)."""
         if self.process and self.process.poll() is None:
             self.process.kill()
             self.process.wait(timeout=10)
