@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from gridqueue.fleet import wait_for as _wait_for
+from gridqueue.ledger import Ledger
 
 T = TypeVar("T")
 
@@ -16,3 +17,35 @@ def wait_for(predicate: Callable[[], T], timeout_s: float = 30.0, interval_s: fl
         return _wait_for(predicate, timeout_s, interval_s)
     except TimeoutError as exc:
         raise AssertionError(str(exc)) from None
+
+
+def watchdog_grace_ms(ledger: Ledger) -> int:
+    """How long a newly elected watchdog waits before it judges anyone (as
+    ``gridqueue.watchdog.Watchdog`` computes it, for the settings and workload classes the
+    test's fleet shares): every node gets one period to beat again."""
+    settings = ledger.settings
+    beat_s = max(
+        [w.liveness_interval_s for w in ledger.workloads.values()]
+        + [settings.heartbeat_interval_s]
+    )
+    return int((settings.stale_after_s + beat_s) * 1000)
+
+
+def wait_until_watchdog_judges(ledger: Ledger, timeout_s: float = 60.0) -> None:
+    """Wait until a watchdog leads and its grace period as a new leader is over.
+
+    Until then it judges no one, so a node killed or frozen during the grace has both its
+    own silence and its attempts' silence judged in one tick, and which verdict an attempt
+    gets is a race. A test that asserts the verdict of a fault injects it after this.
+    """
+
+    def elected_ms() -> int | None:
+        events = ledger.events(count=1_000_000)
+        elections = [int(e["ts"]) for e in events if e["type"] == "leader_elected"]
+        return elections[-1] if elections else None
+
+    since_ms = wait_for(elected_ms, timeout_s)
+    # The leader's grace started before it wrote the lease (and the election event), on a
+    # clock that runs as fast as the Redis server's: past this, its next tick judges.
+    judging_ms = since_ms + watchdog_grace_ms(ledger)
+    wait_for(lambda: ledger.time_ms() >= judging_ms, timeout_s, interval_s=0.02)
