@@ -117,6 +117,7 @@ class GridQueueAgent(bootsteps.StartStopStep):  # type: ignore[misc]
         self._acked_at = time.monotonic()  # when the last acknowledged heartbeat was sent
         self._self_fenced = False
         self._evicted = False  # another process took over our name
+        self._reconcile_queued_at = 0.0
 
     def start(self, parent: Any) -> None:
         self.runtime = current_runtime()
@@ -277,21 +278,39 @@ class GridQueueAgent(bootsteps.StartStopStep):  # type: ignore[misc]
                 self._kill_attempt(request.id, why="self-fenced")
 
     def _apply_state(self, state: str) -> None:
-        """Consume only while ALIVE. The ledger refuses other claims regardless."""
+        """Consume only while ALIVE. The ledger refuses other claims regardless.
+
+        What the consumer actually consumes is checked against that on every beat, not
+        only on a change of state: a broker reconnect rebuilds Celery's task consumer,
+        and a cancel or an add queued while it was down may land on the old one."""
         if state != self.state:
             log.info("worker.state", worker=self._rt().name, state=state, previous=self.state)
         self.state = state
         want = state == WorkerState.ALIVE.value
+        if want != self._consuming:
+            self._consuming = want
+            log.info("worker.consuming" if want else "worker.not_consuming", worker=self._rt().name)
         consumer = getattr(self.parent, "consumer", None)
-        if want == self._consuming or consumer is None:
+        # One check queued at a time; one that never ran (a loop torn down) expires.
+        if consumer is not None and time.monotonic() - self._reconcile_queued_at > 2.0:
+            self._reconcile_queued_at = time.monotonic()
+            consumer.call_soon(self._reconcile_consumers, consumer)
+
+    def _reconcile_consumers(self, consumer: Any) -> None:
+        """On the consumer's own loop: consume the node's queues exactly while wanted."""
+        self._reconcile_queued_at = 0.0
+        task_consumer = getattr(consumer, "task_consumer", None)
+        if task_consumer is None:  # (re)connecting: the next beat checks again
             return
+        want = self._consuming
         for queue in self._rt().queues:
+            if task_consumer.consuming_from(queue) == want:
+                continue
+            log.info("worker.queue", worker=self._rt().name, queue=queue, consume=want)
             if want:
-                consumer.call_soon(consumer.add_task_queue, queue)
+                consumer.add_task_queue(queue)
             else:
-                consumer.call_soon(consumer.cancel_task_queue, queue)
-        self._consuming = want
-        log.info("worker.consuming" if want else "worker.not_consuming", worker=self._rt().name)
+                consumer.cancel_task_queue(queue)
 
     def _on_fenced(self, state: str | None) -> None:
         """We were declared dead: our attempts live elsewhere now. Kill, then rejoin."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Celery
+from kombu.transport import redis as kombu_redis
 
 TASK_NAME = "gridqueue.attempt"
 NEVER_REDELIVER_S = 10 * 365 * 86_400
@@ -47,3 +48,41 @@ def make_celery(redis_url: str) -> Celery:
         task_default_queue="gq.default",
     )
     return app
+
+
+def own_redelivery_in_this_worker() -> None:
+    """Make kombu's Redis transport, in a gridqueue worker process, leave redelivery to
+    gridqueue, and survive its broker connection going away (a Redis restart).
+
+    gridqueue owns redelivery: the ledger republishes what a dead worker held and removes
+    its unacked entries, and the watchdog takes back deliveries that nobody claimed. Two
+    kombu behaviours get in the way when a worker loses Redis:
+
+    - closing a channel restores its delivered messages to their queues: that would put
+      the messages of attempts still running back on the queue; and on a channel whose
+      connection is gone it raises AttributeError, which Celery treats as unrecoverable,
+      so the whole worker exits;
+    - an ack or reject on such a channel raises the same AttributeError from the event
+      loop, with the same result.
+
+    Here a channel restores nothing when it closes, and an ack or reject on a channel
+    whose connection is gone is dropped: its unacked entry stays, and gridqueue removes
+    it (when the attempt ends, or by the stranded-delivery sweep).
+    """
+    kombu_redis.Channel.do_restore = False
+    qos: Any = kombu_redis.QoS  # kombu ships no type hints
+    if getattr(qos, "_gridqueue_owned", False):
+        return
+    ack, reject = qos.ack, qos.reject
+
+    def ack_if_connected(self: Any, delivery_tag: Any) -> None:
+        if self.channel.connection is not None:
+            ack(self, delivery_tag)
+
+    def reject_if_connected(self: Any, delivery_tag: Any, requeue: bool = False) -> None:
+        if self.channel.connection is not None:
+            reject(self, delivery_tag, requeue=requeue)
+
+    qos.ack = ack_if_connected
+    qos.reject = reject_if_connected
+    qos._gridqueue_owned = True

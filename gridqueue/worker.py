@@ -13,7 +13,7 @@ import redis
 from celery import Celery
 
 from gridqueue.agent import GridQueueAgent
-from gridqueue.celeryapp import make_celery
+from gridqueue.celeryapp import make_celery, own_redelivery_in_this_worker
 from gridqueue.errors import ConfigError, RedisUnavailableError
 from gridqueue.handlers import check_model_name, get_handler, registered
 from gridqueue.keys import Keys, queue_for_model
@@ -121,6 +121,7 @@ def run_worker(
         )
     log.info("worker.probe", probe=probe.name, note=note, gpus=len(first.gpus))
     queues = [queue_for_model(settings.namespace, m) for m in fitting]
+    own_redelivery_in_this_worker()  # or a Redis restart would stop the whole fleet
     app = make_celery(settings.redis_url)
     register_task(app)
     runtime = WorkerRuntime(

@@ -23,6 +23,10 @@ local DEFAULT_STALL_MS = 300000
 -- A worker that went down under an attempt with one of these outcomes does not take the
 -- job again while another worker can.
 local AVOID_OUTCOMES = {worker_lost = true, node_lost = true, stalled = true, gpu_fault = true}
+-- ...but only this many times per attempt: the worker another one could take it from may
+-- not get to it (a consumer that is reconnecting, a race for the message), and an
+-- attempt must not bounce between them.
+local MAX_DEFERRALS = 3
 -- kombu scores unacked_index by delivery time (seconds). A claimed delivery is moved this
 -- far ahead, out of the stranded-delivery sweep's range; kombu never restores by score in
 -- gridqueue (its visibility timeout is ten years), so nothing else reads it.
@@ -35,12 +39,15 @@ local function serves(models_csv, model)
   return false
 end
 
--- A worker that could take an attempt of `model` now: ALIVE, heartbeating, serving it.
+-- A worker that could take an attempt of `model` now: ALIVE, heartbeating, serving it,
+-- with a free slot.
 local function can_take(name, model, stale_after_ms)
-  local state, models = unpack(redis.call('HMGET', key_worker(NS, name), 'state', 'models'))
+  local state, models, slots = unpack(
+    redis.call('HMGET', key_worker(NS, name), 'state', 'models', 'concurrency'))
   if state ~= 'ALIVE' or not serves(models, model) then return false end
   local beat = redis.call('ZSCORE', key_workers(NS), name)
-  return beat ~= false and beat ~= nil and NOW - tonumber(beat) < stale_after_ms
+  if not beat or NOW - tonumber(beat) >= stale_after_ms then return false end
+  return redis.call('SCARD', key_worker_running(NS, name)) < tonumber(slots or '1')
 end
 
 local function mark_delivery_claimed(tag)

@@ -51,8 +51,9 @@ end
 
 -- Spread a failing job: a worker that already went down under this job (in the current
 -- chain) does not take it again while another worker that can take it is ready: ALIVE,
--- heartbeating, serving the model, and not itself one that failed under this job. Deferring
--- to anyone else would bounce the attempt between workers until its deadline.
+-- heartbeating, serving the model, with a free slot, and not itself one that failed under
+-- this job. Deferring to anyone else would bounce the attempt between workers until its
+-- deadline; and even then an attempt is deferred at most MAX_DEFERRALS times.
 local chain_start = tonumber(redis.call('HGET', job, 'chain_start') or '1')
 local failed = {}
 for k = chain_start, n - 1 do
@@ -61,9 +62,12 @@ for k = chain_start, n - 1 do
     failed[earlier.worker] = true
   end
 end
-if failed[worker] then
+local a = attempt_get(id, n) or {n = n}
+if failed[worker] and (a.deferred or 0) < MAX_DEFERRALS then
   for _, other in ipairs(redis.call('HKEYS', key_model(NS, model))) do
     if other ~= worker and not failed[other] and can_take(other, model, stale_after_ms) then
+      a.deferred = (a.deferred or 0) + 1
+      attempt_put(id, n, a)
       bump('claims_deferred')
       redis.call('ZADD', key_dispatch(NS), NOW, member)
       return {'avoid', other}
@@ -71,7 +75,6 @@ if failed[worker] then
   end
 end
 
-local a = attempt_get(id, n) or {n = n}
 a.worker = worker
 a.pid = tonumber(pid)
 a.epoch = tonumber(epoch)  -- the incarnation: a restart that reuses the pid is not "us"

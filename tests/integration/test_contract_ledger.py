@@ -422,3 +422,24 @@ def test_a_long_tick_opens_no_blind_period(settings: Settings) -> None:
 
     assert report.workers_declared_dead == 1
     assert ledger.worker("ghost").state is WorkerState.DEAD  # type: ignore[union-attr]
+
+
+def test_avoid_never_defers_to_a_worker_without_a_free_slot(ledger: Ledger) -> None:
+    register(ledger, "w1")
+    register(ledger, "w2")  # one slot
+    busy = submit(ledger, "busy")
+    assert ledger.claim(busy, 1, "w2", 5000, "").status == "ok"
+    job = submit(ledger, "j1")
+    lose_first_attempt(ledger, job, "w1")
+    assert ledger.claim(job, 2, "w1", 4243, "").status == "ok"
+
+
+def test_an_attempt_is_deferred_a_bounded_number_of_times(ledger: Ledger) -> None:
+    """The ready worker may never take the message (its consumer is reconnecting, or the
+    failed worker keeps winning the race for it): the bouncing stops."""
+    register(ledger, "w1")
+    register(ledger, "w2")
+    job = submit(ledger, "j1")
+    lose_first_attempt(ledger, job, "w1")
+    statuses = [ledger.claim(job, 2, "w1", 4243, "").status for _ in range(10)]
+    assert statuses[:3] == ["avoid"] * 3 and statuses[3] == "ok"
