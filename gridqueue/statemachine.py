@@ -1,19 +1,47 @@
-"""The job state machine as an executable specification: a pure-Python model of the ledger.
+"""The job state machine as an executable specification: a pure-Python model of gridqueue.
 
-Each verb applies the compare-and-set rules of its Lua script (``gridqueue/lua/``) to plain
-data, without Redis or a clock: a deadline has passed or not, a worker falls silent when the
-caller says so, and the caller holds the watchdog lease. Replies and counters are named as
-in the scripts, so a differential test replays one history on both and compares them.
+It models what moves a job, in plain data, without Redis or a clock:
+
+- the ledger (``gridqueue/lua/*.lua``): jobs and their attempts, workers and their
+  incarnations, the ``lost`` hash, the ``stats`` counters, the dispatch index (the promise
+  that an attempt's message is published), the watch indexes (``liveness`` and
+  ``stalls``: a running attempt's beat and progress mark), and each worker's kill orders;
+- the broker (kombu on Redis, ``acks_late``): every message Celery carries, ``queued``
+  in its model's list, ``delivered`` to a consumer (kept in kombu's ``unacked``, never
+  redelivered by kombu itself), or ``acked`` (gone);
+- the processes: whether each node's main process is up (it heartbeats, and its consumer
+  takes messages), and the pool children running claimed attempts (running, stuck,
+  frozen or gone);
+- the watchdog's tick, and the worker agent's report of a child that died.
+
+Time is the caller's: ``elapse()`` lets every grace and timeout pass at once (dispatch
+leases and backoffs, claim graces, silent heartbeats, lapsed beats and progress marks),
+while deadlines pass only when the caller says so. Each ledger verb applies the
+compare-and-set rules of its Lua script and returns what the script would answer, and
+counters are named as in the scripts, so a differential test replays one history on both.
+
+``owners()`` states the contract's invariant (DESIGN.md section 1): a job that has not
+ended has an owner that will move it. Two switches turn off the two parts of the fix that
+keeps it true. ``recover_stranded``: the watchdog's stranded-delivery sweep
+(``sweep_deliveries.lua``), and the agent's report of a pool child that died, which names
+the child and its incarnation and, if the child died before its claim, redelivers the
+attempt (``redeliver.lua``). ``claim_watches``: a claim puts the attempt under its
+liveness and stall watch in the same step (``claim.lua``). With either off the model is
+the ledger as it was before, and the property tests find the hole each part closes: a
+message taken and never claimed, or a claim that nothing watches.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
-from gridqueue.keys import attempt_id
+from gridqueue.errors import WorkerNameInUseError
+from gridqueue.keys import attempt_id, split_attempt_id
 from gridqueue.policies import Decision, EndedAttempt, GiveUp, Retry, decide
 from gridqueue.states import NODE_OUTCOMES, TERMINAL_STATES, JobState, Outcome, WorkerState
 from gridqueue.workloads import WorkloadClass
@@ -26,9 +54,20 @@ _REFUSALS = dict(
     avoid="claims_deferred",
 )
 # finish.lua counts a first attempt lost to its node as a bad placement.
-_BAD_PLACEMENT = (Outcome.WORKER_LOST, Outcome.GPU_FAULT)
+_BAD_PLACEMENT = (Outcome.WORKER_LOST, Outcome.NODE_LOST, Outcome.GPU_FAULT)
 # A worker in these states has left the fleet: the watchdog no longer watches it.
 _GONE = (WorkerState.DEAD, WorkerState.STOPPED)
+# heartbeat.lua accepts the beat of a worker in these states; any other is fenced.
+_HEARTBEATING = (WorkerState.ALIVE, WorkerState.QUARANTINED, WorkerState.PROBATION)
+
+DEFAULT_MODEL = "sim-llm"
+
+# Where a message is: in its queue's list, in kombu's unacked (taken by a consumer that
+# has not acked it), or gone.
+QUEUED, DELIVERED, ACKED = "queued", "delivered", "acked"
+# What a pool child does with a claimed attempt: beats and marks progress, beats only (a
+# handler stuck in a CUDA call), nothing (SIGSTOP, D-state), or nothing ever again.
+RUNNING, STUCK, FROZEN, GONE = "running", "stuck", "frozen", "gone"
 
 
 @dataclass
@@ -41,6 +80,11 @@ class AttemptModel:
     epoch: int | None = None  # the worker's incarnation that claimed it
     outcome: Outcome | None = None
     late_result_discarded: bool = False
+    delivery_tag: int | None = None  # the message the claim came with (kombu's tag)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> AttemptModel:
+        # What-if drives copy the model at every step: this is fast, every field immutable.
+        return copy.copy(self)
 
 
 @dataclass
@@ -57,6 +101,12 @@ class JobModel:
     result: str | None = None
     reason: str = ""
     chain_start: int = 1  # a replay starts a new chain: limits and poison count from here
+    model: str = DEFAULT_MODEL  # its attempts' messages go to this model's queue
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> JobModel:
+        twin = copy.copy(self)  # the attempts are the one mutable field
+        twin.attempts = {n: copy.copy(a) for n, a in self.attempts.items()}
+        return twin
 
     @property
     def terminal(self) -> bool:
@@ -71,9 +121,18 @@ class JobModel:
         running = self.state is JobState.RUNNING and self.attempt == n
         return running and worker in (None, self.current.worker)
 
+    def queues(self, n: int) -> bool:
+        """Attempt ``n`` is the job's current attempt, waiting for a claim."""
+        return self.state is JobState.QUEUED and self.attempt == n
+
     @property
     def chain(self) -> list[AttemptModel]:
         return [a for k, a in self.attempts.items() if k >= self.chain_start]
+
+    @property
+    def failed_on(self) -> set[str]:
+        """Workers that went down under an earlier attempt of the current chain."""
+        return {str(a.worker) for a in self.chain[:-1] if a.worker and a.outcome in NODE_OUTCOMES}
 
     def claim(
         self,
@@ -94,10 +153,9 @@ class JobModel:
         if self.state is JobState.RUNNING:
             held = (self.current.worker, self.current.pid, self.current.epoch)
             return "ok" if held == (worker, pid, epoch) else "duplicate"
-        # Spread a failing job: a node it took down leaves it to another ready node.
-        if others_ready and any(
-            a.worker == worker and a.outcome in NODE_OUTCOMES for a in self.chain[:-1]
-        ):
+        # Spread a failing job: a node it took down leaves it to another node that can
+        # take it now.
+        if others_ready and worker in self.failed_on:
             return "avoid"
         self.current.worker, self.current.pid, self.current.epoch = worker, pid, epoch
         self.state = JobState.RUNNING
@@ -116,10 +174,22 @@ class JobModel:
         self.result, self.state, self.reason = result, JobState.SUCCEEDED, ""
         return "ok"
 
-    def finish(self, n: int, outcome: Outcome, decision: Decision, worker: str = "") -> str:
-        """End running attempt ``n`` without a result; ``worker=''`` matches any worker."""
+    def finish(
+        self,
+        n: int,
+        outcome: Outcome,
+        decision: Decision,
+        worker: str = "",
+        pid: int | None = None,
+        epoch: int | None = None,
+    ) -> str:
+        """End running attempt ``n`` without a result; ``worker=''`` matches any worker.
+        With ``pid`` (a worker's report, as the fixed agent sends it), the child and the
+        incarnation that claimed the attempt must match too."""
         if not self.runs(n, worker or None):
             return "stale"
+        if pid is not None and (self.current.pid, self.current.epoch) != (pid, epoch):
+            return "stale"  # another child of the node, or another incarnation
         self.current.outcome = outcome
         if isinstance(decision, Retry):
             self.attempt, self.state = n + 1, JobState.QUEUED
@@ -141,18 +211,77 @@ class JobModel:
 
 @dataclass
 class WorkerModel:
-    """A worker name and its current incarnation."""
+    """A worker name, its current incarnation, and the process behind it."""
 
     state: WorkerState = WorkerState.ALIVE
     epoch: int = 1
+    up: bool = True  # its main process runs: it heartbeats, and its consumer takes messages
+    process: int = 0  # which process (a restart is a new one; a re-registration is not)
+    silent: bool = False  # down for longer than stale_after: the watchdog may declare it dead
+    kill: set[str] = field(default_factory=set)  # attempts its agent must SIGKILL
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> WorkerModel:
+        twin = copy.copy(self)
+        twin.kill = set(self.kill)
+        return twin
+
+
+@dataclass
+class DispatchEntry:
+    """An entry of the dispatch index: the promise that the attempt will be published."""
+
+    due: bool  # its score has passed: the watchdog's next tick publishes the attempt
+    lease: int = 0  # the score begin_dispatch wrote for a publish under way; 0 if none
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> DispatchEntry:
+        return copy.copy(self)  # every field is immutable
+
+
+@dataclass
+class MessageModel:
+    """One Celery message (task ``<job>.<n>``) on its model's queue."""
+
+    tag: int  # kombu's delivery tag: a restored message comes back under a new one
+    member: str
+    queue: str
+    state: str = QUEUED
+    consumer: tuple[str, int] | None = None  # the (worker, process) that took it
+    ran: bool = False  # its consumer ran the task: a claim answered, or the child died
+    lapsed: bool = False  # in unacked for longer than the claim grace
+    claimed: bool = False  # a claim came with it: out of the stranded-delivery sweep's range
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> MessageModel:
+        return copy.copy(self)  # every field is immutable
+
+
+@dataclass
+class ChildModel:
+    """A pool child that claimed an attempt."""
+
+    worker: str
+    process: int
+    pid: int
+    tag: int | None  # the message it runs
+    state: str = RUNNING
+    started: bool = False  # it sent its first beat and progress mark
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> ChildModel:
+        return copy.copy(self)  # every field is immutable
+
+    @property
+    def beats(self) -> bool:
+        return self.state in (RUNNING, STUCK)
 
 
 @dataclass
 class LedgerModel:
-    """Jobs, workers, the ``lost`` hash and the ``stats`` counters. With ``probation``
+    """Jobs, workers, the ``lost`` hash, the ``stats`` counters, the dispatch and watch
+    indexes, the broker's messages and the processes. With ``probation``
     (``GRIDQUEUE_PROBATION_BASE_S > 0``) a worker back from the dead serves a probation.
     A probation ends only by ``release`` here: its timed end needs a clock, as do health
-    verdicts and stalls, which are left out."""
+    verdicts and the quarantine of a node that stalls repeatedly, which are left out.
+    Every worker serves every model (so no claim is refused 'not_served'), and any number
+    of attempts at once."""
 
     workloads: Mapping[str, WorkloadClass] = field(default_factory=dict)
     probation: bool = True
@@ -160,46 +289,100 @@ class LedgerModel:
     workers: dict[str, WorkerModel] = field(default_factory=dict)
     lost: dict[str, str] = field(default_factory=dict)  # attempt id -> outcome
     stats: Counter[str] = field(default_factory=Counter)
+    recover_stranded: bool = True
+    claim_watches: bool = True
+    dispatch: dict[str, DispatchEntry] = field(default_factory=dict)  # attempt id -> entry
+    liveness: dict[str, bool] = field(default_factory=dict)  # attempt id -> lapsed
+    stalls: dict[str, bool] = field(default_factory=dict)  # attempt id -> lapsed
+    messages: dict[int, MessageModel] = field(default_factory=dict)  # delivery tag -> message
+    children: dict[str, ChildModel] = field(default_factory=dict)  # attempt id -> claimer
+    serial: int = 0  # the last delivery tag or dispatch lease handed out
+
+    # -- the ledger: jobs ------------------------------------------------------------------
 
     def submit(
         self, job_id: str, workload: str, has_deadline: bool = False, passed: bool = False
     ) -> JobModel:
-        """A producer retrying after a lost reply sends the same id: written once."""
+        """A producer retrying after a lost reply sends the same id: written once. The
+        dispatch entry is the producer's promise to publish: leased to it (``lease``) until
+        the dispatch grace has passed, then due for the watchdog."""
         if (job := self.jobs.get(job_id)) is None:
             job = JobModel(job_id, workload, has_deadline, has_deadline and passed)
             self.jobs[job_id] = job
+            self.serial += 1
+            self.dispatch[attempt_id(job_id, 1)] = DispatchEntry(due=False, lease=self.serial)
         return job
 
-    def claim(self, job_id: str, n: int, worker: str, pid: int = 0) -> str:
-        """Every worker serves every job's model: "another ready node" is any other ALIVE."""
+    def claim(self, job_id: str, n: int, worker: str, pid: int = 0, tag: int | None = None) -> str:
+        """Every worker serves every job's model: a job deferred from a node it took down
+        goes to any other ALIVE worker that heartbeats and did not go down under it. A
+        refused claim (fenced, avoid) of the queued attempt asks for a new publish. With
+        ``claim_watches`` a claim puts the attempt under its liveness and stall watch."""
         job = self.jobs.get(job_id)
         if job is None:
             return "unknown"
         ready = {name for name, w in self.workers.items() if w.state is WorkerState.ALIVE}
+        takers = {name for name in ready if not self.workers[name].silent} - job.failed_on
         fresh = job.state is JobState.QUEUED
+        queued = job.queues(n)
         known = self.workers.get(worker)
         epoch = known.epoch if known else 0
-        status = job.claim(n, worker, worker in ready, pid, bool(ready - {worker}), epoch)
+        status = job.claim(n, worker, worker in ready, pid, bool(takers - {worker}), epoch)
+        member = attempt_id(job_id, n)
         if status in _REFUSALS:
             self.stats[_REFUSALS[status]] += 1
-        elif status == "ok" and fresh and n == 1:
-            self.stats["first_placements"] += 1
+            if status in ("fenced", "avoid") and queued:
+                self.dispatch[member] = DispatchEntry(due=True)
+        elif status == "ok" and fresh:
+            if n == 1:
+                self.stats["first_placements"] += 1
+            job.current.delivery_tag = tag
+            if tag is not None:
+                self.messages[tag].claimed = True  # out of the stranded-delivery sweep's range
+            self.dispatch.pop(member, None)
+            if self.claim_watches:
+                self.liveness[member] = self.stalls[member] = False
         return status
 
     def progress(self, job_id: str, n: int, worker: str) -> bool:
+        """``progress.lua``: moves the progress mark, and so the stall watch."""
         job = self.jobs.get(job_id)
-        return job is not None and job.runs(n, worker)
+        if job is None or not job.runs(n, worker):
+            return False
+        self.stalls[attempt_id(job_id, n)] = False
+        return True
+
+    def beat(self, job_id: str, n: int, worker: str) -> bool:
+        """``beat.lua``: the attempt's own heartbeat, from the child that runs it."""
+        job = self.jobs.get(job_id)
+        if job is None or not job.runs(n, worker):
+            return False
+        self.liveness[attempt_id(job_id, n)] = False
+        return True
 
     def complete(self, job_id: str, n: int, worker: str, result: str) -> bool:
         job = self.jobs.get(job_id)
+        running = job is not None and job.runs(n, worker)
         if job is not None and job.complete(n, worker, result) == "ok":
-            self.lost.pop(attempt_id(job_id, n), None)
+            if running:
+                self._release(job, n)
             return True
         self.stats["stale_results_discarded"] += 1
         return False
 
-    def end_attempt(self, job_id: str, n: int, outcome: Outcome, worker: str = "") -> str:
-        """``Ledger.end_attempt``: ask the workload's policy, then commit as ``finish.lua``."""
+    def end_attempt(
+        self,
+        job_id: str,
+        n: int,
+        outcome: Outcome,
+        worker: str = "",
+        *,
+        pid: int | None = None,
+        epoch: int | None = None,
+    ) -> str:
+        """``Ledger.end_attempt``: ask the workload's policy, then commit as ``finish.lua``.
+        ``pid`` and ``epoch`` name the child and the incarnation that report (the agent's
+        report, as fixed): they must be the claim's."""
         job = self.jobs.get(job_id)
         if job is None or not job.runs(n):
             self.lost.pop(attempt_id(job_id, n), None)  # superseded: not the watchdog's now
@@ -216,13 +399,16 @@ class LedgerModel:
         decision: Decision = GiveUp("unknown_workload")
         if (workload := self.workloads.get(job.workload)) is not None:
             decision = decide(workload, outcome, len(chain), history, remaining_s)
-        status = job.finish(n, outcome, decision, worker)
+        status = job.finish(n, outcome, decision, worker, pid, epoch)
         if status == "stale":  # another worker's word: refused; if lost, it stays lost
             return status
-        self.lost.pop(attempt_id(job_id, n), None)
+        self._release(job, n)
         if n == 1 and outcome in _BAD_PLACEMENT:
             self.stats["bad_first_placements"] += 1
-        if status == "retry":
+        if isinstance(decision, Retry):
+            # Published at once, or by the watchdog once the backoff has passed.
+            due = int(decision.after_s * 1000) == 0
+            self.dispatch[attempt_id(job_id, n + 1)] = DispatchEntry(due=due)
             self.stats["requeues"] += 1
         return status
 
@@ -245,17 +431,36 @@ class LedgerModel:
         if job is None:
             return "unknown"
         workload = self.workloads.get(job.workload)
-        return job.replay(workload is not None and workload.default_deadline_s is not None)
+        status = job.replay(workload is not None and workload.default_deadline_s is not None)
+        if status == "ok":
+            self.dispatch[attempt_id(job_id, job.attempt)] = DispatchEntry(due=True)
+        return status
 
     def _stop(self, job: JobModel, state: JobState, outcome: Outcome, reason: str) -> str:
         """End the job from outside: its current attempt, queued or running, ends with it
-        and leaves every index of running work, the lost hash included."""
+        and leaves every index of running work, the lost hash included. A running one's
+        child is ordered killed; a queued one is never dispatched."""
         if job.terminal:
             return "stale"
+        member = attempt_id(job.id, job.attempt)
+        if job.state is JobState.RUNNING and job.current.worker in self.workers:
+            self.workers[str(job.current.worker)].kill.add(member)
         job.current.outcome = outcome
         job.state, job.reason = state, reason
-        self.lost.pop(attempt_id(job.id, job.attempt), None)
+        self._release(job, job.attempt)
+        self.dispatch.pop(member, None)
         return "ok"
+
+    def _release(self, job: JobModel, n: int) -> None:
+        """``release_attempt``: the attempt leaves every index of running work, and its
+        message leaves kombu's unacked, so that kombu never redelivers it."""
+        member = attempt_id(job.id, n)
+        self.lost.pop(member, None)
+        self.liveness.pop(member, None)
+        self.stalls.pop(member, None)
+        tag = job.attempts[n].delivery_tag
+        if tag is not None and self.messages[tag].state == DELIVERED:
+            self.messages[tag].state = ACKED
 
     def running_on(self, worker: str) -> list[str]:
         """The worker's running attempts (the ``worker:<name>:running`` set)."""
@@ -263,22 +468,36 @@ class LedgerModel:
             attempt_id(j.id, j.attempt) for j in self.jobs.values() if j.runs(j.attempt, worker)
         ]
 
-    def _lose_attempts_of(self, worker: str, outcome: Outcome = Outcome.WORKER_LOST) -> int:
+    def _lose_attempts_of(self, worker: str, outcome: Outcome = Outcome.NODE_LOST) -> int:
         members = self.running_on(worker)
         for member in members:
             self.lost[member] = outcome.value
         return len(members)
 
+    # -- the ledger: workers ---------------------------------------------------------------
+
     def register(self, worker: str) -> int:
         """A new incarnation: what the name still runs belongs to the old one, and is lost.
-        A quarantine or a probation outlives the restart."""
+        A quarantine or a probation outlives the restart. A worker whose process is down
+        starts a new process, refused (WorkerNameInUseError) while the old one's heartbeat
+        is fresh; one that is up registers again from the same process (its agent, fenced,
+        killed its children first)."""
+        known = self.workers.get(worker)
+        # A new process, while the old one's heartbeat is still fresh: one name, one process.
+        in_use = known is not None and not (known.up or known.silent)
+        if in_use and known is not None and known.state in _HEARTBEATING:
+            raise WorkerNameInUseError(f"worker name {worker!r} is in use")
         self._lose_attempts_of(worker)
-        known = self.workers.setdefault(worker, WorkerModel(epoch=0))
+        known = self.workers.setdefault(worker, WorkerModel(epoch=0, up=False))
         if known.state is WorkerState.DEAD and self.probation:
             known.state = WorkerState.PROBATION
         elif known.state not in (WorkerState.QUARANTINED, WorkerState.PROBATION):
             known.state = WorkerState.ALIVE
         known.epoch += 1
+        known.kill.clear()
+        if not known.up:
+            known.up, known.process = True, known.process + 1
+        known.silent = False
         return known.epoch
 
     def unregister(self, worker: str, epoch: int) -> bool:
@@ -288,6 +507,18 @@ class LedgerModel:
         self._lose_attempts_of(worker)
         known.state = WorkerState.STOPPED
         return True
+
+    def heartbeat(self, worker: str, epoch: int, held: set[str]) -> tuple[str, list[str]]:
+        """``heartbeat.lua``: ('ok', attempts to kill) or ('fenced', []) for a worker
+        declared dead, stopped, unknown, or replaced by a newer incarnation. A kill order
+        stays until the heartbeat no longer lists the attempt among those the worker
+        ``held``, so that a lost reply loses none."""
+        known = self.workers.get(worker)
+        if known is None or known.state not in _HEARTBEATING or known.epoch != epoch:
+            self.stats["heartbeats_refused"] += 1
+            return "fenced", []
+        known.kill &= held
+        return "ok", sorted(known.kill)
 
     def declare_dead(self, worker: str) -> int | None:
         """The worker went silent past ``stale_after_s``; None if it is not a live worker."""
@@ -300,12 +531,16 @@ class LedgerModel:
 
     def quarantine(self, worker: str, drain: bool = False) -> int | None:
         """An operator's quarantine: no new work, and unless it drains, its running attempts
-        move to the lost hash now. None if the worker is not a live one."""
+        move to the lost hash now and their children are ordered killed. None if the
+        worker is not a live one."""
         known = self.workers.get(worker)
         if known is None or known.state in _GONE:
             return None
         known.state = WorkerState.QUARANTINED
-        return 0 if drain else self._lose_attempts_of(worker, Outcome.EVACUATED)
+        if drain:
+            return 0
+        known.kill.update(self.running_on(worker))
+        return self._lose_attempts_of(worker, Outcome.EVACUATED)
 
     def release(self, worker: str) -> bool | None:
         """An operator re-admits a quarantined or probationary worker; None if unknown."""
@@ -314,3 +549,284 @@ class LedgerModel:
             return None if known is None else False
         known.state = WorkerState.ALIVE
         return True
+
+    # -- the ledger: dispatch and watches --------------------------------------------------
+
+    def begin_dispatch(self, member: str, own_lease: int = 0) -> int | None:
+        """``begin_dispatch.lua``: lease the entry while the caller publishes. None if the
+        attempt is no longer the job's queued attempt ('stale': the entry is dropped), if
+        there is no entry ('published': it was published, or claimed), or if it is not due
+        and its lease is not ``own_lease`` ('leased': another publisher holds it, or a
+        backoff has not passed)."""
+        job_id, n = split_attempt_id(member)
+        job = self.jobs.get(job_id)
+        if job is None or not job.queues(n):
+            self.dispatch.pop(member, None)
+            return None
+        entry = self.dispatch.get(member)
+        if entry is None or not (entry.due or (own_lease and entry.lease == own_lease)):
+            return None
+        self.serial += 1
+        self.dispatch[member] = DispatchEntry(due=False, lease=self.serial)
+        return self.serial
+
+    def end_dispatch(self, member: str, lease: int) -> bool:
+        """``end_dispatch.lua``: drop the entry only if it still holds our lease (a refused
+        claim may have asked for a new publish meanwhile, and that request must survive)."""
+        entry = self.dispatch.get(member)
+        if entry is None or entry.lease != lease:
+            return False
+        del self.dispatch[member]
+        return True
+
+    def stall(self, member: str, kind: str) -> str:
+        """``stall.lua``: the attempt's liveness beat (``kind='liveness'``) or progress mark
+        lapsed: it is lost with outcome 'stalled' and its child is ordered killed.
+        Answers 'stalled', 'alive' (not lapsed) or 'stale'."""
+        index = self.liveness if kind == "liveness" else self.stalls
+        if member not in index:
+            return "stale"
+        if not index[member]:
+            return "alive"
+        job_id, n = split_attempt_id(member)
+        job = self.jobs.get(job_id)
+        if job is None or not job.runs(n) or job.current.worker is None:
+            del index[member]
+            return "stale"
+        self.liveness.pop(member, None)
+        self.stalls.pop(member, None)
+        self.lost[member] = Outcome.STALLED.value
+        self.workers[job.current.worker].kill.add(member)
+        self.stats["stalls"] += 1
+        return "stalled"
+
+    def redeliver(self, job_id: str, n: int) -> str:
+        """``redeliver.lua``: a worker's report that the child given attempt ``n`` died
+        before it claimed it (Celery acked the message): if the attempt is still the job's
+        queued attempt, its dispatch entry is due now. Answers 'ok' or 'stale'."""
+        job = self.jobs.get(job_id)
+        if job is None or not job.queues(n):
+            return "stale"
+        self.dispatch[attempt_id(job_id, n)] = DispatchEntry(due=True)
+        self.stats["redeliveries"] += 1
+        return "ok"
+
+    def sweep_stranded(self) -> list[str]:
+        """``sweep_deliveries.lua``, the watchdog's stranded-delivery sweep over kombu's
+        unacked index: a message taken longer than the claim grace ago, and never claimed,
+        whose attempt is still the job's queued attempt lost its consumer before the claim.
+        It leaves unacked and the attempt's dispatch entry is due now. Any other unclaimed
+        copy (of an attempt running elsewhere, superseded or ended) is only removed. A
+        message waiting in its queue is never republished. Returns the attempts made due."""
+        recovered = []
+        for message in self.messages.values():
+            if message.state != DELIVERED or not message.lapsed or message.claimed:
+                continue
+            job_id, n = split_attempt_id(message.member)
+            job = self.jobs.get(job_id)
+            if job is None:
+                continue  # not a job of this ledger
+            message.state = ACKED
+            if job.queues(n):
+                self.dispatch[message.member] = DispatchEntry(due=True)
+                self.stats["stranded_deliveries"] += 1
+                recovered.append(message.member)
+            else:
+                self.stats["stale_deliveries_removed"] += 1
+        return recovered
+
+    # -- the broker and the processes ------------------------------------------------------
+
+    def send(self, member: str) -> int:
+        """Celery's ``send_task``: a new message on the attempt's model queue."""
+        job_id, _ = split_attempt_id(member)
+        self.serial += 1
+        self.messages[self.serial] = MessageModel(self.serial, member, self.jobs[job_id].model)
+        return self.serial
+
+    def publish(self, member: str, own_lease: int = 0) -> bool:
+        """``Dispatcher.publish``: lease, send, then drop the entry."""
+        lease = self.begin_dispatch(member, own_lease)
+        if lease is None:
+            return False
+        self.send(member)
+        self.end_dispatch(member, lease)
+        return True
+
+    def deliver(self, tag: int, worker: str) -> bool:
+        """A worker's consumer takes a queued message (kombu moves it to unacked)."""
+        message, known = self.messages.get(tag), self.workers.get(worker)
+        if message is None or message.state != QUEUED or known is None or not known.up:
+            return False
+        message.state, message.consumer = DELIVERED, (worker, known.process)
+        return True
+
+    def held(self, tag: int) -> bool:
+        """The message's consumer is up and has not run its task yet: it will claim."""
+        message = self.messages[tag]
+        if message.consumer is None or message.ran:
+            return False
+        worker, process = message.consumer
+        known = self.workers[worker]
+        return known.up and known.process == process
+
+    def ack(self, tag: int) -> None:
+        """Celery acks the message: the task returned (or its child died, WorkerLostError)."""
+        message = self.messages[tag]
+        message.ran = True
+        if message.state == DELIVERED:
+            message.state = ACKED
+
+    def reject(self, tag: int) -> int | None:
+        """``Reject(requeue=True)``, or kombu restoring a closed channel's unacked: the
+        message goes back to its queue (under a new tag) if it is still in unacked."""
+        message = self.messages[tag]
+        message.ran = True
+        if message.state != DELIVERED:
+            return None
+        message.state = ACKED
+        self.serial += 1
+        self.messages[self.serial] = MessageModel(self.serial, message.member, message.queue)
+        return self.serial
+
+    def start_child(self, member: str, worker: str, pid: int, tag: int | None) -> ChildModel:
+        """A pool child of the worker's process runs the attempt it claimed."""
+        child = ChildModel(worker, self.workers[worker].process, pid, tag)
+        self.children[member] = child
+        return child
+
+    def child_of(self, member: str) -> ChildModel | None:
+        """The child that runs the attempt, while it is alive in an up process."""
+        child = self.children.get(member)
+        if child is None or child.state == GONE:
+            return None
+        known = self.workers[child.worker]
+        return child if known.up and known.process == child.process else None
+
+    def kill_node(self, worker: str) -> None:
+        """kill -9 of the node: its heartbeat stops, its children die with it, and what
+        its consumer took stays in kombu's unacked (kombu never redelivers it)."""
+        known = self.workers[worker]
+        known.up = False
+        for child in self.children.values():
+            if (child.worker, child.process) == (worker, known.process):
+                child.state = GONE
+
+    def stop_node(self, worker: str) -> None:
+        """A clean stop: the process exits and kombu restores what its consumer held."""
+        known = self.workers[worker]
+        mine = (worker, known.process)
+        self.kill_node(worker)
+        for message in list(self.messages.values()):
+            if message.state == DELIVERED and message.consumer == mine:
+                self.reject(message.tag)
+
+    def report_worker_lost(self, job_id: str, n: int, worker: str, pid: int) -> str:
+        """The worker agent's report of a pool child that died under task ``<job>.<n>``
+        (``WorkerLostError``, after Celery acked the message), ``GridQueueAgent`` in
+        ``gridqueue/agent.py``. Without ``recover_stranded`` it ends the attempt as the
+        worker's (``end_attempt`` by name); with it, it names the child and the incarnation,
+        and when the attempt is still queued (the child died before its claim) it asks for
+        a ``redeliver`` and publishes the attempt again. Answers the end's status, or
+        'redelivered'."""
+        if not self.recover_stranded:
+            return self.end_attempt(job_id, n, Outcome.WORKER_LOST, worker)
+        epoch = self.workers[worker].epoch
+        status = self.end_attempt(job_id, n, Outcome.WORKER_LOST, worker, pid=pid, epoch=epoch)
+        if status == "stale" and self.redeliver(job_id, n) == "ok":
+            self.publish(attempt_id(job_id, n))  # the agent publishes it again at once
+            return "redelivered"
+        return status
+
+    # -- time and the watchdog -------------------------------------------------------------
+
+    def elapse(self) -> None:
+        """Every grace and timeout passes (deadlines do not): children that run beat and
+        mark progress, every other watch lapses; dispatch leases and backoffs pass; taken
+        messages outlive the claim grace; a node that is down falls silent."""
+        beaten: set[str] = set()
+        progressed: set[str] = set()
+        for member in sorted(self.children):
+            child = self.child_of(member)
+            if child is None or not child.beats:
+                continue
+            job_id, n = split_attempt_id(member)
+            if child.state == RUNNING:
+                child.started = True
+                if self.progress(job_id, n, child.worker):
+                    progressed.add(member)
+            if self.beat(job_id, n, child.worker):
+                beaten.add(member)
+        for member in self.liveness:
+            self.liveness[member] = member not in beaten
+        for member in self.stalls:
+            self.stalls[member] = member not in progressed
+        for entry in self.dispatch.values():
+            entry.due = True
+        for message in self.messages.values():
+            message.lapsed = message.state == DELIVERED
+        for known in self.workers.values():
+            known.silent = not known.up
+
+    def watchdog_tick(self) -> Counter[str]:
+        """``Watchdog.tick``: declare silent workers dead, stall lapsed watches, apply the
+        policy to lost attempts, expire jobs past their deadline, (with
+        ``recover_stranded``) recover stranded deliveries, and publish due dispatches."""
+        report: Counter[str] = Counter()
+        for name, known in sorted(self.workers.items()):
+            if known.silent and self.declare_dead(name) is not None:
+                report["workers_declared_dead"] += 1
+        lapsed = [(m, "liveness") for m, late in sorted(self.liveness.items()) if late]
+        lapsed += [(m, "progress") for m, late in sorted(self.stalls.items()) if late]
+        for member, kind in lapsed:
+            report["attempts_stalled"] += self.stall(member, kind) == "stalled"
+        for member, outcome in sorted(self.lost.items()):
+            job_id, n = split_attempt_id(member)
+            report[self.end_attempt(job_id, n, Outcome(outcome))] += 1
+        for job in sorted(self.jobs.values(), key=lambda j: j.id):
+            if job.deadline_passed and not job.terminal:
+                report["jobs_expired"] += self.expire(job.id) == "ok"
+        if self.recover_stranded:
+            report["stranded_deliveries"] += len(self.sweep_stranded())
+        for member, entry in sorted(self.dispatch.items()):
+            if entry.due:
+                report["dispatched"] += self.publish(member)
+        return +report  # what it did, without the zeros
+
+    # -- the contract ----------------------------------------------------------------------
+
+    def owners(self, job_id: str) -> list[str]:
+        """Who will move the job (DESIGN.md 1): empty for a job that has not ended is a
+        hole. A queued attempt: its dispatch entry, a message waiting in its queue, or one
+        a live consumer holds (with ``recover_stranded``, any message in unacked: the
+        sweep owns it). A running one: its lost entry, its watch, the child that will beat
+        (and so start its watch), or its node's heartbeat, which lapses."""
+        job = self.jobs[job_id]
+        if job.terminal:
+            return ["ended"]
+        member = attempt_id(job_id, job.attempt)
+        found = []
+        if job.state is JobState.QUEUED:
+            if member in self.dispatch:
+                found.append("dispatch entry")
+            for message in self.messages.values():
+                if message.member != member:
+                    continue
+                if message.state == QUEUED:
+                    found.append(f"message {message.tag} in its queue")
+                elif self.held(message.tag):
+                    found.append(f"message {message.tag} held by {message.consumer}")
+                elif message.state == DELIVERED and not message.claimed and self.recover_stranded:
+                    found.append(f"message {message.tag} stranded in unacked")
+            return found
+        if member in self.lost:
+            found.append("lost entry")
+        if member in self.liveness or member in self.stalls:
+            found.append("watch")
+        child = self.child_of(member)
+        if child is not None and child.beats:
+            found.append(f"child {child.pid} of {child.worker}")
+        known = self.workers.get(str(job.current.worker))
+        if known is not None and not known.up and known.state not in _GONE:
+            found.append(f"the silent heartbeat of {job.current.worker}")
+        return found

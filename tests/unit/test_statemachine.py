@@ -7,6 +7,11 @@ watchdog handles lost attempts and expires jobs; callers cancel; operators repla
 letters. After every step the
 invariants hold, and a healthy worker plus the watchdog can still drive every job to a
 terminal state.
+
+Claims here come out of nowhere, as the differential test replays them on the Lua ledger.
+``test_statemachine_liveness.py`` runs the same machine with the broker, the processes
+and their faults, where every claim comes with a message, and checks that no job is ever
+left without an owner.
 """
 
 from __future__ import annotations
@@ -195,20 +200,36 @@ class JobLifecycle(RuleBasedStateMachine):
         pid=st.sampled_from([101, 102]),
     )
     def claim(self, job_id: str, worker: str, delta: int, pid: int = 101) -> None:
+        self.claims_attempt(job_id, worker, delta, pid)
+
+    def claims_attempt(
+        self, job_id: str, worker: str, delta: int, pid: int = 101, tag: int | None = None
+    ) -> str:
+        """A claim, checked against what the rules say it must answer. ``tag`` is the
+        delivery tag of the message it came with, when the broker is followed."""
         job = self.model.jobs[job_id]
         n = max(1, job.attempt + delta)
         alive = self.alive(worker)
         current = job.state is not JobState.QUEUED and not job.terminal and n == job.attempt
         holder = (job.current.worker, job.current.pid, job.current.epoch) if current else None
         incarnation = self.model.workers[worker].epoch if worker in self.model.workers else 0
-        failed_here = any(
-            a.worker == worker and a.outcome in NODE_OUTCOMES
+        failed = {
+            a.worker
             for k, a in job.attempts.items()
-            if job.chain_start <= k < job.attempt
+            if job.chain_start <= k < job.attempt and a.outcome in NODE_OUTCOMES
+        }
+        # Another worker that can take the attempt now: ALIVE, heartbeating, and not one
+        # the job took down too.
+        others_ready = any(
+            self.alive(other) and not self.model.workers[other].silent and other not in failed
+            for other in WORKERS
+            if other != worker
         )
-        others_ready = any(self.alive(other) for other in WORKERS if other != worker)
         before = snapshot(job)
-        status = self.model.claim(job_id, n, worker, pid)
+        if tag is None:
+            status = self.model.claim(job_id, n, worker, pid)
+        else:
+            status = self.model.claim(job_id, n, worker, pid, tag)
         if not alive:
             assert status == "fenced"
         elif job.terminal or n != job.attempt:
@@ -219,15 +240,16 @@ class JobLifecycle(RuleBasedStateMachine):
             # Only the same incarnation's retry is answered again: a restart that reuses
             # the pid is a stranger to the attempt.
             assert status == ("ok" if holder == (worker, pid, incarnation) else "duplicate")
-        elif failed_here and others_ready:
+        elif worker in failed and others_ready:
             assert status == "avoid"  # the job goes to a node it has not taken down
         else:
             assert status == "ok"
             assert (job.state, job.current.worker) == (JobState.RUNNING, worker)
             self.claims.append((job_id, n, worker))
             self.incarnation[job_id, n] = self.model.workers[worker].epoch
-            return
+            return status
         assert snapshot(job) == before
+        return status
 
     def queued(self) -> list[str]:
         return [job.id for job in self.model.jobs.values() if job.state is JobState.QUEUED]
@@ -237,7 +259,8 @@ class JobLifecycle(RuleBasedStateMachine):
     def live_worker_takes_a_queued_attempt(self, data: st.DataObject) -> None:
         """The common case, which the random claims above reach too seldom."""
         alive = [worker for worker in WORKERS if self.alive(worker)]
-        self.claim(data.draw(st.sampled_from(self.queued())), data.draw(st.sampled_from(alive)), 0)
+        job_id = data.draw(st.sampled_from(self.queued()))
+        self.claims_attempt(job_id, data.draw(st.sampled_from(alive)), 0)
 
     @precondition(
         lambda self: any(job.state is JobState.DEAD_LETTERED for job in self.model.jobs.values())
@@ -269,12 +292,15 @@ class JobLifecycle(RuleBasedStateMachine):
 
     def claimer_retries_its_claim(self, data: st.DataObject) -> None:
         job_id, n, worker = data.draw(st.sampled_from(self.claims))
-        self.claim(job_id, worker, n - self.model.jobs[job_id].attempt, 101)
+        self.claims_attempt(job_id, worker, n - self.model.jobs[job_id].attempt, 101)
 
     @precondition(lambda self: self.claims)
     @rule(data=st.data())
     def claimer_completes(self, data: st.DataObject) -> None:
-        job_id, n, worker = data.draw(st.sampled_from(self.claims))
+        self.completes(*data.draw(st.sampled_from(self.claims)))
+
+    def completes(self, job_id: str, n: int, worker: str) -> bool:
+        """The claimer sends its result: published once, unless it is a zombie's."""
         job = self.model.jobs[job_id]
         assert job.attempts[n].worker == worker  # an attempt is claimed once
         repeated = job.attempts[n].outcome is Outcome.SUCCEEDED
@@ -292,6 +318,7 @@ class JobLifecycle(RuleBasedStateMachine):
             assert job.attempts[n].late_result_discarded
         else:
             assert job.state is JobState.SUCCEEDED
+        return published
 
     def stranger_completes(self, job_id: str, worker: str, delta: int) -> None:
         """A result for an attempt this worker never claimed: always discarded."""
@@ -455,7 +482,8 @@ class JobLifecycle(RuleBasedStateMachine):
         assert stats["stale_results_discarded"] == self.discarded
         assert stats["first_placements"] == sum(job.attempts[1].worker is not None for job in jobs)
         bad = sum(
-            job.attempts[1].outcome in (Outcome.WORKER_LOST, Outcome.GPU_FAULT) for job in jobs
+            job.attempts[1].outcome in (Outcome.WORKER_LOST, Outcome.NODE_LOST, Outcome.GPU_FAULT)
+            for job in jobs
         )
         assert stats["bad_first_placements"] == bad
 
@@ -495,8 +523,8 @@ def test_a_zombie_result_after_failover_is_discarded_and_counted() -> None:
     model.register("w2")
     assert model.claim("j", 1, "w1") == "ok"
     assert model.declare_dead("w1") == 1
-    assert model.lost == {"j.1": "worker_lost"}
-    assert model.end_attempt("j", 1, Outcome.WORKER_LOST) == "retry"
+    assert model.lost == {"j.1": "node_lost"}
+    assert model.end_attempt("j", 1, Outcome.NODE_LOST) == "retry"
     assert model.claim("j", 2, "w2") == "ok"
 
     assert not model.complete("j", 1, "w1", '"late"')  # w1 was only partitioned
@@ -504,7 +532,7 @@ def test_a_zombie_result_after_failover_is_discarded_and_counted() -> None:
     assert job.attempts[1].late_result_discarded
     assert model.complete("j", 2, "w2", '"fresh"')
     assert (job.state, job.result) == (JobState.SUCCEEDED, '"fresh"')
-    assert [a.outcome for a in job.attempts.values()] == [Outcome.WORKER_LOST, Outcome.SUCCEEDED]
+    assert [a.outcome for a in job.attempts.values()] == [Outcome.NODE_LOST, Outcome.SUCCEEDED]
 
 
 def test_a_dead_worker_is_fenced_from_new_work() -> None:
@@ -549,8 +577,10 @@ def test_a_restarted_worker_loses_what_its_old_incarnation_ran() -> None:
     model.submit("j", "realtime")
     model.register("w1")
     model.claim("j", 1, "w1")
-    assert model.register("w1") == 2  # killed and restarted before the watchdog noticed
-    assert model.lost == {"j.1": "worker_lost"}
+    model.kill_node("w1")
+    model.elapse()  # the new process waits until the old one's heartbeat lapses
+    assert model.register("w1") == 2  # restarted before the watchdog noticed
+    assert model.lost == {"j.1": "node_lost"}
 
 
 def test_the_drive_ends_a_job_stranded_on_a_worker_that_died() -> None:
@@ -561,7 +591,7 @@ def test_the_drive_ends_a_job_stranded_on_a_worker_that_died() -> None:
     assert drive_to_end(model) == 1
     assert job.state is JobState.SUCCEEDED
     assert [(a.worker, a.outcome) for a in job.attempts.values()] == [
-        ("w1", Outcome.WORKER_LOST),
+        ("w1", Outcome.NODE_LOST),
         (HEALTHY, Outcome.SUCCEEDED),
     ]
 
@@ -618,6 +648,6 @@ def test_another_workers_failure_report_leaves_a_lost_attempt_for_the_watchdog()
     model.claim("j", 1, "w1")
     model.declare_dead("w1")
     assert model.end_attempt("j", 1, Outcome.WORKER_LOST, worker="w2") == "stale"
-    assert model.lost == {"j.1": "worker_lost"}
-    assert model.end_attempt("j", 1, Outcome.WORKER_LOST) == "retry"  # the watchdog
+    assert model.lost == {"j.1": "node_lost"}
+    assert model.end_attempt("j", 1, Outcome.NODE_LOST) == "retry"  # the watchdog
     assert (job.state, job.attempt) == (JobState.QUEUED, 2)
