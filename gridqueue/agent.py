@@ -30,9 +30,8 @@ import threading
 import time
 from typing import Any, ClassVar
 
-from billiard.exceptions import WorkerLostError
 from celery import bootsteps
-from celery.signals import task_failure, worker_shutdown
+from celery.signals import worker_shutdown
 from celery.worker import state as worker_state
 from redis.exceptions import RedisError
 
@@ -41,7 +40,7 @@ from gridqueue.health import HealthClassifier, HealthConfig, HealthLevel
 from gridqueue.keys import split_attempt_id
 from gridqueue.logs import get_logger
 from gridqueue.probes import DeadlineReader, ProbeReading
-from gridqueue.runner import WorkerRuntime, current_runtime, failing_child_pid
+from gridqueue.runner import WorkerRuntime, current_runtime, on_child_lost
 from gridqueue.states import Outcome, WorkerState
 
 log = get_logger("gridqueue.agent")
@@ -125,7 +124,7 @@ class GridQueueAgent(bootsteps.StartStopStep):  # type: ignore[misc]
         reading = self.health.read_once()
         self._register_when_free(reading)
         self.health.start()
-        task_failure.connect(self._on_task_failure, weak=False)
+        on_child_lost(self._on_child_lost)
         self._acked_at = time.monotonic()
         self._thread = threading.Thread(
             target=self._heartbeat_loop, name="gq-heartbeat", daemon=True
@@ -173,7 +172,7 @@ class GridQueueAgent(bootsteps.StartStopStep):  # type: ignore[misc]
             self.health.stop()
         if self._thread is not None:
             self._thread.join(timeout=5)
-        task_failure.disconnect(self._on_task_failure)
+        on_child_lost(None)
         runtime = self._rt()
         if not self._evicted:
             with contextlib.suppress(RedisError):
@@ -336,23 +335,20 @@ class GridQueueAgent(bootsteps.StartStopStep):  # type: ignore[misc]
                     # SIGKILL: a soft limit cannot interrupt a blocking CUDA call.
                     os.kill(request.worker_pid, signal.SIGKILL)
 
-    def _on_task_failure(
-        self, sender: Any = None, task_id: str | None = None, exception: Any = None, **_: Any
-    ) -> None:
+    def _on_child_lost(self, task_id: str, pid: int | None, error: str) -> None:
         """A pool child died under a task. If it had claimed the attempt, the attempt ends
         ``worker_lost`` (refused unless that very child held it); if it died before
-        claiming, Celery has acked the message and nothing holds the attempt: publish it
-        again now."""
-        if not isinstance(exception, WorkerLostError) or not task_id or "." not in task_id:
+        claiming, publish the attempt again now (Celery also put the message back on its
+        queue: whichever copy comes second is refused by the claim)."""
+        if "." not in task_id:
             return
         job_id, attempt = split_attempt_id(task_id)
         runtime = self._rt()
-        pid = failing_child_pid()
         try:
             ended = False
             if pid is not None:
                 end = runtime.end_attempt(
-                    job_id, attempt, Outcome.WORKER_LOST, str(exception), pid=pid, epoch=self.epoch
+                    job_id, attempt, Outcome.WORKER_LOST, error, pid=pid, epoch=self.epoch
                 )
                 ended = end.status != "stale"
             if not ended and runtime.ledger.redeliver(job_id, attempt):
@@ -360,8 +356,7 @@ class GridQueueAgent(bootsteps.StartStopStep):  # type: ignore[misc]
                 runtime.dispatcher.publish(task_id)
         except RedisError as exc:
             # A claimed attempt stays watched (its liveness lapses, the watchdog acts); an
-            # unclaimed one is republished by the watchdog's delivery sweep only if its
-            # message is still unacked. Say so loudly.
+            # unclaimed one is back on its queue. Say so loudly.
             log.error("attempt.worker_lost_unrecorded", job=job_id, attempt=attempt, error=str(exc))
 
 

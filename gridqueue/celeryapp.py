@@ -1,7 +1,7 @@
 """The Celery app gridqueue runs on, configured for fenced, ledger-owned redelivery.
 
 - acks_late, prefetch 1 and no prefetch beyond free slots: kombu's ``unacked`` holds
-  roughly the running attempts and nothing else.
+  roughly the running attempts and nothing else. A child that dies requeues its message.
 - ``visibility_timeout`` is ten years in every gridqueue process, so kombu never
   redelivers behind the ledger's back; the watchdog requeues instead.
 - JSON only; no result backend (the ledger holds the visible result).
@@ -39,7 +39,11 @@ def make_celery(redis_url: str) -> Celery:
         result_accept_content=["json"],
         task_acks_late=True,
         task_acks_on_failure_or_timeout=True,
-        task_reject_on_worker_lost=False,
+        # A pool child that dies puts its message back on the queue instead of acking it:
+        # if it died before claiming, the message still owns the attempt (even when the
+        # worker agent cannot report it); if it had claimed, the redelivery is refused by
+        # the claim (stale or duplicate), so nothing runs twice and nothing loops.
+        task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
         worker_disable_prefetch=True,
         worker_send_task_events=False,

@@ -11,9 +11,12 @@ import json
 import os
 import socket
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from billiard.einfo import ExceptionWithTraceback
+from billiard.exceptions import WorkerLostError
 from celery import Celery, Task
 from celery.exceptions import Reject
 from celery.worker.request import Request
@@ -219,31 +222,43 @@ def _run_claimed(runtime: WorkerRuntime, fn: HandlerFn, payload: Any, ctx: Conte
         log.warning("attempt.result_discarded", job=job_id, attempt=attempt, why="superseded")
 
 
-_failing = threading.local()
+ChildLostHook = Callable[[str, "int | None", str], None]
+_child_lost: ChildLostHook | None = None
+
+
+def on_child_lost(hook: ChildLostHook | None) -> None:
+    """Install the worker agent's handler of a pool child that died under a task:
+    ``hook(task_id, pid, error)``, pid None when no child had accepted it yet."""
+    global _child_lost
+    _child_lost = hook
 
 
 class AttemptRequest(Request):  # type: ignore[misc]
-    """Celery's request, in the worker's main process, telling the agent which pool
-    child a failure came from: a report of a dead child must name the process that ran
-    the attempt, or a duplicate delivery that died could end a healthy attempt."""
+    """Celery's request, in the worker's main process, reporting a pool child that died
+    under it to the agent, with that child's pid: the report must name the process that
+    ran the attempt, or a duplicate delivery that died could end a healthy attempt.
+
+    Celery requeues such a message (``task_reject_on_worker_lost``) and, when it does,
+    sends no ``task_failure``: the report is made here instead."""
 
     def on_failure(
         self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False
     ) -> Any:
-        _failing.pid = self.worker_pid  # read by task_failure receivers, on this thread
+        exc = exc_info.exception
+        if isinstance(exc, ExceptionWithTraceback):
+            exc = exc.exc
+        cancelled = self._already_cancelled or self._already_revoked
+        lost = isinstance(exc, WorkerLostError) or (
+            isinstance(exc, (SystemExit, KeyboardInterrupt)) and not cancelled
+        )
+        pid = self.worker_pid
         try:
             return super().on_failure(
                 exc_info, send_failed_event=send_failed_event, return_ok=return_ok
             )
         finally:
-            _failing.pid = None
-
-
-def failing_child_pid() -> int | None:
-    """In a task_failure receiver: the pid of the pool child that accepted the task, or
-    None if no child accepted it yet."""
-    pid = getattr(_failing, "pid", None)
-    return int(pid) if pid else None
+            if lost and _child_lost is not None:
+                _child_lost(self.id, int(pid) if pid else None, str(exc))
 
 
 def register_task(app: Celery) -> Task:
