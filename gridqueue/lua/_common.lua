@@ -50,6 +50,16 @@ local function can_take(name, model, stale_after_ms)
   return redis.call('SCARD', key_worker_running(NS, name)) < tonumber(slots or '1')
 end
 
+-- Take a worker off the model listings it was on (consumers, and those it did not fit).
+local function unlist_worker(name, models_csv, unfit_csv)
+  for _, csv in ipairs({models_csv or '', unfit_csv or ''}) do
+    for model in string.gmatch(csv, '[^,]+') do
+      redis.call('HDEL', key_model(NS, model), name)
+      redis.call('HDEL', key_model_unfit(NS, model), name)
+    end
+  end
+end
+
 local function mark_delivery_claimed(tag)
   local delivered = redis.call('ZSCORE', KOMBU_UNACKED_INDEX, tag)
   if delivered and tonumber(delivered) < CLAIMED_OFFSET_S then

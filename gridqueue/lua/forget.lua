@@ -14,12 +14,7 @@ for _, name in ipairs(redis.call('ZRANGEBYSCORE', key_gone(NS), '-inf', before_m
   local state, models, unfit = unpack(redis.call('HMGET', wk, 'state', 'models', 'unfit_models'))
   redis.call('ZREM', key_gone(NS), name)
   if state == 'DEAD' or state == 'STOPPED' or not state then
-    for _, csv in ipairs({models or '', unfit or ''}) do
-      for model in string.gmatch(csv, '[^,]+') do
-        redis.call('HDEL', key_model(NS, model), name)
-        redis.call('HDEL', key_model_unfit(NS, model), name)
-      end
-    end
+    unlist_worker(name, models, unfit)
     redis.call('DEL', wk, key_worker_running(NS, name), key_worker_kill(NS, name),
                key_worker_faults(NS, name))
     redis.call('ZREM', key_workers(NS), name)

@@ -27,12 +27,7 @@ end
 for _, member in ipairs(redis.call('SMEMBERS', key_worker_running(NS, name))) do
   redis.call('HSET', key_lost(NS), member, 'node_lost')
 end
-for _, csv in ipairs({old_models or '', old_unfit or ''}) do
-  for model in string.gmatch(csv, '[^,]+') do
-    redis.call('HDEL', key_model(NS, model), name)
-    redis.call('HDEL', key_model_unfit(NS, model), name)
-  end
-end
+unlist_worker(name, old_models, old_unfit)
 local consumed, unfit = {}, {}
 for model, fit in pairs(cjson.decode(model_fit)) do
   if fit.largest_gpu_bytes >= fit.required_bytes then
