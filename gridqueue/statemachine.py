@@ -3,32 +3,41 @@
 It models what moves a job, in plain data, without Redis or a clock:
 
 - the ledger (``gridqueue/lua/*.lua``): jobs and their attempts, workers and their
-  incarnations, the ``lost`` hash, the ``stats`` counters, the dispatch index (the promise
-  that an attempt's message is published), the watch indexes (``liveness`` and
-  ``stalls``: a running attempt's beat and progress mark), and each worker's kill orders;
+  incarnations, slots and health verdicts, quarantines and probations, the ``lost`` hash,
+  the ``stats`` counters, the dispatch index (the promise that an attempt's message is
+  published), the watch indexes (``liveness`` and ``stalls``: a running attempt's beat
+  and progress mark), the health changes the watchdog has yet to apply, and each
+  worker's kill orders;
 - the broker (kombu on Redis, ``acks_late``): every message Celery carries, ``queued``
   in its model's list, ``delivered`` to a consumer (kept in kombu's ``unacked``, never
-  redelivered by kombu itself), or ``acked`` (gone);
+  redelivered by kombu itself), or ``acked`` (gone). A message is known by its delivery
+  tag, made at publish, which stays the same when kombu puts it back on its queue;
 - the processes: whether each node's main process is up (it heartbeats, and its consumer
   takes messages), and the pool children running claimed attempts (running, stuck,
   frozen or gone);
-- the watchdog's tick, and the worker agent's report of a child that died.
+- the watchdog's tick, and what Celery and the worker agent do when a pool child dies:
+  Celery puts its message back on the queue (``task_reject_on_worker_lost``) unless its
+  connection is gone, and the agent reports the child, unless the node dies or Redis is
+  out of reach first.
 
 Time is the caller's: ``elapse()`` lets every grace and timeout pass at once (dispatch
-leases and backoffs, claim graces, silent heartbeats, lapsed beats and progress marks),
-while deadlines pass only when the caller says so. Each ledger verb applies the
+leases and backoffs, claim graces, silent heartbeats, lapsed beats and progress marks,
+probations), while deadlines pass only when the caller says so, and stalls counted
+against a node never age out of their window. Each ledger verb applies the
 compare-and-set rules of its Lua script and returns what the script would answer, and
 counters are named as in the scripts, so a differential test replays one history on both.
 
 ``owners()`` states the contract's invariant (DESIGN.md section 1): a job that has not
-ended has an owner that will move it. Two switches turn off the two parts of the fix that
-keeps it true. ``recover_stranded``: the watchdog's stranded-delivery sweep
+ended has an owner that will move it. Three switches turn off the three parts of the fix
+that keeps it true. ``recover_stranded``: the watchdog's stranded-delivery sweep
 (``sweep_deliveries.lua``), and the agent's report of a pool child that died, which names
 the child and its incarnation and, if the child died before its claim, redelivers the
 attempt (``redeliver.lua``). ``claim_watches``: a claim puts the attempt under its
-liveness and stall watch in the same step (``claim.lua``). With either off the model is
-the ledger as it was before, and the property tests find the hole each part closes: a
-message taken and never claimed, or a claim that nothing watches.
+liveness and stall watch in the same step (``claim.lua``). ``requeue_lost``: Celery puts
+a dead child's message back on its queue instead of acking it. With one off the model is
+the system as it was before that part, and the property tests find the hole it closes: a
+message taken and never claimed, a claim that nothing watches, or a child lost before its
+claim whose report was lost with it.
 """
 
 from __future__ import annotations
@@ -41,6 +50,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gridqueue.errors import WorkerNameInUseError
+from gridqueue.health import HealthLevel
 from gridqueue.keys import attempt_id, split_attempt_id
 from gridqueue.policies import Decision, EndedAttempt, GiveUp, Retry, decide
 from gridqueue.states import NODE_OUTCOMES, TERMINAL_STATES, JobState, Outcome, WorkerState
@@ -53,12 +63,19 @@ _REFUSALS = dict(
     duplicate="duplicate_deliveries",
     avoid="claims_deferred",
 )
+# claim.lua defers one attempt to another worker at most this many times.
+MAX_DEFERRALS = 3
 # finish.lua counts a first attempt lost to its node as a bad placement.
 _BAD_PLACEMENT = (Outcome.WORKER_LOST, Outcome.NODE_LOST, Outcome.GPU_FAULT)
 # A worker in these states has left the fleet: the watchdog no longer watches it.
 _GONE = (WorkerState.DEAD, WorkerState.STOPPED)
 # heartbeat.lua accepts the beat of a worker in these states; any other is fenced.
 _HEARTBEATING = (WorkerState.ALIVE, WorkerState.QUARANTINED, WorkerState.PROBATION)
+# A verdict that keeps a node out of work (end_probation.lua).
+_SICK = (HealthLevel.UNHEALTHY.value, HealthLevel.DEGRADED.value)
+# Who quarantined a node, besides an operator: its health, or its repeated stalls.
+HEALTH, WATCHDOG = "health", "watchdog"
+EVACUATE, DRAIN = "evacuate", "drain"
 
 DEFAULT_MODEL = "sim-llm"
 
@@ -81,6 +98,7 @@ class AttemptModel:
     outcome: Outcome | None = None
     late_result_discarded: bool = False
     delivery_tag: int | None = None  # the message the claim came with (kombu's tag)
+    deferred: int = 0  # claims that left it to another worker ('avoid')
 
     def __deepcopy__(self, memo: dict[int, Any]) -> AttemptModel:
         # What-if drives copy the model at every step: this is fast, every field immutable.
@@ -154,8 +172,9 @@ class JobModel:
             held = (self.current.worker, self.current.pid, self.current.epoch)
             return "ok" if held == (worker, pid, epoch) else "duplicate"
         # Spread a failing job: a node it took down leaves it to another node that can
-        # take it now.
-        if others_ready and worker in self.failed_on:
+        # take it now, a bounded number of times, so that it cannot bounce between them.
+        if others_ready and worker in self.failed_on and self.current.deferred < MAX_DEFERRALS:
+            self.current.deferred += 1
             return "avoid"
         self.current.worker, self.current.pid, self.current.epoch = worker, pid, epoch
         self.state = JobState.RUNNING
@@ -217,8 +236,15 @@ class WorkerModel:
     epoch: int = 1
     up: bool = True  # its main process runs: it heartbeats, and its consumer takes messages
     process: int = 0  # which process (a restart is a new one; a re-registration is not)
-    silent: bool = False  # down for longer than stale_after: the watchdog may declare it dead
+    silent: bool = False  # its heartbeat is older than stale_after: it may be declared dead
     kill: set[str] = field(default_factory=set)  # attempts its agent must SIGKILL
+    concurrency: int = 1  # its slots: how many attempts it runs at once
+    verdict: str = ""  # the health verdict its heartbeat last carried
+    quarantined_by: str = ""  # 'health', 'watchdog' (repeated stalls) or an operator
+    quarantine_mode: str = ""  # 'evacuate' or 'drain'
+    stalls: int = 0  # attempts of it declared stalled
+    probation_until: bool | None = None  # its probation's end: passed, not yet, or none
+    probation_listed: bool = False  # in the probation index the watchdog scans
 
     def __deepcopy__(self, memo: dict[int, Any]) -> WorkerModel:
         twin = copy.copy(self)
@@ -241,7 +267,7 @@ class DispatchEntry:
 class MessageModel:
     """One Celery message (task ``<job>.<n>``) on its model's queue."""
 
-    tag: int  # kombu's delivery tag: a restored message comes back under a new one
+    tag: int  # kombu's delivery tag, made at publish: the same when it is put back
     member: str
     queue: str
     state: str = QUEUED
@@ -277,11 +303,9 @@ class ChildModel:
 class LedgerModel:
     """Jobs, workers, the ``lost`` hash, the ``stats`` counters, the dispatch and watch
     indexes, the broker's messages and the processes. With ``probation``
-    (``GRIDQUEUE_PROBATION_BASE_S > 0``) a worker back from the dead serves a probation.
-    A probation ends only by ``release`` here: its timed end needs a clock, as do health
-    verdicts and the quarantine of a node that stalls repeatedly, which are left out.
-    Every worker serves every model (so no claim is refused 'not_served'), and any number
-    of attempts at once."""
+    (``GRIDQUEUE_PROBATION_BASE_S > 0``) a worker back from the dead serves a probation;
+    one whose health recovers serves one either way (of no length without it). Every
+    worker serves every model (so no claim is refused 'not_served')."""
 
     workloads: Mapping[str, WorkloadClass] = field(default_factory=dict)
     probation: bool = True
@@ -291,9 +315,12 @@ class LedgerModel:
     stats: Counter[str] = field(default_factory=Counter)
     recover_stranded: bool = True
     claim_watches: bool = True
+    requeue_lost: bool = True
+    stall_quarantine_after: int = 3  # stalls of one node that quarantine (drain) it
     dispatch: dict[str, DispatchEntry] = field(default_factory=dict)  # attempt id -> entry
     liveness: dict[str, bool] = field(default_factory=dict)  # attempt id -> lapsed
     stalls: dict[str, bool] = field(default_factory=dict)  # attempt id -> lapsed
+    health_changes: set[str] = field(default_factory=set)  # workers whose verdict changed
     messages: dict[int, MessageModel] = field(default_factory=dict)  # delivery tag -> message
     children: dict[str, ChildModel] = field(default_factory=dict)  # attempt id -> claimer
     serial: int = 0  # the last delivery tag or dispatch lease handed out
@@ -313,21 +340,36 @@ class LedgerModel:
             self.dispatch[attempt_id(job_id, 1)] = DispatchEntry(due=False, lease=self.serial)
         return job
 
+    def can_take(self, worker: str) -> bool:
+        """``can_take`` in ``_common.lua``: the worker could start an attempt now: ALIVE,
+        heartbeating within stale_after, with a free slot (every worker serves every
+        model here)."""
+        known = self.workers[worker]
+        if known.state is not WorkerState.ALIVE or known.silent:
+            return False
+        return len(self.running_on(worker)) < known.concurrency
+
     def claim(self, job_id: str, n: int, worker: str, pid: int = 0, tag: int | None = None) -> str:
-        """Every worker serves every job's model: a job deferred from a node it took down
-        goes to any other ALIVE worker that heartbeats and did not go down under it. A
-        refused claim (fenced, avoid) of the queued attempt asks for a new publish. With
-        ``claim_watches`` a claim puts the attempt under its liveness and stall watch."""
+        """A job deferred from a node it took down goes to another worker that can take
+        it now and did not go down under it either, at most MAX_DEFERRALS times per
+        attempt. A refused claim (fenced, avoid) of the queued attempt asks for a new
+        publish. With ``claim_watches`` a claim puts the attempt under its liveness and
+        stall watch."""
         job = self.jobs.get(job_id)
         if job is None:
             return "unknown"
-        ready = {name for name, w in self.workers.items() if w.state is WorkerState.ALIVE}
-        takers = {name for name in ready if not self.workers[name].silent} - job.failed_on
+        known = self.workers.get(worker)
+        alive = known is not None and known.state is WorkerState.ALIVE
+        others_ready = False
+        if worker in job.failed_on and job.queues(n):
+            failed = job.failed_on
+            others_ready = any(
+                self.can_take(other) for other in self.workers if other not in failed
+            )
         fresh = job.state is JobState.QUEUED
         queued = job.queues(n)
-        known = self.workers.get(worker)
         epoch = known.epoch if known else 0
-        status = job.claim(n, worker, worker in ready, pid, bool(takers - {worker}), epoch)
+        status = job.claim(n, worker, alive, pid, others_ready, epoch)
         member = attempt_id(job_id, n)
         if status in _REFUSALS:
             self.stats[_REFUSALS[status]] += 1
@@ -337,8 +379,9 @@ class LedgerModel:
             if n == 1:
                 self.stats["first_placements"] += 1
             job.current.delivery_tag = tag
-            if tag is not None:
-                self.messages[tag].claimed = True  # out of the stranded-delivery sweep's range
+            message = self.messages.get(tag) if tag is not None else None
+            if message is not None and message.state == DELIVERED:
+                message.claimed = True  # out of the stranded-delivery sweep's range
             self.dispatch.pop(member, None)
             if self.claim_watches:
                 self.liveness[member] = self.stalls[member] = False
@@ -476,25 +519,28 @@ class LedgerModel:
 
     # -- the ledger: workers ---------------------------------------------------------------
 
-    def register(self, worker: str) -> int:
-        """A new incarnation: what the name still runs belongs to the old one, and is lost.
-        A quarantine or a probation outlives the restart. A worker whose process is down
-        starts a new process, refused (WorkerNameInUseError) while the old one's heartbeat
-        is fresh; one that is up registers again from the same process (its agent, fenced,
-        killed its children first)."""
+    def register(self, worker: str, concurrency: int = 1) -> int:
+        """A new incarnation with ``concurrency`` slots: what the name still runs belongs
+        to the old one, and is lost. A quarantine or a probation outlives the restart; the
+        health verdict starts afresh. A worker whose process is down starts a new process,
+        refused (WorkerNameInUseError) while the old one's heartbeat is fresh; one that is
+        up registers again from the same process (its agent, fenced, killed its children
+        first)."""
         known = self.workers.get(worker)
         # A new process, while the old one's heartbeat is still fresh: one name, one process.
         in_use = known is not None and not (known.up or known.silent)
         if in_use and known is not None and known.state in _HEARTBEATING:
+            self.stats["registers_refused"] += 1
             raise WorkerNameInUseError(f"worker name {worker!r} is in use")
         self._lose_attempts_of(worker)
         known = self.workers.setdefault(worker, WorkerModel(epoch=0, up=False))
         if known.state is WorkerState.DEAD and self.probation:
-            known.state = WorkerState.PROBATION
+            self._start_probation(known)
         elif known.state not in (WorkerState.QUARANTINED, WorkerState.PROBATION):
             known.state = WorkerState.ALIVE
         known.epoch += 1
         known.kill.clear()
+        known.concurrency, known.verdict = concurrency, ""
         if not known.up:
             known.up, known.process = True, known.process + 1
         known.silent = False
@@ -508,15 +554,22 @@ class LedgerModel:
         known.state = WorkerState.STOPPED
         return True
 
-    def heartbeat(self, worker: str, epoch: int, held: set[str]) -> tuple[str, list[str]]:
+    def heartbeat(
+        self, worker: str, epoch: int, held: set[str], verdict: str = ""
+    ) -> tuple[str, list[str]]:
         """``heartbeat.lua``: ('ok', attempts to kill) or ('fenced', []) for a worker
         declared dead, stopped, unknown, or replaced by a newer incarnation. A kill order
         stays until the heartbeat no longer lists the attempt among those the worker
-        ``held``, so that a lost reply loses none."""
+        ``held``, so that a lost reply loses none. A new health ``verdict`` is queued for
+        the watchdog (``apply_health``)."""
         known = self.workers.get(worker)
         if known is None or known.state not in _HEARTBEATING or known.epoch != epoch:
             self.stats["heartbeats_refused"] += 1
             return "fenced", []
+        known.silent = False
+        if verdict and verdict != known.verdict:
+            known.verdict = verdict
+            self.health_changes.add(worker)
         known.kill &= held
         return "ok", sorted(known.kill)
 
@@ -525,22 +578,29 @@ class LedgerModel:
         known = self.workers.get(worker)
         if known is None or known.state in _GONE:
             return None
-        known.state = WorkerState.DEAD
+        known.state, known.probation_listed = WorkerState.DEAD, False
         self.stats["workers_declared_dead"] += 1
         return self._lose_attempts_of(worker)
 
-    def quarantine(self, worker: str, drain: bool = False) -> int | None:
-        """An operator's quarantine: no new work, and unless it drains, its running attempts
-        move to the lost hash now and their children are ordered killed. None if the
-        worker is not a live one."""
+    def quarantine(self, worker: str, drain: bool = False, by: str = "operator") -> int | None:
+        """An operator's quarantine (``by``): no new work, and unless it drains, its running
+        attempts move to the lost hash now and their children are ordered killed. None if
+        the worker is not a live one."""
         known = self.workers.get(worker)
-        if known is None or known.state in _GONE:
+        if known is None or known.state not in _HEARTBEATING:
             return None
-        known.state = WorkerState.QUARANTINED
-        if drain:
+        return self._quarantine(worker, by, DRAIN if drain else EVACUATE, Outcome.EVACUATED)
+
+    def _quarantine(self, worker: str, by: str, mode: str, outcome: Outcome) -> int:
+        """``quarantine`` in ``_common.lua``: 'evacuate' moves the running attempts (to
+        the lost hash with ``outcome``) and orders their children killed."""
+        known = self.workers[worker]
+        known.state, known.probation_listed = WorkerState.QUARANTINED, False
+        known.quarantined_by, known.quarantine_mode = by, mode
+        if mode != EVACUATE:
             return 0
         known.kill.update(self.running_on(worker))
-        return self._lose_attempts_of(worker, Outcome.EVACUATED)
+        return self._lose_attempts_of(worker, outcome)
 
     def release(self, worker: str) -> bool | None:
         """An operator re-admits a quarantined or probationary worker; None if unknown."""
@@ -548,6 +608,61 @@ class LedgerModel:
         if known is None or known.state not in (WorkerState.QUARANTINED, WorkerState.PROBATION):
             return None if known is None else False
         known.state = WorkerState.ALIVE
+        known.quarantined_by = known.quarantine_mode = ""
+        known.probation_until, known.probation_listed = None, False
+        return True
+
+    def _start_probation(self, known: WorkerModel) -> None:
+        """``start_probation``: of no length without ``probation`` (a zero base)."""
+        known.state = WorkerState.PROBATION
+        known.quarantined_by = known.quarantine_mode = ""
+        known.probation_until, known.probation_listed = not self.probation, True
+
+    def apply_health(self, worker: str) -> str:
+        """``apply_health.lua``, the watchdog's action on a changed verdict: UNHEALTHY
+        quarantines the node and moves its running attempts now (outcome gpu_fault),
+        unless it is evacuated already; DEGRADED quarantines and drains it, unless it is
+        quarantined already; HEALTHY after a health quarantine starts its probation. A
+        recovery does not lift another's quarantine (an operator's, or the watchdog's for
+        repeated stalls), but an UNHEALTHY verdict on a node that was only drained makes
+        the quarantine the health check's, which a recovery then lifts. Answers
+        'evacuated', 'draining', 'probation' or 'ignored'."""
+        self.health_changes.discard(worker)
+        known = self.workers.get(worker)
+        if known is None or known.state not in _HEARTBEATING:
+            return "ignored"
+        quarantined = known.state is WorkerState.QUARANTINED
+        if known.verdict == HealthLevel.UNHEALTHY.value:
+            if quarantined and known.quarantine_mode == EVACUATE:
+                return "ignored"
+            self._quarantine(worker, HEALTH, EVACUATE, Outcome.GPU_FAULT)
+            return "evacuated"
+        if known.verdict == HealthLevel.DEGRADED.value:
+            if quarantined:
+                return "ignored"
+            self._quarantine(worker, HEALTH, DRAIN, Outcome.EVACUATED)
+            return "draining"
+        recovered = known.verdict == HealthLevel.HEALTHY.value and known.quarantined_by == HEALTH
+        if recovered and quarantined:
+            self._start_probation(known)
+            return "probation"
+        return "ignored"
+
+    def end_probation(self, worker: str) -> bool:
+        """``end_probation.lua``: a probation whose end has passed makes the worker ALIVE,
+        unless its verdict is still sick."""
+        known = self.workers.get(worker)
+        if known is None:
+            return False
+        if known.state is not WorkerState.PROBATION:
+            known.probation_listed = False
+            return False
+        if known.probation_until is False:
+            return False
+        known.probation_listed = False
+        if known.verdict in _SICK:
+            return False
+        known.state, known.probation_until = WorkerState.ALIVE, None
         return True
 
     # -- the ledger: dispatch and watches --------------------------------------------------
@@ -581,7 +696,8 @@ class LedgerModel:
 
     def stall(self, member: str, kind: str) -> str:
         """``stall.lua``: the attempt's liveness beat (``kind='liveness'``) or progress mark
-        lapsed: it is lost with outcome 'stalled' and its child is ordered killed.
+        lapsed: it is lost with outcome 'stalled' and its child is ordered killed; the
+        node that stalls ``stall_quarantine_after`` times is quarantined (drained).
         Answers 'stalled', 'alive' (not lapsed) or 'stale'."""
         index = self.liveness if kind == "liveness" else self.stalls
         if member not in index:
@@ -596,14 +712,22 @@ class LedgerModel:
         self.liveness.pop(member, None)
         self.stalls.pop(member, None)
         self.lost[member] = Outcome.STALLED.value
-        self.workers[job.current.worker].kill.add(member)
+        worker = job.current.worker
+        known = self.workers[worker]
+        known.kill.add(member)
         self.stats["stalls"] += 1
+        known.stalls += 1
+        if known.stalls >= self.stall_quarantine_after and known.state in (
+            WorkerState.ALIVE,
+            WorkerState.PROBATION,
+        ):
+            self._quarantine(worker, WATCHDOG, DRAIN, Outcome.EVACUATED)
         return "stalled"
 
     def redeliver(self, job_id: str, n: int) -> str:
         """``redeliver.lua``: a worker's report that the child given attempt ``n`` died
-        before it claimed it (Celery acked the message): if the attempt is still the job's
-        queued attempt, its dispatch entry is due now. Answers 'ok' or 'stale'."""
+        before it claimed it: if the attempt is still the job's queued attempt, its
+        dispatch entry is due now. Answers 'ok' or 'stale'."""
         job = self.jobs.get(job_id)
         if job is None or not job.queues(n):
             return "stale"
@@ -615,9 +739,11 @@ class LedgerModel:
         """``sweep_deliveries.lua``, the watchdog's stranded-delivery sweep over kombu's
         unacked index: a message taken longer than the claim grace ago, and never claimed,
         whose attempt is still the job's queued attempt lost its consumer before the claim.
-        It leaves unacked and the attempt's dispatch entry is due now. Any other unclaimed
-        copy (of an attempt running elsewhere, superseded or ended) is only removed. A
-        message waiting in its queue is never republished. Returns the attempts made due."""
+        It leaves unacked and the attempt's dispatch entry is due now. A copy that carries
+        the running attempt's own delivery tag (put back on its queue and taken again) is
+        marked claimed: the attempt's end removes it. Any other unclaimed copy (of an
+        attempt running elsewhere, superseded or ended) is only removed. A message waiting
+        in its queue is never republished. Returns the attempts made due."""
         recovered = []
         for message in self.messages.values():
             if message.state != DELIVERED or not message.lapsed or message.claimed:
@@ -626,12 +752,15 @@ class LedgerModel:
             job = self.jobs.get(job_id)
             if job is None:
                 continue  # not a job of this ledger
-            message.state = ACKED
             if job.queues(n):
+                message.state = ACKED
                 self.dispatch[message.member] = DispatchEntry(due=True)
                 self.stats["stranded_deliveries"] += 1
                 recovered.append(message.member)
+            elif job.runs(n) and job.current.delivery_tag == message.tag:
+                message.claimed = True
             else:
+                message.state = ACKED
                 self.stats["stale_deliveries_removed"] += 1
         return recovered
 
@@ -659,6 +788,7 @@ class LedgerModel:
         if message is None or message.state != QUEUED or known is None or not known.up:
             return False
         message.state, message.consumer = DELIVERED, (worker, known.process)
+        message.ran = message.lapsed = message.claimed = False
         return True
 
     def held(self, tag: int) -> bool:
@@ -671,23 +801,36 @@ class LedgerModel:
         return known.up and known.process == process
 
     def ack(self, tag: int) -> None:
-        """Celery acks the message: the task returned (or its child died, WorkerLostError)."""
+        """Celery acks the message: the task returned, or its claim was refused."""
         message = self.messages[tag]
         message.ran = True
         if message.state == DELIVERED:
             message.state = ACKED
 
-    def reject(self, tag: int) -> int | None:
-        """``Reject(requeue=True)``, or kombu restoring a closed channel's unacked: the
-        message goes back to its queue (under a new tag) if it is still in unacked."""
+    def reject(self, tag: int) -> bool:
+        """``Reject(requeue=True)`` (kombu's ``restore_by_tag``): the message goes back to
+        its queue, under the same tag, if it is still in unacked (the end of the attempt
+        it was claimed for may have removed it)."""
         message = self.messages[tag]
         message.ran = True
         if message.state != DELIVERED:
-            return None
-        message.state = ACKED
-        self.serial += 1
-        self.messages[self.serial] = MessageModel(self.serial, message.member, message.queue)
-        return self.serial
+            return False
+        message.state, message.consumer = QUEUED, None
+        message.lapsed = message.claimed = False
+        return True
+
+    def child_died(self, tag: int, connected: bool = True) -> None:
+        """Celery's main process sees the pool child running the task of message ``tag``
+        die (``WorkerLostError``): with ``requeue_lost`` (``task_reject_on_worker_lost``)
+        it puts the message back on its queue, else it acks it. On a channel whose
+        connection is gone (Redis out of reach) either is dropped, and the message stays
+        in unacked."""
+        if not connected:
+            self.messages[tag].ran = True
+        elif self.requeue_lost:
+            self.reject(tag)
+        else:
+            self.ack(tag)
 
     def start_child(self, member: str, worker: str, pid: int, tag: int | None) -> ChildModel:
         """A pool child of the worker's process runs the attempt it claimed."""
@@ -713,22 +856,19 @@ class LedgerModel:
                 child.state = GONE
 
     def stop_node(self, worker: str) -> None:
-        """A clean stop: the process exits and kombu restores what its consumer held."""
-        known = self.workers[worker]
-        mine = (worker, known.process)
+        """A clean stop: the process exits. A gridqueue worker's channel restores nothing
+        when it closes (``own_redelivery_in_this_worker``), so what its consumer held
+        stays in unacked, for the attempt's end or the stranded-delivery sweep."""
         self.kill_node(worker)
-        for message in list(self.messages.values()):
-            if message.state == DELIVERED and message.consumer == mine:
-                self.reject(message.tag)
 
     def report_worker_lost(self, job_id: str, n: int, worker: str, pid: int) -> str:
         """The worker agent's report of a pool child that died under task ``<job>.<n>``
-        (``WorkerLostError``, after Celery acked the message), ``GridQueueAgent`` in
-        ``gridqueue/agent.py``. Without ``recover_stranded`` it ends the attempt as the
-        worker's (``end_attempt`` by name); with it, it names the child and the incarnation,
-        and when the attempt is still queued (the child died before its claim) it asks for
-        a ``redeliver`` and publishes the attempt again. Answers the end's status, or
-        'redelivered'."""
+        (``AttemptRequest.on_failure`` in ``gridqueue/runner.py``, after Celery put the
+        message back or acked it; ``GridQueueAgent._on_child_lost``). Without
+        ``recover_stranded`` it ends the attempt as the worker's (``end_attempt`` by
+        name); with it, it names the child and the incarnation, and when the attempt is
+        still queued (the child died before its claim) it asks for a ``redeliver`` and
+        publishes the attempt again. Answers the end's status, or 'redelivered'."""
         if not self.recover_stranded:
             return self.end_attempt(job_id, n, Outcome.WORKER_LOST, worker)
         epoch = self.workers[worker].epoch
@@ -743,7 +883,8 @@ class LedgerModel:
     def elapse(self) -> None:
         """Every grace and timeout passes (deadlines do not): children that run beat and
         mark progress, every other watch lapses; dispatch leases and backoffs pass; taken
-        messages outlive the claim grace; a node that is down falls silent."""
+        messages outlive the claim grace; a node that is down falls silent; probations
+        end."""
         beaten: set[str] = set()
         progressed: set[str] = set()
         for member in sorted(self.children):
@@ -767,15 +908,20 @@ class LedgerModel:
             message.lapsed = message.state == DELIVERED
         for known in self.workers.values():
             known.silent = not known.up
+            if known.probation_until is False:
+                known.probation_until = True
 
     def watchdog_tick(self) -> Counter[str]:
-        """``Watchdog.tick``: declare silent workers dead, stall lapsed watches, apply the
-        policy to lost attempts, expire jobs past their deadline, (with
-        ``recover_stranded``) recover stranded deliveries, and publish due dispatches."""
+        """``Watchdog.tick``: declare silent workers dead, apply changed health verdicts,
+        stall lapsed watches, apply the policy to lost attempts, end probations that are
+        due, expire jobs past their deadline, (with ``recover_stranded``) recover stranded
+        deliveries, and publish due dispatches."""
         report: Counter[str] = Counter()
         for name, known in sorted(self.workers.items()):
             if known.silent and self.declare_dead(name) is not None:
                 report["workers_declared_dead"] += 1
+        for name in sorted(self.health_changes):
+            report[f"health_{self.apply_health(name)}"] += 1
         lapsed = [(m, "liveness") for m, late in sorted(self.liveness.items()) if late]
         lapsed += [(m, "progress") for m, late in sorted(self.stalls.items()) if late]
         for member, kind in lapsed:
@@ -783,6 +929,9 @@ class LedgerModel:
         for member, outcome in sorted(self.lost.items()):
             job_id, n = split_attempt_id(member)
             report[self.end_attempt(job_id, n, Outcome(outcome))] += 1
+        for name, known in sorted(self.workers.items()):
+            if known.probation_listed and known.probation_until:
+                report["workers_readmitted"] += self.end_probation(name)
         for job in sorted(self.jobs.values(), key=lambda j: j.id):
             if job.deadline_passed and not job.terminal:
                 report["jobs_expired"] += self.expire(job.id) == "ok"

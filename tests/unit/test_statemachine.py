@@ -22,9 +22,10 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
+from gridqueue.health import HealthLevel
 from gridqueue.keys import attempt_id, split_attempt_id
 from gridqueue.policies import GiveUp, Retry
-from gridqueue.statemachine import JobModel, LedgerModel
+from gridqueue.statemachine import MAX_DEFERRALS, JobModel, LedgerModel
 from gridqueue.states import NODE_OUTCOMES, JobState, Outcome, WorkerState
 from gridqueue.workloads import WorkloadClass, load_workloads
 
@@ -36,9 +37,15 @@ WORKERS = ("w1", "w2")
 HEALTHY = "healthy"  # joins only when the test drives the jobs to their end
 JOBS = ("j1", "j2", "j3")
 ENDINGS = [outcome for outcome in Outcome if outcome is not Outcome.SUCCEEDED]
+# What a worker's heartbeat says of its GPUs: nothing new, or a verdict.
+VERDICTS = ["", *(level.value for level in HealthLevel)]
 
 Snapshot = tuple[JobState, int, str | None, str, tuple[tuple[int, str | None, str | None], ...]]
 Claim = tuple[str, int, str]  # job, attempt, worker
+
+
+def state_of(model: LedgerModel, worker: str) -> WorkerState:
+    return model.workers[worker].state
 
 
 def result_of(n: int, worker: str) -> str:
@@ -126,23 +133,40 @@ class JobLifecycle(RuleBasedStateMachine):
 
     @rule(
         worker=st.sampled_from(WORKERS),
-        how=st.sampled_from(["registers", "is_released", "registers_and_is_released"]),
+        how=st.sampled_from(
+            ["registers", "is_released", "registers_and_is_released", "serves_its_probation"]
+        ),
+        slots=st.sampled_from([1, 2]),
     )
-    def worker_returns(self, worker: str, how: str) -> None:
+    def worker_returns(self, worker: str, how: str, slots: int) -> None:
         if how.startswith("registers"):
-            self.register(worker)
+            self.register(worker, slots)
         if how.endswith("is_released"):
             self.operator_releases(worker)
+        if how == "serves_its_probation":
+            self.probation_ends(worker)
 
-    def register(self, worker: str) -> None:
+    def register(self, worker: str, slots: int = 1) -> None:
         before = self.state_of(worker)
-        self.epochs[worker] = self.model.register(worker)
+        self.epochs[worker] = self.model.register(worker, slots)
+        assert self.model.workers[worker].verdict == ""  # a new incarnation's health is new
         if before in (WorkerState.QUARANTINED, WorkerState.PROBATION):
             assert self.state_of(worker) is before  # a restart does not lift them
         elif before is WorkerState.DEAD and self.model.probation:
             assert self.state_of(worker) is WorkerState.PROBATION
         else:
             assert self.alive(worker)
+
+    def probation_ends(self, worker: str) -> None:
+        """Time passes, and the watchdog ends the worker's probation: it is ALIVE again
+        unless its GPUs are still sick."""
+        self.model.elapse()
+        was = self.state_of(worker)
+        verdict = self.model.workers[worker].verdict if worker in self.model.workers else ""
+        ended = self.model.end_probation(worker)
+        sick = verdict in (HealthLevel.UNHEALTHY, HealthLevel.DEGRADED)
+        assert ended is (was is WorkerState.PROBATION and not sick)
+        assert self.state_of(worker) is (WorkerState.ALIVE if ended else was)
 
     def operator_releases(self, worker: str) -> None:
         was = self.state_of(worker)
@@ -191,6 +215,62 @@ class JobLifecycle(RuleBasedStateMachine):
         if was_live:
             assert self.state_of(worker) is WorkerState.QUARANTINED
 
+    def held_by(self, worker: str) -> set[str]:
+        """What the worker's heartbeat says its processes hold: here, what it runs."""
+        return set(self.model.running_on(worker))
+
+    @rule(
+        worker=st.sampled_from(WORKERS),
+        verdict=st.sampled_from(VERDICTS),
+        applied=st.booleans(),
+    )
+    def worker_reports_health(self, worker: str, verdict: str, applied: bool) -> None:
+        """The worker's heartbeat carries its GPUs' verdict; a change is queued for the
+        watchdog, which (``applied``) quarantines, drains or re-admits the node."""
+        known = self.model.workers.get(worker)
+        if known is None:
+            return
+        before = known.verdict
+        status, _ = self.model.heartbeat(worker, known.epoch, self.held_by(worker), verdict)
+        assert (status == "ok") == self.live(worker)
+        if status == "ok" and verdict and verdict != before:
+            assert worker in self.model.health_changes
+        if applied and worker in self.model.health_changes:
+            self.watchdog_applies_health(worker)
+
+    def watchdog_applies_health(self, worker: str) -> None:
+        """UNHEALTHY: quarantine and evacuate now (outcome gpu_fault); DEGRADED:
+        quarantine and drain; HEALTHY after a health quarantine: probation. An operator's
+        quarantine stays the operator's, and a node evacuated already is left alone."""
+        known = self.model.workers[worker]
+        was, by, mode = known.state, known.quarantined_by, known.quarantine_mode
+        running, lost_before = self.model.running_on(worker), dict(self.model.lost)
+        action = self.model.apply_health(worker)
+        assert worker not in self.model.health_changes
+        quarantined = was is WorkerState.QUARANTINED
+        if not self.live(worker):
+            expected = "ignored"
+        elif known.verdict == HealthLevel.UNHEALTHY:
+            expected = "ignored" if quarantined and mode == "evacuate" else "evacuated"
+        elif known.verdict == HealthLevel.DEGRADED:
+            expected = "ignored" if quarantined else "draining"
+        elif known.verdict == HealthLevel.HEALTHY and quarantined and by == "health":
+            expected = "probation"
+        else:
+            expected = "ignored"
+        assert action == expected, (was, by, mode, known.verdict)
+        if action == "evacuated":
+            assert (known.state, known.quarantined_by) == (WorkerState.QUARANTINED, "health")
+            assert self.model.lost == {**lost_before, **dict.fromkeys(running, "gpu_fault")}
+            return
+        assert self.model.lost == lost_before
+        if action == "draining":
+            assert (known.state, known.quarantine_mode) == (WorkerState.QUARANTINED, "drain")
+        elif action == "probation":
+            assert known.state is WorkerState.PROBATION
+        else:
+            assert known.state is was
+
     # -- attempts ----------------------------------------------------------------------
 
     @rule(
@@ -218,13 +298,17 @@ class JobLifecycle(RuleBasedStateMachine):
             for k, a in job.attempts.items()
             if job.chain_start <= k < job.attempt and a.outcome in NODE_OUTCOMES
         }
-        # Another worker that can take the attempt now: ALIVE, heartbeating, and not one
-        # the job took down too.
+        # Another worker that can take the attempt now: ALIVE, heartbeating, with a free
+        # slot, and not one the job took down too.
         others_ready = any(
-            self.alive(other) and not self.model.workers[other].silent and other not in failed
-            for other in WORKERS
+            self.alive(other)
+            and not known.silent
+            and other not in failed
+            and self.busy(other) < known.concurrency
+            for other, known in self.model.workers.items()
             if other != worker
         )
+        deferred = job.current.deferred
         before = snapshot(job)
         if tag is None:
             status = self.model.claim(job_id, n, worker, pid)
@@ -240,8 +324,10 @@ class JobLifecycle(RuleBasedStateMachine):
             # Only the same incarnation's retry is answered again: a restart that reuses
             # the pid is a stranger to the attempt.
             assert status == ("ok" if holder == (worker, pid, incarnation) else "duplicate")
-        elif worker in failed and others_ready:
-            assert status == "avoid"  # the job goes to a node it has not taken down
+        elif worker in failed and others_ready and deferred < MAX_DEFERRALS:
+            # The job goes to a node it has not taken down, a bounded number of times.
+            assert status == "avoid"
+            assert job.current.deferred == deferred + 1
         else:
             assert status == "ok"
             assert (job.state, job.current.worker) == (JobState.RUNNING, worker)
@@ -250,6 +336,11 @@ class JobLifecycle(RuleBasedStateMachine):
             return status
         assert snapshot(job) == before
         return status
+
+    def busy(self, worker: str) -> int:
+        """How many attempts the worker runs (its slots in use)."""
+        jobs = self.model.jobs.values()
+        return sum(job.state is JobState.RUNNING and job.current.worker == worker for job in jobs)
 
     def queued(self) -> list[str]:
         return [job.id for job in self.model.jobs.values() if job.state is JobState.QUEUED]
@@ -386,6 +477,50 @@ class JobLifecycle(RuleBasedStateMachine):
             assert self.model.jobs[job_id].attempts[n].outcome == outcome
             self.no_retry_past_the_deadline(self.model.jobs[job_id], status)
         assert not self.model.lost
+
+    @rule(
+        job_id=st.sampled_from(JOBS),
+        kind=st.sampled_from(["liveness", "progress"]),
+        time_passes=st.booleans(),
+    )
+    def watchdog_reads_a_watch(self, job_id: str, kind: str, time_passes: bool) -> None:
+        """Time passes (every watch lapses, the progress marks of this machine's claimers
+        are never renewed by a beat), or not, and the watchdog reads the current attempt's
+        watch: a lapsed one stalls the attempt, which moves to the lost hash with its
+        child ordered killed."""
+        if time_passes:
+            self.model.elapse()
+        job = self.model.jobs[job_id]
+        member = attempt_id(job_id, job.attempt)
+        index = self.model.liveness if kind == "liveness" else self.model.stalls
+        watched, lapsed = member in index, index.get(member, False)
+        before, lost = snapshot(job), dict(self.model.lost)
+        worker = str(job.current.worker)
+        was = self.state_of(worker)
+        stalls = self.model.workers[worker].stalls if was is not None else 0
+        status = self.model.stall(member, kind)
+        assert snapshot(job) == before  # the watchdog ends it later, by policy
+        if not watched:
+            assert (status, self.model.lost) == ("stale", lost)
+        elif not lapsed:
+            assert (status, self.model.lost) == ("alive", lost)
+        else:
+            assert job.runs(job.attempt)  # a watch is released with its attempt
+            assert status == "stalled"
+            assert self.model.lost == {**lost, member: "stalled"}
+            assert member in self.model.workers[worker].kill
+            assert member not in self.model.liveness and member not in self.model.stalls
+            # A node that keeps stalling is drained.
+            known = self.model.workers[worker]
+            assert known.stalls == stalls + 1
+            if known.stalls >= 3 and was in (WorkerState.ALIVE, WorkerState.PROBATION):
+                assert (known.state, known.quarantined_by, known.quarantine_mode) == (
+                    WorkerState.QUARANTINED,
+                    "watchdog",
+                    "drain",
+                )
+            else:
+                assert self.state_of(worker) is was
 
     @rule(
         job_id=st.sampled_from(JOBS),
@@ -651,3 +786,97 @@ def test_another_workers_failure_report_leaves_a_lost_attempt_for_the_watchdog()
     assert model.lost == {"j.1": "node_lost"}
     assert model.end_attempt("j", 1, Outcome.NODE_LOST) == "retry"  # the watchdog
     assert (job.state, job.attempt) == (JobState.QUEUED, 2)
+
+
+def test_a_failing_job_is_deferred_only_to_a_free_worker_and_at_most_three_times() -> None:
+    model = LedgerModel(workloads=WORKLOADS)
+    model.submit("j", "batch")
+    model.submit("k", "batch")
+    model.register("w1")
+    model.claim("j", 1, "w1")
+    assert model.end_attempt("j", 1, Outcome.WORKER_LOST, worker="w1") == "retry"
+    model.register("w2")  # one slot
+    assert model.claim("k", 1, "w2") == "ok"
+    # w2's one slot is taken: it could not start j.2 now, so w1 does not wait for it.
+    assert model.claim("j", 2, "w1") == "ok"
+    assert model.end_attempt("j", 2, Outcome.WORKER_LOST, worker="w1") == "retry"
+    assert model.complete("k", 1, "w2", '"r"')
+    # w2 is free now, but the attempt bounces at most MAX_DEFERRALS times.
+    for deferred in range(1, MAX_DEFERRALS + 1):
+        assert model.claim("j", 3, "w1") == "avoid"
+        assert model.jobs["j"].current.deferred == deferred
+    assert model.claim("j", 3, "w1") == "ok"
+    assert model.stats["claims_deferred"] == MAX_DEFERRALS
+
+
+def test_health_verdicts_quarantine_drain_and_readmit_a_node() -> None:
+    model = LedgerModel(workloads=WORKLOADS, probation=False)
+    model.submit("j", "batch")
+    model.register("w1")
+    assert model.claim("j", 1, "w1") == "ok"
+    # DEGRADED: no new work, the running attempt finishes.
+    assert model.heartbeat("w1", 1, {"j.1"}, "DEGRADED") == ("ok", [])
+    assert model.health_changes == {"w1"}
+    assert model.apply_health("w1") == "draining"
+    assert state_of(model, "w1") is WorkerState.QUARANTINED and model.lost == {}
+    # UNHEALTHY: the running attempt moves now, and its child is ordered killed.
+    assert model.heartbeat("w1", 1, {"j.1"}, "UNHEALTHY") == ("ok", [])
+    assert model.apply_health("w1") == "evacuated"
+    assert model.lost == {"j.1": "gpu_fault"} and model.workers["w1"].kill == {"j.1"}
+    assert model.end_attempt("j", 1, Outcome.GPU_FAULT) == "retry"
+    # HEALTHY again: a probation (of no length here), then ALIVE.
+    model.heartbeat("w1", 1, set(), "HEALTHY")
+    assert model.apply_health("w1") == "probation"
+    assert state_of(model, "w1") is WorkerState.PROBATION
+    assert model.end_probation("w1")
+    assert state_of(model, "w1") is WorkerState.ALIVE
+    # An operator's quarantine is the operator's to lift: a recovery changes nothing.
+    assert model.quarantine("w1", by="ops") == 0
+    model.heartbeat("w1", 1, set(), "UNHEALTHY")
+    assert model.apply_health("w1") == "ignored"  # evacuated already
+    model.heartbeat("w1", 1, set(), "HEALTHY")
+    assert model.apply_health("w1") == "ignored"
+    assert model.workers["w1"].quarantined_by == "ops"
+
+
+def test_a_probation_does_not_end_while_the_node_is_sick() -> None:
+    model = LedgerModel(workloads=WORKLOADS, probation=True)
+    model.register("w1")
+    model.declare_dead("w1")
+    model.register("w1")  # back from the dead: on probation
+    model.heartbeat("w1", 2, set(), "DEGRADED")  # not applied yet
+    assert not model.end_probation("w1")  # its probation has not passed
+    model.elapse()
+    assert not model.end_probation("w1")
+    assert model.workers["w1"].state is WorkerState.PROBATION
+    assert model.apply_health("w1") == "draining"
+
+
+def test_a_node_that_keeps_stalling_is_drained() -> None:
+    model = LedgerModel(workloads=WORKLOADS)
+    model.register("w1")
+    for n, job_id in enumerate(("a", "b", "c"), start=1):
+        model.submit(job_id, "batch")
+        assert model.claim(job_id, 1, "w1", pid=n) == "ok"
+        model.elapse()
+        assert model.stall(attempt_id(job_id, 1), "liveness") == "stalled"
+        drained = n == model.stall_quarantine_after
+        assert (model.workers["w1"].state is WorkerState.QUARANTINED) is drained
+    known = model.workers["w1"]
+    assert (known.quarantined_by, known.quarantine_mode, known.stalls) == ("watchdog", "drain", 3)
+    assert sorted(model.lost) == ["a.1", "b.1", "c.1"]
+
+
+def test_an_unhealthy_verdict_makes_a_drain_the_health_checks_to_lift() -> None:
+    """An operator's drain: the GPU fails (its attempts must move now, so the node is
+    evacuated, by its health) and recovers; the recovery then lifts the quarantine."""
+    model = LedgerModel(workloads=WORKLOADS, probation=False)
+    model.register("w1")
+    assert model.quarantine("w1", drain=True, by="ops") == 0
+    model.heartbeat("w1", 1, set(), "DEGRADED")
+    assert model.apply_health("w1") == "ignored"  # quarantined already
+    model.heartbeat("w1", 1, set(), "UNHEALTHY")
+    assert model.apply_health("w1") == "evacuated"
+    assert model.workers["w1"].quarantined_by == "health"
+    model.heartbeat("w1", 1, set(), "HEALTHY")
+    assert model.apply_health("w1") == "probation"
