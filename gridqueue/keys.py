@@ -7,6 +7,9 @@ Layout (``ns`` is ``GRIDQUEUE_NAMESPACE``, ``gq`` by default; an attempt is ``<j
     {ns}:idem:{key}            string  idempotency key -> job id
     {ns}:deadlines             zset    job -> deadline (ms, Redis server time)
     {ns}:dispatch              zset    attempt -> when it must be (re)published (ms)
+    {ns}:published             zset    attempt -> when its message was published (ms), until
+                                       it is claimed: the watchdog checks now and then that
+                                       the message still exists (in its queue or unacked)
     {ns}:lost                  hash    attempt -> outcome, for attempts whose worker is gone;
                                        the watchdog applies the policy to each, crash-safe
     {ns}:running               zset    attempt -> claim time (ms)
@@ -50,6 +53,7 @@ _TEMPLATES: dict[str, tuple[str, tuple[str, ...]]] = {
     "idempotency": ("{ns}:idem:{key}", ("key",)),
     "deadlines": ("{ns}:deadlines", ()),
     "dispatch": ("{ns}:dispatch", ()),
+    "published": ("{ns}:published", ()),
     "lost": ("{ns}:lost", ()),
     "running": ("{ns}:running", ()),
     "liveness": ("{ns}:liveness", ()),
@@ -147,6 +151,10 @@ class Keys:
     @property
     def dispatch(self) -> str:
         return self._render("dispatch")
+
+    @property
+    def published(self) -> str:
+        return self._render("published")
 
     @property
     def lost(self) -> str:

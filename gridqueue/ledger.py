@@ -23,6 +23,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_exponential_jitter
 
+from gridqueue.celeryapp import PRIORITY_STEPS
 from gridqueue.errors import (
     DoesNotFitError,
     InvalidJobError,
@@ -69,6 +70,7 @@ _SCRIPTS = (
     "redeliver",
     "sweep_deliveries",
     "forget",
+    "find_lost_messages",
 )
 
 
@@ -375,8 +377,8 @@ class Ledger:
 
     def redeliver(self, job_id: str, attempt: int) -> bool:
         """Attempt ``attempt`` lost its consumer before it was claimed (a pool child died
-        with it, and Celery acked the message): make its publish due now. False if the
-        attempt is no longer the job's queued one."""
+        with it): make its publish due now. False if the attempt is no longer the job's
+        queued one."""
         return bool(self._call("redeliver", job_id, attempt)[0] == "ok")
 
     def expire(self, job_id: str, token: str = "") -> bool:
@@ -571,6 +573,21 @@ class Ledger:
             int(self.settings.dispatch_grace_s * 1000),
             batch,
             queue_for_model(self.settings.namespace, ""),
+            token,
+        )
+        return [str(member) for member in reply[1:]] if reply[0] == "ok" else []
+
+    def find_lost_messages(self, token: str, batch: int = 1000) -> list[str]:
+        """Publish again the unclaimed attempts whose message is nowhere any more (see
+        ``find_lost_messages.lua``); returns those attempts, due for dispatch now."""
+        before_ms = self.time_ms() - int(self.settings.dispatch_grace_s * 1000)
+        suffixes = ",".join(f":{step}" for step in PRIORITY_STEPS if step)
+        reply = self._call(
+            "find_lost_messages",
+            before_ms,
+            queue_for_model(self.settings.namespace, ""),
+            suffixes,
+            batch,
             token,
         )
         return [str(member) for member in reply[1:]] if reply[0] == "ok" else []

@@ -54,6 +54,10 @@ _T = TypeVar("_T")
 # How often the leader prunes what outlived the job retention (workers long gone, dead
 # letters whose records expired): bounded keys need no faster sweep.
 _FORGET_EVERY_S = 1.0
+# How often the leader checks that every published, unclaimed attempt's message still
+# exists: it reads the queues, so it runs seldom; and one claim grace after the leader
+# regains Redis (a restart may have cut a consumer between its BRPOP and its unacked write).
+_MESSAGE_CHECK_EVERY_S = 30.0
 
 _LOST_ERRORS = {
     "worker_lost": "the worker running this attempt was lost",
@@ -124,6 +128,7 @@ class Watchdog:
         )
         self.clock = ClockWatch(tolerance_s=self.settings.stale_after_s / 4)
         self._next_forget = 0.0
+        self._next_message_check = 0.0
 
     def tick(self) -> TickReport:
         started = time.perf_counter()
@@ -139,6 +144,7 @@ class Watchdog:
             # a partition), has not watched the heartbeats: give every node one grace
             # period to beat again before judging anyone dead or stalled.
             self._blind_until = now + self.grace_s
+            self._next_message_check = now + self.settings.dispatch_grace_s + self.grace_s
             if value != self.token:
                 log.info("watchdog.leading", owner=self.owner, token=value, grace_s=self.grace_s)
             else:
@@ -200,6 +206,13 @@ class Watchdog:
             log.warning("attempt.delivery_stranded", attempt=member)
             if member not in due:
                 due.append(member)
+        if now >= self._next_message_check:
+            self._next_message_check = now + _MESSAGE_CHECK_EVERY_S
+            for member in self._item(report, self.ledger.find_lost_messages, value) or ():
+                report.deliveries_recovered += 1
+                log.warning("attempt.message_lost", attempt=member)
+                if member not in due:
+                    due.append(member)
         for member in due:
             report.dispatched += bool(self._item(report, self.dispatcher.publish, member))
         if now >= self._next_forget:

@@ -128,6 +128,7 @@ local function stop_current(id, state, n, outcome)
     release_attempt(id, n, a)
   end
   redis.call('ZREM', key_dispatch(NS), member)
+  redis.call('ZREM', key_published(NS), member)
 end
 
 local function end_job(id, from, to, reason, err)

@@ -10,6 +10,7 @@ local state, current, model, workload = unpack(
   redis.call('HMGET', key_job(NS, id), 'state', 'attempt', 'model', 'workload'))
 if state ~= 'QUEUED' or tonumber(current) ~= n then
   redis.call('ZREM', key_dispatch(NS), member)
+  redis.call('ZREM', key_published(NS), member)
   return {'stale'}
 end
 local score = redis.call('ZSCORE', key_dispatch(NS), member)

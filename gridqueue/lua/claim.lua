@@ -84,6 +84,7 @@ attempt_put(id, n, a)
 move_state(id, 'QUEUED', 'RUNNING')
 redis.call('HSET', job, 'worker', worker, 'progress_ms', NOW)
 redis.call('ZREM', key_dispatch(NS), member)
+redis.call('ZREM', key_published(NS), member)
 redis.call('ZADD', key_running(NS), NOW, member)
 redis.call('SADD', key_worker_running(NS, worker), member)
 -- The watch starts with the claim, not with the child's first beat: a child frozen right

@@ -443,3 +443,42 @@ def test_an_attempt_is_deferred_a_bounded_number_of_times(ledger: Ledger) -> Non
     lose_first_attempt(ledger, job, "w1")
     statuses = [ledger.claim(job, 2, "w1", 4243, "").status for _ in range(10)]
     assert statuses[:3] == ["avoid"] * 3 and statuses[3] == "ok"
+
+
+# -- a message lost inside kombu -------------------------------------------------------------
+
+
+def publish_without_message(ledger: Ledger, job: str) -> str:
+    """The producer's publish as the ledger sees it; the message itself then vanishes, as
+    when a consumer (or Redis) dies between kombu's BRPOP and its unacked write."""
+    submitted = ledger.submit(job, "sim-llm", "batch", PAYLOAD, 60_000, None)
+    lease = ledger.begin_dispatch(attempt_id(job, 1), submitted.dispatch_lease)
+    assert lease is not None
+    ledger.end_dispatch(lease)
+    return attempt_id(job, 1)
+
+
+def test_an_attempt_whose_message_vanished_is_published_again(settings: Settings) -> None:
+    settings = settings.model_copy(update={"dispatch_grace_s": 0.2})
+    ledger = Ledger(connect_redis(settings.redis_url), settings)
+    register(ledger, "w1")
+    lost = publish_without_message(ledger, "gone")
+    waiting = publish_without_message(ledger, "waiting")
+    queue = queue_for_model(settings.namespace, "sim-llm")
+    message = {"body": "", "headers": {"id": waiting}, "properties": {}}
+    ledger.client.lpush(f"{queue}:6", json.dumps(message))  # still in its queue
+    held = publish_without_message(ledger, "held")
+    deliver(ledger, "held", 1, "tag-held", age_s=0.0)  # delivered, not yet claimed
+    token = leader(ledger)
+    assert ledger.find_lost_messages(token) == []  # within the grace: not judged yet
+    time.sleep(0.3)
+
+    assert ledger.find_lost_messages(token) == [lost]
+
+    assert ledger.client.zscore(ledger.keys.dispatch, lost) is not None
+    assert ledger.client.zscore(ledger.keys.dispatch, waiting) is None
+    assert ledger.client.zscore(ledger.keys.dispatch, held) is None
+    assert ledger.stats()["lost_messages"] == 1
+    # Claimed attempts leave the check.
+    assert ledger.claim("waiting", 1, "w1", 4242, "").status == "ok"
+    assert ledger.client.zscore(ledger.keys.published, waiting) is None
