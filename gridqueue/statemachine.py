@@ -709,6 +709,10 @@ class LedgerModel:
         if job is None or not job.runs(n) or job.current.worker is None:
             del index[member]
             return "stale"
+        if member in self.lost:  # already judged: the first verdict stays the cause
+            self.liveness.pop(member, None)
+            self.stalls.pop(member, None)
+            return "stale"
         self.liveness.pop(member, None)
         self.stalls.pop(member, None)
         self.lost[member] = Outcome.STALLED.value

@@ -17,6 +17,13 @@ if state ~= 'RUNNING' or tonumber(current) ~= n or not a or not a.worker then
   redis.call('ZREM', index, member)
   return {'stale'}
 end
+-- Already judged (its node declared dead in the same tick, say): the first verdict is the
+-- cause. Overwriting node_lost with stalled would count a dead node as evidence of poison.
+if redis.call('HEXISTS', key_lost(NS), member) == 1 then
+  redis.call('ZREM', key_liveness(NS), member)
+  redis.call('ZREM', key_stalls(NS), member)
+  return {'stale'}
+end
 redis.call('ZREM', key_liveness(NS), member)
 redis.call('ZREM', key_stalls(NS), member)
 redis.call('HSET', key_lost(NS), member, 'stalled')

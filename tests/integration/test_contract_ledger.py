@@ -482,3 +482,18 @@ def test_an_attempt_whose_message_vanished_is_published_again(settings: Settings
     # Claimed attempts leave the check.
     assert ledger.claim("waiting", 1, "w1", 4242, "").status == "ok"
     assert ledger.client.zscore(ledger.keys.published, waiting) is None
+
+
+def test_a_stall_does_not_overwrite_a_dead_nodes_verdict(settings: Settings) -> None:
+    fast = settings.model_copy(update={"stale_after_s": 0.2, "heartbeat_interval_s": 0.05})
+    ledger = Ledger(connect_redis(fast.redis_url), fast)
+    token = leader(ledger)
+    register(ledger, "w1")
+    job = submit(ledger, "j1")
+    assert ledger.claim(job, 1, "w1", 4242, "").status == "ok"
+    member = attempt_id(job, 1)
+    time.sleep(0.3)
+    assert ledger.declare_dead("w1", token) == 1  # the node is dead...
+    ledger.client.zadd(ledger.keys.liveness, {member: ledger.time_ms() - 1})
+    assert ledger.stall(member, "liveness", token) == (False, False)  # ...and stays the cause
+    assert ledger.lost_attempts() == {member: "node_lost"}

@@ -504,6 +504,10 @@ class JobLifecycle(RuleBasedStateMachine):
             assert (status, self.model.lost) == ("stale", lost)
         elif not lapsed:
             assert (status, self.model.lost) == ("alive", lost)
+        elif member in lost:
+            # Already judged (its node died, or it was evacuated): that verdict stays.
+            assert (status, self.model.lost) == ("stale", lost)
+            assert member not in self.model.liveness and member not in self.model.stalls
         else:
             assert job.runs(job.attempt)  # a watch is released with its attempt
             assert status == "stalled"
