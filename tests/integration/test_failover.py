@@ -12,6 +12,7 @@ import sys
 import pytest
 
 from gridqueue import GridQueue, JobCancelled, JobExpired, JobFailed
+from gridqueue.audit import run_counts
 from gridqueue.fleet import LocalFleet
 from gridqueue.keys import attempt_id
 from gridqueue.ledger import Ledger
@@ -161,6 +162,9 @@ def test_exclusive_job_fails_explicitly_when_its_node_dies(
     assert record.state is JobState.FAILED
     assert [a.outcome for a in record.attempts] == ["node_lost"]  # never run again
     assert record.error is not None and record.error.startswith("outcome unknown")
+    # Counted, not assumed: the handler itself recorded every run it started.
+    runs = run_counts(gq.ledger.client, gq.settings.namespace, [job.id])
+    assert runs == {job.id: 1}
 
 
 def test_deadline_expires_a_running_job_and_kills_its_attempt(
