@@ -397,7 +397,10 @@ class Drill:
         if kind == "gpu" and self.plan.targets:
             worker: str | None = self.rng.choice(self.plan.targets)
         else:
-            worker = self._busy_worker()
+            # The worker behind the proxy is kept for partitions: a node fault would send
+            # it to probation, and the next partition would find no ALIVE node to cut.
+            spared = [n for n in self._own_workers() if n not in self.proxied]
+            worker = self._busy_worker(spared or None)
         if worker is None:
             self.notes.append(f"{kind}: no busy worker to inject into; skipped")
             return
