@@ -18,6 +18,14 @@ from kombu.transport import redis as kombu_redis
 TASK_NAME = "gridqueue.attempt"
 NEVER_REDELIVER_S = 10 * 365 * 86_400
 PRIORITY_STEPS = [0, 3, 6, 9]
+# kombu's Redis transport joins a queue and a priority step with this separator
+# ('<queue><sep>3'), and binding-table entries with it.
+QUEUE_SEP = ":"
+
+
+def priority_lists(queue: str) -> list[str]:
+    """The Redis lists that hold one queue's messages, highest priority first."""
+    return [queue, *(f"{queue}{QUEUE_SEP}{step}" for step in PRIORITY_STEPS if step)]
 
 
 def make_celery(redis_url: str) -> Celery:
@@ -25,7 +33,7 @@ def make_celery(redis_url: str) -> Celery:
     transport: dict[str, Any] = {
         "visibility_timeout": NEVER_REDELIVER_S,
         "priority_steps": PRIORITY_STEPS,
-        "sep": ":",
+        "sep": QUEUE_SEP,
     }
     app.conf.update(
         broker_transport_options=transport,

@@ -65,7 +65,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from gridqueue.audit import Seen, audit, percentile
-from gridqueue.celeryapp import PRIORITY_STEPS
+from gridqueue.celeryapp import priority_lists
 from gridqueue.chaosproxy import TcpProxy
 from gridqueue.client import GridQueue
 from gridqueue.embedded import EmbeddedRedis
@@ -338,7 +338,7 @@ class Drill:
         needle = f'"id": "{member}"'
         found: list[str] = []
         queue = queue_for_model(self.gq.settings.namespace, MODEL)
-        for name in [queue, *(f"{queue}:{step}" for step in PRIORITY_STEPS[1:])]:
+        for name in priority_lists(queue):
             bodies = cast(list[str], client.lrange(name, 0, -1))
             found += [f"queue {name}" for body in bodies if needle in body]
         unacked = cast(dict[str, str], client.hgetall(KOMBU_UNACKED))

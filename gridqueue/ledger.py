@@ -23,7 +23,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_exponential_jitter
 
-from gridqueue.celeryapp import PRIORITY_STEPS
+from gridqueue.celeryapp import PRIORITY_STEPS, QUEUE_SEP
 from gridqueue.errors import (
     DoesNotFitError,
     InvalidJobError,
@@ -581,7 +581,7 @@ class Ledger:
         """Publish again the unclaimed attempts whose message is nowhere any more (see
         ``find_lost_messages.lua``); returns those attempts, due for dispatch now."""
         before_ms = self.time_ms() - int(self.settings.dispatch_grace_s * 1000)
-        suffixes = ",".join(f":{step}" for step in PRIORITY_STEPS if step)
+        suffixes = ",".join(f"{QUEUE_SEP}{step}" for step in PRIORITY_STEPS if step)
         reply = self._call(
             "find_lost_messages",
             before_ms,

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from gridqueue.workloads import DEFAULT_WORKLOADS_FILE
@@ -75,6 +75,21 @@ class Settings(BaseSettings):
         3, ge=1, description="Stalls on one node within stall_window_s that quarantine it."
     )
     stall_window_s: float = Field(600.0, gt=0, description="Window for counting a node's stalls.")
+    celery_events: bool = Field(
+        True,
+        description="Celery task events and event heartbeats, so Flower and `celery events` "
+        "see the fleet; false turns them off (a little less broker traffic per attempt).",
+    )
+    dashboard_token: SecretStr | None = Field(
+        None,
+        description="Bearer token for the dashboard's actions (quarantine, drain, release, "
+        "cancel, replay). Without one the dashboard is read-only.",
+    )
+    worker_metrics_retention_s: float = Field(
+        3600.0,
+        gt=0,
+        description="Workers gone longer than this drop out of the per-worker metrics.",
+    )
     log_format: Literal["json", "console"] = "json"
     log_level: str = "INFO"
 
