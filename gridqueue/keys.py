@@ -30,8 +30,21 @@ Layout (``ns`` is ``GRIDQUEUE_NAMESPACE``, ``gq`` by default; an attempt is ``<j
     {ns}:probation             zset    worker -> end of its probation (ms)
     {ns}:health_changes        zset    worker -> when its health verdict changed (ms)
     {ns}:counts                hash    job state -> number of jobs in it
+    {ns}:jobs:{state}          zset    job -> when it entered the state (ms): the job lists
+                                       of the dashboard; ended jobs leave with retention
+    {ns}:models                set     every model a worker has registered for
     {ns}:stats                 hash    counters (stale results discarded, requeues...)
+    {ns}:minute:{m}            hash    the same counters for minute m (ms // 60000), for
+                                       rates; expires after two hours
+    {ns}:hist                  hash    histograms for /metrics:
+                                       ``<metric>|<labels>|<le_ms or inf>`` -> count in
+                                       that bucket (not cumulative), ``...|sum_ms``,
+                                       ``...|count``
     {ns}:events                stream  every transition, capped at ``events_max_len``
+    {ns}:incidents             stream  one entry per failover incident (worker declared
+                                       dead, GPU quarantine, stall...): its last sign of
+                                       life, the verdict, the attempts it moved
+    {ns}:worker:{name}:history list    the worker's own events, newest first (capped)
     {ns}:watchdog:leader       string  ``<owner>:<token>`` with a PX lease
     {ns}:watchdog:token        string  fencing token counter
 
@@ -70,6 +83,12 @@ _TEMPLATES: dict[str, tuple[str, tuple[str, ...]]] = {
     "probation": ("{ns}:probation", ()),
     "health_changes": ("{ns}:health_changes", ()),
     "counts": ("{ns}:counts", ()),
+    "jobs_in_state": ("{ns}:jobs:{state}", ("state",)),
+    "models": ("{ns}:models", ()),
+    "minute": ("{ns}:minute:{m}", ("m",)),
+    "hist": ("{ns}:hist", ()),
+    "incidents": ("{ns}:incidents", ()),
+    "worker_history": ("{ns}:worker:{name}:history", ("name",)),
     "stats": ("{ns}:stats", ()),
     "events": ("{ns}:events", ()),
     "leader": ("{ns}:watchdog:leader", ()),
@@ -187,6 +206,27 @@ class Keys:
     @property
     def counts(self) -> str:
         return self._render("counts")
+
+    def jobs_in_state(self, state: str) -> str:
+        return self._render("jobs_in_state", state=state)
+
+    @property
+    def models(self) -> str:
+        return self._render("models")
+
+    def minute(self, minute: int) -> str:
+        return self._render("minute", m=str(minute))
+
+    @property
+    def hist(self) -> str:
+        return self._render("hist")
+
+    @property
+    def incidents(self) -> str:
+        return self._render("incidents")
+
+    def worker_history(self, name: str) -> str:
+        return self._render("worker_history", name=name)
 
     @property
     def stats(self) -> str:

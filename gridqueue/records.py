@@ -30,6 +30,7 @@ class AttemptRecord:
     delivery_tag: str | None = None
     late_result_discarded: bool = False
     replay: bool = False
+    fault_ms: int | None = None  # a failover moved it: the fault's last sign of life
 
     @classmethod
     def from_json(cls, raw: str) -> AttemptRecord:

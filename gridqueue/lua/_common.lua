@@ -67,14 +67,88 @@ local function mark_delivery_claimed(tag)
   end
 end
 
+-- A worker keeps its own recent events (newest first) for its page on the dashboard.
+local WORKER_HISTORY_LEN = 200
+local WORKER_EVENTS = {health_changed = true, stalled = true}
+
 local function emit(kind, fields)
   local args = {'XADD', key_events(NS), 'MAXLEN', '~', EVENTS_MAXLEN, '*', 'type', kind, 'ts', NOW}
   for _, v in ipairs(fields) do args[#args + 1] = v end
-  redis.call(unpack(args))
+  local id = redis.call(unpack(args))
+  if WORKER_EVENTS[kind] or string.sub(kind, 1, 7) == 'worker_' then
+    local event = {id = id, type = kind, ts = NOW}
+    for i = 1, #fields, 2 do event[fields[i]] = fields[i + 1] end
+    if event.worker and event.worker ~= '' then
+      local history = key_worker_history(NS, event.worker)
+      redis.call('LPUSH', history, cjson.encode(event))
+      redis.call('LTRIM', history, 0, WORKER_HISTORY_LEN - 1)
+    end
+  end
 end
 
+-- Counters, kept in all and per minute (for rates over the last minutes).
+local MINUTE_KEEP_S = 7200
 local function bump(stat, by)
   redis.call('HINCRBY', key_stats(NS), stat, by or 1)
+  local minute = key_minute(NS, tostring(math.floor(NOW / 60000)))
+  redis.call('HINCRBY', minute, stat, by or 1)
+  redis.call('EXPIRE', minute, MINUTE_KEEP_S)
+end
+
+-- Histograms for /metrics: one field per (metric, labels, bucket), not cumulative; the
+-- bucket is named by its upper bound in ms. `labels` is 'k=v,k=v' in a fixed order.
+local HIST_BOUNDS_MS = {5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000,
+                        120000, 300000, 600000, 1800000, 3600000}
+local function observe(metric, labels, ms)
+  ms = math.max(0, ms)
+  local le = 'inf'
+  for _, bound in ipairs(HIST_BOUNDS_MS) do
+    if ms <= bound then le = tostring(bound) break end
+  end
+  local prefix = metric .. '|' .. labels .. '|'
+  local hist = key_hist(NS)
+  redis.call('HINCRBY', hist, prefix .. le, 1)
+  redis.call('HINCRBY', hist, prefix .. 'sum_ms', math.floor(ms))
+  redis.call('HINCRBY', hist, prefix .. 'count', 1)
+end
+
+-- An attempt ended: counted by outcome, its run time observed by workload and outcome.
+local function attempt_ended(id, a, outcome)
+  bump('attempts_ended:' .. outcome)
+  if a.started_ms then
+    local workload = redis.call('HGET', key_job(NS, id), 'workload') or ''
+    observe('run', 'workload=' .. workload .. ',outcome=' .. outcome, NOW - a.started_ms)
+  end
+end
+
+-- A failover incident: what failed, its last sign of life, the verdict (now) and the
+-- attempts it moved. Each moved attempt remembers the sign, so the claim of its successor
+-- measures the time from the fault to running again.
+local INCIDENTS_MAXLEN = 10000
+local INCIDENT_ATTEMPTS_LISTED = 1000
+local function incident(kind, worker, sign_ms, reason, members)
+  sign_ms = tonumber(sign_ms) or NOW
+  local listed = {}
+  for i, member in ipairs(members) do
+    if i > INCIDENT_ATTEMPTS_LISTED then break end
+    listed[i] = member
+    local id, n = string.match(member, '^(.*)%.(%d+)$')
+    if id then
+      local raw = redis.call('HGET', key_job(NS, id), 'a:' .. n)
+      if raw then
+        local a = cjson.decode(raw)
+        if not a.fault_ms then
+          a.fault_ms = sign_ms
+          redis.call('HSET', key_job(NS, id), 'a:' .. n, cjson.encode(a))
+        end
+      end
+    end
+  end
+  redis.call('XADD', key_incidents(NS), 'MAXLEN', '~', INCIDENTS_MAXLEN, '*', 'kind', kind,
+    'worker', worker, 'sign_ms', sign_ms, 'verdict_ms', NOW, 'reason', reason,
+    'attempts', table.concat(listed, ','), 'moved', #members)
+  bump('incidents:' .. kind)
+  observe('detect', 'kind=' .. kind, NOW - sign_ms)
 end
 
 local function split_member(member)
@@ -94,8 +168,12 @@ end
 
 local function move_state(id, from, to)
   redis.call('HSET', key_job(NS, id), 'state', to, 'updated_ms', NOW)
-  if from then redis.call('HINCRBY', key_counts(NS), from, -1) end
+  if from then
+    redis.call('HINCRBY', key_counts(NS), from, -1)
+    redis.call('ZREM', key_jobs_in_state(NS, from), id)
+  end
   redis.call('HINCRBY', key_counts(NS), to, 1)
+  redis.call('ZADD', key_jobs_in_state(NS, to), NOW, id)
 end
 
 -- The attempt stops running: drop it from every index of running work, and take its
@@ -122,6 +200,7 @@ local function stop_current(id, state, n, outcome)
     a.ended_ms = NOW
     a.outcome = outcome
     attempt_put(id, n, a)
+    attempt_ended(id, a, outcome)
     if state == 'RUNNING' and a.worker then
       redis.call('SADD', key_worker_kill(NS, a.worker), member)
     end
@@ -135,7 +214,10 @@ local function end_job(id, from, to, reason, err)
   move_state(id, from, to)
   redis.call('HSET', key_job(NS, id), 'reason', reason, 'error', err, 'ended_ms', NOW)
   redis.call('ZREM', key_deadlines(NS), id)
-  if to == 'DEAD_LETTERED' then redis.call('ZADD', key_dead_letters(NS), NOW, id) end
+  if to == 'DEAD_LETTERED' then
+    redis.call('ZADD', key_dead_letters(NS), NOW, id)
+    bump('dead_lettered')
+  end
   local done = key_job_done(NS, id)
   redis.call('RPUSH', done, to)
   redis.call('EXPIRE', done, RETENTION_S)
@@ -175,20 +257,32 @@ end
 -- Quarantine: the worker takes no new work (its claims are refused and its agent cancels
 -- its consumers). 'evacuate' also moves its running attempts elsewhere now and orders
 -- their children killed; 'drain' lets them finish.
-local function quarantine(name, by, reason, mode, outcome)
+-- `sign_ms` is when the fault showed (the sick verdict's report, the last stall), for the
+-- incident; an operator's quarantine has none.
+local function quarantine(name, by, reason, mode, outcome, sign_ms)
   local wk = key_worker(NS, name)
   redis.call('HSET', wk, 'state', 'QUARANTINED', 'quarantined_by', by,
     'quarantine_reason', reason, 'quarantine_mode', mode, 'quarantined_ms', NOW)
   redis.call('ZREM', key_probation(NS), name)
-  local moved = 0
+  local moved = {}
   if mode == 'evacuate' then
     for _, member in ipairs(redis.call('SMEMBERS', key_worker_running(NS, name))) do
       redis.call('HSET', key_lost(NS), member, outcome)
       redis.call('SADD', key_worker_kill(NS, name), member)
-      moved = moved + 1
+      moved[#moved + 1] = member
     end
   end
+  local kind = 'operator'
+  if by == 'health' or by == 'watchdog' then kind = by end
+  bump('quarantines:' .. kind)
+  local incident_kind = 'operator_quarantine'
+  if by == 'health' then
+    incident_kind = mode == 'evacuate' and 'gpu_quarantine' or 'gpu_drain'
+  elseif by == 'watchdog' then
+    incident_kind = 'stall_quarantine'
+  end
+  incident(incident_kind, name, sign_ms or NOW, reason, moved)
   emit('worker_quarantined', {'worker', name, 'by', by, 'reason', reason, 'mode', mode,
-                              'attempts_moved', moved})
-  return moved
+                              'attempts_moved', #moved})
+  return #moved
 end

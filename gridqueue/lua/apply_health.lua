@@ -4,6 +4,8 @@
 -- a health quarantine starts its probation.
 local name, token = ARGV[7], ARGV[8]
 if not leader_is(token) then return {'not_leader'} end
+-- When the worker reported the verdict: the fault's first sign, for the incident.
+local reported_ms = redis.call('ZSCORE', key_health_changes(NS), name)
 redis.call('ZREM', key_health_changes(NS), name)
 local wk = key_worker(NS, name)
 local state, verdict, by, mode, health = unpack(
@@ -19,12 +21,12 @@ end
 if verdict == 'UNHEALTHY' then
   if state == 'QUARANTINED' and mode == 'evacuate' then return {'ignored'} end
   if state ~= 'QUARANTINED' then record_failure(name) end
-  local moved = quarantine(name, 'health', reasons, 'evacuate', 'gpu_fault')
+  local moved = quarantine(name, 'health', reasons, 'evacuate', 'gpu_fault', reported_ms)
   return {'evacuated', moved}
 elseif verdict == 'DEGRADED' then
   if state == 'QUARANTINED' then return {'ignored'} end
   record_failure(name)
-  quarantine(name, 'health', reasons, 'drain', '')
+  quarantine(name, 'health', reasons, 'drain', '', reported_ms)
   return {'draining'}
 elseif verdict == 'HEALTHY' and state == 'QUARANTINED' and by == 'health' then
   start_probation(name, 'health recovered')

@@ -63,6 +63,7 @@ for k = chain_start, n - 1 do
   end
 end
 local a = attempt_get(id, n) or {n = n}
+local previous = n > chain_start and attempt_get(id, n - 1) or nil
 if failed[worker] and (a.deferred or 0) < MAX_DEFERRALS then
   for _, other in ipairs(redis.call('HKEYS', key_model(NS, model))) do
     if other ~= worker and not failed[other] and can_take(other, model, stale_after_ms) then
@@ -94,5 +95,10 @@ redis.call('ZADD', key_stalls(NS), NOW + tonumber(stall_ms or DEFAULT_STALL_MS),
 -- The delivery is claimed: take it out of the stranded-delivery sweep's range.
 if tag ~= '' then mark_delivery_claimed(tag) end
 if n == 1 then bump('first_placements') end
+bump('claims')
+local wl = 'workload=' .. (workload or '')
+observe('queue_wait', wl, NOW - math.max(a.queued_ms or NOW, a.not_before_ms or 0))
+-- The successor of an attempt a failover moved: the time from the fault to running again.
+if previous and previous.fault_ms then observe('recovery', wl, NOW - previous.fault_ms) end
 emit('claimed', {'job', id, 'attempt', n, 'worker', worker, 'pid', pid})
 return {'ok', payload, model, workload}

@@ -8,6 +8,7 @@ if state == 'RUNNING' and tonumber(current) == n and a and a.worker == worker th
   a.ended_ms = NOW
   a.outcome = 'succeeded'
   attempt_put(id, n, a)
+  attempt_ended(id, a, 'succeeded')
   release_attempt(id, n, a)
   redis.call('HSET', job, 'result', result)
   end_job(id, 'RUNNING', 'SUCCEEDED', '', '')

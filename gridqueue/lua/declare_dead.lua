@@ -17,6 +17,7 @@ for _, member in ipairs(members) do
   redis.call('HSET', key_lost(NS), member, 'node_lost')
 end
 bump('workers_declared_dead')
+incident('worker_dead', name, last, 'no heartbeat for ' .. silent_ms .. ' ms', members)
 emit('worker_dead', {'worker', name, 'silent_ms', silent_ms, 'last_heartbeat_ms', last,
                      'attempts', #members, 'failures', failures})
 return {'dead', #members}

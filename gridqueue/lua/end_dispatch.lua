@@ -7,6 +7,7 @@ local score = redis.call('ZSCORE', key_dispatch(NS), member)
 if score and tonumber(score) == tonumber(lease) then
   redis.call('ZREM', key_dispatch(NS), member)
   redis.call('ZADD', key_published(NS), NOW, member)
+  bump('attempts_published')
   return 1
 end
 return 0

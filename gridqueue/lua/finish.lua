@@ -28,6 +28,7 @@ a.ended_ms = NOW
 a.outcome = outcome
 if err ~= '' then a.error = err end
 attempt_put(id, n, a)
+attempt_ended(id, a, outcome)
 release_attempt(id, n, a)
 if n == 1 and (outcome == 'worker_lost' or outcome == 'node_lost' or outcome == 'gpu_fault') then
   bump('bad_first_placements')

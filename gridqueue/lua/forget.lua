@@ -21,8 +21,13 @@ for _, name in ipairs(redis.call('ZRANGEBYSCORE', key_gone(NS), '-inf', before_m
     redis.call('ZREM', key_probation(NS), name)
     redis.call('ZREM', key_health_changes(NS), name)
     emit('worker_forgotten', {'worker', name, 'state', state or ''})
+    redis.call('DEL', key_worker_history(NS, name))  -- after the event, which it would keep
     forgotten = forgotten + 1
   end
 end
 local pruned = redis.call('ZREMRANGEBYSCORE', key_dead_letters(NS), '-inf', before_ms)
+-- Ended jobs leave the state lists when their records expire (retention after the end).
+for state in pairs(TERMINAL) do
+  redis.call('ZREMRANGEBYSCORE', key_jobs_in_state(NS, state), '-inf', before_ms)
+end
 return {forgotten, pruned}

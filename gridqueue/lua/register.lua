@@ -44,6 +44,9 @@ if next(cjson.decode(model_fit)) == nil then
 end
 table.sort(consumed)
 table.sort(unfit)
+for _, list in ipairs({consumed, unfit}) do
+  for _, model in ipairs(list) do redis.call('SADD', key_models(NS), model) end
+end
 local epoch = redis.call('HINCRBY', wk, 'epoch', 1)
 redis.call('HSET', wk, 'name', name, 'models', table.concat(consumed, ','),
   'unfit_models', table.concat(unfit, ','), 'pid', pid, 'host', host,

@@ -27,6 +27,12 @@ end
 redis.call('ZREM', key_liveness(NS), member)
 redis.call('ZREM', key_stalls(NS), member)
 redis.call('HSET', key_lost(NS), member, 'stalled')
+-- The last sign of life: the beat (or progress mark) whose window lapsed.
+local window = redis.call('HGET', key_job(NS, id), kind == 'liveness' and 'liveness_ms' or 'stall_ms')
+window = tonumber(window) or (kind == 'liveness' and DEFAULT_LIVENESS_MS or DEFAULT_STALL_MS)
+local sign_ms = tonumber(due) - window
+incident('stall', a.worker, sign_ms, kind == 'liveness' and 'no liveness beat' or 'no progress',
+         {member})
 redis.call('SADD', key_worker_kill(NS, a.worker), member)
 bump('stalls')
 emit('stalled', {'job', id, 'attempt', n, 'worker', a.worker, 'kind', kind,
@@ -40,7 +46,8 @@ redis.call('HSET', wk, 'stall_window_start_ms', start, 'stall_count', count)
 local wstate = redis.call('HGET', wk, 'state')
 if count >= quarantine_after and (wstate == 'ALIVE' or wstate == 'PROBATION') then
   record_failure(a.worker)
-  quarantine(a.worker, 'watchdog', count .. ' stalls within ' .. window_ms .. ' ms', 'drain', '')
+  quarantine(a.worker, 'watchdog', count .. ' stalls within ' .. window_ms .. ' ms', 'drain', '',
+             sign_ms)
   return {'stalled', 1}
 end
 return {'stalled', 0}
