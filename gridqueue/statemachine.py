@@ -378,6 +378,7 @@ class LedgerModel:
         elif status == "ok" and fresh:
             if n == 1:
                 self.stats["first_placements"] += 1
+            self.stats["claims"] += 1
             job.current.delivery_tag = tag
             message = self.messages.get(tag) if tag is not None else None
             if message is not None and message.state == DELIVERED:
@@ -409,6 +410,7 @@ class LedgerModel:
         if job is not None and job.complete(n, worker, result) == "ok":
             if running:
                 self._release(job, n)
+                self.stats[f"attempts_ended:{Outcome.SUCCEEDED.value}"] += 1
             return True
         self.stats["stale_results_discarded"] += 1
         return False
@@ -446,6 +448,9 @@ class LedgerModel:
         if status == "stale":  # another worker's word: refused; if lost, it stays lost
             return status
         self._release(job, n)
+        self.stats[f"attempts_ended:{outcome.value}"] += 1
+        if job.state is JobState.DEAD_LETTERED:
+            self.stats["dead_lettered"] += 1
         if n == 1 and outcome in _BAD_PLACEMENT:
             self.stats["bad_first_placements"] += 1
         if isinstance(decision, Retry):
@@ -491,6 +496,7 @@ class LedgerModel:
         job.current.outcome = outcome
         job.state, job.reason = state, reason
         self._release(job, job.attempt)
+        self.stats[f"attempts_ended:{outcome.value}"] += 1
         self.dispatch.pop(member, None)
         return "ok"
 
@@ -580,6 +586,7 @@ class LedgerModel:
             return None
         known.state, known.probation_listed = WorkerState.DEAD, False
         self.stats["workers_declared_dead"] += 1
+        self.stats["incidents:worker_dead"] += 1
         return self._lose_attempts_of(worker)
 
     def quarantine(self, worker: str, drain: bool = False, by: str = "operator") -> int | None:
@@ -597,6 +604,12 @@ class LedgerModel:
         known = self.workers[worker]
         known.state, known.probation_listed = WorkerState.QUARANTINED, False
         known.quarantined_by, known.quarantine_mode = by, mode
+        # Counted by kind, and recorded as a failover incident (the monitor's counters).
+        self.stats[f"quarantines:{by if by in (HEALTH, WATCHDOG) else 'operator'}"] += 1
+        incident = {HEALTH: "gpu_quarantine" if mode == EVACUATE else "gpu_drain"}.get(
+            by, "stall_quarantine" if by == WATCHDOG else "operator_quarantine"
+        )
+        self.stats[f"incidents:{incident}"] += 1
         if mode != EVACUATE:
             return 0
         known.kill.update(self.running_on(worker))
@@ -692,6 +705,7 @@ class LedgerModel:
         if entry is None or entry.lease != lease:
             return False
         del self.dispatch[member]
+        self.stats["attempts_published"] += 1
         return True
 
     def stall(self, member: str, kind: str) -> str:
@@ -720,6 +734,7 @@ class LedgerModel:
         known = self.workers[worker]
         known.kill.add(member)
         self.stats["stalls"] += 1
+        self.stats["incidents:stall"] += 1
         known.stalls += 1
         if known.stalls >= self.stall_quarantine_after and known.state in (
             WorkerState.ALIVE,

@@ -468,6 +468,8 @@ class MirroredLedger(LedgerModel):
             pipe.zrange(key, 0, -1, withscores=True)
         pipe.hkeys(KOMBU_UNACKED)
         pipe.zrange(keys.health_changes, 0, -1)
+        for state in JobState:
+            pipe.zrange(keys.jobs_in_state(state.value), 0, -1)
         pipe.time()
         *replies_list, (seconds, micros) = pipe.execute()
         now_ms = int(seconds) * 1000 + int(micros) // 1000
@@ -480,6 +482,12 @@ class MirroredLedger(LedgerModel):
         stats, lost, running, counts = (next(replies) for _ in range(4))
         dispatch, liveness, stalls, beats, index = (dict(next(replies)) for _ in range(5))
         unacked, changes = next(replies), next(replies)
+        # The dashboard's job lists: every job in its state's list, and in no other.
+        listed = {state.value: set(next(replies)) for state in JobState}
+        assert listed == {
+            state.value: {j.id for j in self.jobs.values() if j.state is state}
+            for state in JobState
+        }, "job lists by state"
 
         assert {k: int(v) for k, v in stats.items()} == {k: v for k, v in self.stats.items() if v}
         assert lost == self.lost
