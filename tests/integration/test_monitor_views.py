@@ -114,7 +114,7 @@ def test_a_dead_worker_is_one_incident_followed_to_its_jobs_running_again(fast: 
     assert sum(row["requeues"] for row in overview["rates"]["per_minute"]) == 2
     assert overview["queues"][0]["model"] == "sim-llm"
     assert overview["watchdog"]["leader"] == "views"
-    alive = [w for w in view.workers() if w["name"] == "w2"][0]
+    alive = next(w for w in view.workers() if w["name"] == "w2")
     assert alive["gpus"][0]["memory_used_bytes"] == 9 * GIB
     assert alive["running"] == ["j0.2"] and alive["heartbeat_age_ms"] is not None
     with pytest.raises(WorkerNotFoundError):
