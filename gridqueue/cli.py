@@ -365,6 +365,60 @@ def status(redis_url: RedisOption = None, as_json: JsonOption = False) -> None:
 
 
 @app.command()
+def dashboard(
+    host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=1, max=65535, help="Port.")] = 8555,
+    redis_url: RedisOption = None,
+) -> None:
+    """Serve the live dashboard, its JSON API (/api, /openapi.json) and /metrics."""
+    import uvicorn
+
+    from gridqueue.monitor.web import create_app
+
+    settings = load_settings(redis_url)
+    _check_can_listen(host, port)
+    token = settings.dashboard_token
+    if token is None or not token.get_secret_value().strip():
+        mode = "read-only: set GRIDQUEUE_DASHBOARD_TOKEN to enable actions"
+    else:
+        mode = "actions need the GRIDQUEUE_DASHBOARD_TOKEN bearer token"
+    where = f"[{host}]" if ":" in host else host
+    err_console.print(
+        f"gridqueue dashboard on http://{where}:{port}/ ({mode})", soft_wrap=True, highlight=False
+    )
+    uvicorn.run(
+        create_app(settings),
+        host=host,
+        port=port,
+        log_config=None,  # keep gridqueue's logging; uvicorn reports only its warnings
+        log_level=settings.log_level.lower(),
+        access_log=False,
+        # Live pages hold their streams open: a stop must not wait for them to close.
+        timeout_graceful_shutdown=2,
+    )
+
+
+def _check_can_listen(host: str, port: int) -> None:
+    """A port in use is one line and exit 2, like every other mistake, not a traceback."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {host}:{port} ({exc}); check --host") from exc
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot listen on {host}:{port} ({exc.strerror or exc}); choose another "
+                "--port or --host"
+            ) from exc
+
+
+@app.command()
 def demo(
     jobs: Annotated[int, typer.Option("--jobs", min=1, help="Jobs to submit.")] = 60,
     workers: Annotated[int, typer.Option("--workers", min=2)] = 3,

@@ -41,6 +41,7 @@ COMMANDS: dict[str, list[str]] = {
     "fault inject": ["fault", "inject", "--worker", "w1", "--xid", "79"],
     "fault clear": ["fault", "clear", "--worker", "w1"],
     "drill": ["drill", "--duration", "5"],
+    "dashboard": ["dashboard", "--port", "8555"],
 }
 # Commands that start their own private Redis and take no URL.
 NO_REDIS_URL = {"demo"}
