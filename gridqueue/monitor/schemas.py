@@ -12,6 +12,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from gridqueue.monitor.views import MAX_LIMIT
+
 
 class _Open(BaseModel):
     """A documented shape that may carry more fields than it names."""
@@ -230,7 +232,9 @@ class ReplayFilter(BaseModel):
     reason: str | None = Field(None, min_length=1, max_length=200)
     model: str | None = Field(None, min_length=1, max_length=128)
     all: bool = Field(False, description="Replay every dead letter when no filter is named.")
-    limit: int = Field(200, ge=1, le=1000, description="The most jobs replayed in one call.")
+    limit: int = Field(
+        200, ge=1, le=MAX_LIMIT, description="The most dead letters read in one call."
+    )
 
 
 class ReplayFailure(BaseModel):

@@ -19,7 +19,7 @@ import importlib
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated, Any, cast
+from typing import Annotated, Any, cast
 from urllib.parse import urlencode
 
 import redis
@@ -48,17 +48,14 @@ from gridqueue.monitor import schemas
 from gridqueue.monitor.http_errors import ApiError, install_error_handlers
 from gridqueue.monitor.live import STREAM_ID, LiveStreams
 from gridqueue.monitor.pages import Pages
+from gridqueue.monitor.views import MAX_LIMIT, FleetView
 from gridqueue.settings import Settings
 from gridqueue.states import JobState
-
-if TYPE_CHECKING:
-    from gridqueue.monitor.views import FleetView
 
 _log = get_logger("gridqueue.dashboard")
 
 OPERATOR = "dashboard"
 MAX_STREAMS = 64  # each live page holds one Redis connection
-JOBS_LIMIT_MAX = 500
 READ_ONLY_HOW = (
     "set GRIDQUEUE_DASHBOARD_TOKEN to a long random string and restart `gridqueue "
     "dashboard`, then send it as `Authorization: Bearer <token>`"
@@ -167,7 +164,7 @@ def job_filter(
     workload: Annotated[str | None, Query(max_length=64, description="A workload class.")] = None,
     worker: Annotated[str | None, Query(max_length=200)] = None,
     cursor: Annotated[str | None, Query(max_length=200, description="next_cursor.")] = None,
-    limit: Annotated[int, Query(ge=1, le=JOBS_LIMIT_MAX)] = 50,
+    limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 50,
 ) -> JobFilter:
     state, model, workload = _blank(state), _blank(model), _blank(workload)
     if state is not None:
@@ -276,7 +273,7 @@ def job_page(request: Request, dash: Dash, job_id: str) -> HTMLResponse:
 
 @pages.get("/failovers")
 def failovers_page(
-    request: Request, dash: Dash, limit: Annotated[int, Query(ge=1, le=500)] = 50
+    request: Request, dash: Dash, limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 50
 ) -> HTMLResponse:
     incidents = dash.view.failovers(limit=limit)
     return dash.page(request, "failovers.html", nav="failovers", incidents=incidents)
@@ -288,7 +285,7 @@ def dead_letters_page(
     dash: Dash,
     reason: Annotated[str | None, Query(max_length=200)] = None,
     model: Annotated[str | None, Query(max_length=128)] = None,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 200,
+    limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 200,
 ) -> HTMLResponse:
     reason, model = _blank(reason), _blank(model)
     letters = _dead_letters(dash, reason, model, limit)
@@ -374,7 +371,7 @@ def job(dash: Dash, job_id: Annotated[str, PathParam(max_length=200)]) -> JSONRe
 
 
 @api.get("/failovers", responses=_doc(list[schemas.Incident]))
-def failovers(dash: Dash, limit: Annotated[int, Query(ge=1, le=500)] = 50) -> JSONResponse:
+def failovers(dash: Dash, limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 50) -> JSONResponse:
     """One row per incident: the fault, its verdict, the requeues and the jobs moved."""
     return _json(dash.view.failovers(limit=limit))
 
@@ -384,7 +381,7 @@ def dead_letters(
     dash: Dash,
     reason: Annotated[str | None, Query(max_length=200)] = None,
     model: Annotated[str | None, Query(max_length=128)] = None,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 200,
+    limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 200,
 ) -> JSONResponse:
     """Dead-lettered jobs grouped by reason, with the evidence."""
     return _json(_dead_letters(dash, _blank(reason), _blank(model), limit))
@@ -576,8 +573,6 @@ def create_app(
     if ledger is None:
         ledger = Ledger.connect(settings)
     if view is None:
-        from gridqueue.monitor.views import FleetView
-
         view = FleetView(ledger)
     app = FastAPI(
         title="gridqueue dashboard",

@@ -353,7 +353,8 @@ def test_bad_input_is_a_clear_4xx_never_a_500(armed: TestClient, fleet: dict[str
         ("/api/jobs/nothing", 404, "no job nothing"),
         ("/api/workers/nobody", 404, "nobody"),
         ("/api/failovers?limit=0", 422, "limit"),
-        ("/api/dead-letters?limit=100000", 422, "limit"),
+        ("/api/dead-letters?limit=501", 422, "limit"),
+        ("/api/failovers?limit=501", 422, "limit"),
         ("/api/stream?after=yesterday", 422, "after"),
         ("/api/nothing", 404, "no such page"),
     ]
@@ -368,6 +369,7 @@ def test_bad_input_is_a_clear_4xx_never_a_500(armed: TestClient, fleet: dict[str
         ("/api/dead-letters/running/replay", None, 409, "not DEAD_LETTERED"),
         ("/api/dead-letters/replay", {"reason": "poison", "since": 1}, 422, "since"),
         ("/api/dead-letters/replay", {"model": "a:b"}, 422, "invalid model name"),
+        ("/api/dead-letters/replay", {"all": True, "limit": 501}, 422, "limit"),
     ]
     for path, body, status, words in posts:
         assert words in error_of(armed.post(path, headers=auth(), json=body), status)["error"]
