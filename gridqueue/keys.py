@@ -45,6 +45,8 @@ Layout (``ns`` is ``GRIDQUEUE_NAMESPACE``, ``gq`` by default; an attempt is ``<j
                                        dead, GPU quarantine, stall...): its last sign of
                                        life, the verdict, the attempts it moved
     {ns}:worker:{name}:history list    the worker's own events, newest first (capped)
+    {ns}:worker:{name}:jobs    zset    job -> when the worker last claimed an attempt of it
+                                       (ms): the dashboard's jobs-by-worker list (capped)
     {ns}:watchdog:leader       string  ``<owner>:<token>`` with a PX lease
     {ns}:watchdog:token        string  fencing token counter
 
@@ -89,6 +91,7 @@ _TEMPLATES: dict[str, tuple[str, tuple[str, ...]]] = {
     "hist": ("{ns}:hist", ()),
     "incidents": ("{ns}:incidents", ()),
     "worker_history": ("{ns}:worker:{name}:history", ("name",)),
+    "worker_jobs": ("{ns}:worker:{name}:jobs", ("name",)),
     "stats": ("{ns}:stats", ()),
     "events": ("{ns}:events", ()),
     "leader": ("{ns}:watchdog:leader", ()),
@@ -227,6 +230,9 @@ class Keys:
 
     def worker_history(self, name: str) -> str:
         return self._render("worker_history", name=name)
+
+    def worker_jobs(self, name: str) -> str:
+        return self._render("worker_jobs", name=name)
 
     @property
     def stats(self) -> str:

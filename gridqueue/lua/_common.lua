@@ -86,6 +86,9 @@ local function emit(kind, fields)
   end
 end
 
+-- How many of its most recent jobs a worker lists (the dashboard's jobs-by-worker).
+local WORKER_JOBS_LISTED = 10000
+
 -- Counters, kept in all and per minute (for rates over the last minutes).
 local MINUTE_KEEP_S = 7200
 local function bump(stat, by)

@@ -88,6 +88,10 @@ redis.call('ZREM', key_dispatch(NS), member)
 redis.call('ZREM', key_published(NS), member)
 redis.call('ZADD', key_running(NS), NOW, member)
 redis.call('SADD', key_worker_running(NS, worker), member)
+-- The dashboard lists a worker's jobs from here: its most recent WORKER_JOBS_LISTED.
+local listed = key_worker_jobs(NS, worker)
+redis.call('ZADD', listed, NOW, id)
+redis.call('ZREMRANGEBYRANK', listed, 0, -WORKER_JOBS_LISTED - 1)
 -- The watch starts with the claim, not with the child's first beat: a child frozen right
 -- after claiming, or a claim whose reply was lost, is still a watched attempt.
 redis.call('ZADD', key_liveness(NS), NOW + tonumber(liveness_ms or DEFAULT_LIVENESS_MS), member)

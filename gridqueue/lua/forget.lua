@@ -16,7 +16,7 @@ for _, name in ipairs(redis.call('ZRANGEBYSCORE', key_gone(NS), '-inf', before_m
   if state == 'DEAD' or state == 'STOPPED' or not state then
     unlist_worker(name, models, unfit)
     redis.call('DEL', wk, key_worker_running(NS, name), key_worker_kill(NS, name),
-               key_worker_faults(NS, name))
+               key_worker_faults(NS, name), key_worker_jobs(NS, name))
     redis.call('ZREM', key_workers(NS), name)
     redis.call('ZREM', key_probation(NS), name)
     redis.call('ZREM', key_health_changes(NS), name)

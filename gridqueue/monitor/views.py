@@ -271,29 +271,39 @@ class FleetView:
         limit: int = 50,
         cursor: str | None = None,
     ) -> dict[str, Any]:
-        """A page of jobs, newest first (by when they entered their state).
+        """A page of jobs, newest first: by when they entered their state, or with
+        ``worker``, by when that worker last claimed them (its recent jobs are listed).
 
-        Without a state, the lists of every state are merged. Filters on model, workload
-        and worker read at most ``SCAN_CAP`` records per call; ``complete`` says whether
-        the search reached the end. ``cursor`` is the ``next_cursor`` of the page before.
+        Without a state, the lists of every state are merged. Filters read at most
+        ``SCAN_CAP`` records per call; ``complete`` says whether the search reached the
+        end. ``cursor`` is the ``next_cursor`` of the page before.
         """
         if not 1 <= limit <= MAX_LIMIT:
             raise ValueError(f"limit must be between 1 and {MAX_LIMIT}, not {limit}")
-        states = [self._state(state)] if state else [s.value for s in JobState]
+        wanted = self._state(state) if state else None
+        if worker:
+            lists = [self.keys.worker_jobs(worker)]
+        else:
+            states = [wanted] if wanted else [s.value for s in JobState]
+            lists = [self.keys.jobs_in_state(s) for s in states]
         before, after_id = self._cursor(cursor)
         filtered = any((model, workload, worker))
         page: list[dict[str, Any]] = []
         scanned = 0
         chunk = limit if not filtered else min(SCAN_CAP, 4 * limit)
         while True:
-            batch = self._newest(states, before, after_id, chunk)
+            batch = self._newest(lists, before, after_id, chunk)
             if not batch:
                 return {"jobs": page, "next_cursor": None, "scanned": scanned, "complete": True}
             records = self._summaries([job_id for job_id, _ in batch])
             for (job_id, score), record in zip(batch, records, strict=True):
                 scanned += 1
                 before, after_id = score, job_id
-                if record is None or not self._matches(record, model, workload, worker):
+                if record is None or (worker and wanted and record["state"] != wanted):
+                    continue
+                if (model and record["model"] != model) or (
+                    workload and record["workload"] != workload
+                ):
                     continue
                 page.append(record)
                 if len(page) == limit:
@@ -329,14 +339,13 @@ class FleetView:
         return int(score), job_id
 
     def _newest(
-        self, states: list[str], before: int | None, after_id: str | None, count: int
+        self, lists: list[str], before: int | None, after_id: str | None, count: int
     ) -> list[tuple[str, int]]:
-        """The next ``count`` jobs across the state lists, newest first, strictly after
-        the cursor (``before``, ``after_id``): ties on the score are broken by id."""
+        """The next ``count`` jobs across the lists, newest first, strictly after the
+        cursor (``before``, ``after_id``): ties on the score are broken by id."""
         pipe = self.client.pipeline(transaction=False)
         top = "+inf" if before is None else f"({before}"
-        for state in states:
-            key = self.keys.jobs_in_state(state)
+        for key in lists:
             if before is not None:
                 pipe.zrangebyscore(key, before, before, withscores=True)  # ties at the cursor
             pipe.zrevrangebyscore(key, top, "-inf", start=0, num=count, withscores=True)
@@ -375,20 +384,6 @@ class FleetView:
                 }
             )
         return rows
-
-    def _matches(
-        self, row: dict[str, Any], model: str | None, workload: str | None, worker: str | None
-    ) -> bool:
-        if model and row["model"] != model:
-            return False
-        if workload and row["workload"] != workload:
-            return False
-        if worker and row["worker"] != worker:
-            # The job's current worker, or any worker an attempt of it ran on.
-            raw = cast(dict[str, str], self.client.hgetall(self.keys.job(row["id"])))
-            ran = (AttemptRecord.from_json(v).worker for k, v in raw.items() if k.startswith("a:"))
-            return worker in ran
-        return True
 
     def job(self, job_id: str) -> dict[str, Any]:
         record = self.ledger.get(job_id)

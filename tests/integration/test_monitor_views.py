@@ -117,6 +117,10 @@ def test_a_dead_worker_is_one_incident_followed_to_its_jobs_running_again(fast: 
     alive = next(w for w in view.workers() if w["name"] == "w2")
     assert alive["gpus"][0]["memory_used_bytes"] == 9 * GIB
     assert alive["running"] == ["j0.2"] and alive["heartbeat_age_ms"] is not None
+    # A worker's jobs are the ones any attempt of which it ran, moved or not.
+    assert {job["id"] for job in view.jobs(worker="w1")["jobs"]} == {"j0", "j1"}
+    assert {job["id"] for job in view.jobs(worker="w2")["jobs"]} == {"j0", "j2"}
+    assert [job["id"] for job in view.jobs(worker="w2", state="SUCCEEDED")["jobs"]] == ["j2"]
     with pytest.raises(WorkerNotFoundError):
         view.worker("nobody")
     with pytest.raises(JobNotFoundError):
