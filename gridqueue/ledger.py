@@ -188,6 +188,12 @@ class Ledger:
     def _call(self, name: str, *args: str | int | float) -> Any:
         return self._scripts[name](keys=[], args=[*self._fixed, *args])
 
+    def queue_call(self, pipe: Any, name: str, *args: str | int | float) -> None:
+        """Queue one script call on a pipeline (``client.pipeline()``), for bulk loads such
+        as the benchmarks' fills: the raw reply comes back from ``pipe.execute()``, with
+        none of the verb's checks. Arguments as the script takes them."""
+        self._scripts[name](keys=[], args=[*self._fixed, *args], client=pipe)
+
     # -- jobs ------------------------------------------------------------------------
 
     def submit(
