@@ -106,11 +106,12 @@ def _operator(
     if token is None or _read_only(dash.settings):
         raise ApiError(
             403,
-            "the dashboard is read-only: actions are disabled",
+            f"the dashboard is read-only, so actions are disabled: to enable them, {READ_ONLY_HOW}",
             {"how_to_enable": READ_ONLY_HOW},
         )
     given = credentials.credentials.strip() if credentials else ""
-    if not given or not secrets.compare_digest(given.encode(), token.get_secret_value().encode()):
+    expected = token.get_secret_value().strip()  # a token read from a file ends in a newline
+    if not given or not secrets.compare_digest(given.encode(), expected.encode()):
         raise ApiError(
             401,
             "missing or wrong token: send `Authorization: Bearer <GRIDQUEUE_DASHBOARD_TOKEN>`",
