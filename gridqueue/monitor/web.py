@@ -34,6 +34,8 @@ from redis.retry import Retry
 from starlette.responses import StreamingResponse
 
 from gridqueue import __version__
+from gridqueue.celeryapp import make_celery
+from gridqueue.dispatch import Dispatcher
 from gridqueue.errors import (
     InvalidJobError,
     InvalidModelError,
@@ -42,6 +44,7 @@ from gridqueue.errors import (
     WorkerNotFoundError,
 )
 from gridqueue.handlers import check_model_name
+from gridqueue.keys import attempt_id
 from gridqueue.ledger import Ledger
 from gridqueue.logs import get_logger
 from gridqueue.monitor import schemas
@@ -73,6 +76,14 @@ class Dashboard:
     streams: LiveStreams
     ping: redis.Redis  # readiness: one short try, no retries
     metrics_registry: Any = None
+    dispatcher: Dispatcher | None = None
+
+    def publish(self, job_id: str, attempt: int) -> bool:
+        """Publish a replayed attempt now, as the CLI does; if this fails, the watchdog
+        publishes it (its dispatch is due)."""
+        if self.dispatcher is None:
+            self.dispatcher = Dispatcher(self.ledger, make_celery(self.settings.redis_url))
+        return self.dispatcher.publish(attempt_id(job_id, attempt))
 
     def page(self, request: Request, template: str, **context: Any) -> HTMLResponse:
         if context.get("now_ms") is None:
@@ -438,7 +449,7 @@ def _worker_action(dash: Dashboard, name: str, act: Callable[[], int]) -> int:
 @actions.post("/jobs/{job_id}/cancel", response_model=schemas.CancelReply)
 def cancel(dash: Dash, by: Operator, job_id: str) -> schemas.CancelReply:
     """Cancel a job; its running attempt is killed."""
-    if not dash.ledger.cancel(job_id):
+    if not dash.ledger.cancel(job_id, reason=f"cancelled by {by}"):
         state = dash.ledger.get(job_id).state.value
         raise ApiError(409, f"job {job_id} had already ended {state}", {"state": state})
     _log.info("dashboard.cancel", job=job_id, by=by)
@@ -447,8 +458,9 @@ def cancel(dash: Dash, by: Operator, job_id: str) -> schemas.CancelReply:
 
 @actions.post("/dead-letters/{job_id}/replay", response_model=schemas.ReplayReply)
 def replay(dash: Dash, by: Operator, job_id: str) -> schemas.ReplayReply:
-    """Run a dead-lettered job again as a fresh attempt chain (the watchdog publishes it)."""
+    """Run a dead-lettered job again as a fresh attempt chain, published at once."""
     attempt = dash.ledger.replay(job_id, by)
+    dash.publish(job_id, attempt)
     _log.info("dashboard.replay", job=job_id, by=by, attempt=attempt)
     return schemas.ReplayReply(job=job_id, attempt=attempt, by=by)
 
@@ -475,6 +487,7 @@ def replay_matching(
         except (InvalidJobError, JobNotFoundError) as exc:  # replayed or gone meanwhile
             report.failed.append(schemas.ReplayFailure(job=job_id, error=str(exc)))
         else:
+            dash.publish(job_id, attempt)
             report.replayed.append(schemas.ReplayReply(job=job_id, attempt=attempt, by=by))
     _log.info("dashboard.replay_many", by=by, replayed=len(report.replayed), matched=len(matched))
     return report

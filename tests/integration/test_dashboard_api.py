@@ -292,6 +292,7 @@ def test_actions_change_the_ledger(
     cancelled = armed.post(f"/api/jobs/{fleet['queued']}/cancel", headers=auth())
     assert cancelled.json() == {"job": fleet["queued"], "cancelled": True}
     assert ledger.get(fleet["queued"]).state is JobState.CANCELLED
+    assert ledger.get(fleet["queued"]).reason == "cancelled by dashboard:testclient"
     again = error_of(armed.post(f"/api/jobs/{fleet['queued']}/cancel", headers=auth()), 409)
     assert "already ended CANCELLED" in again["error"]
 
@@ -299,6 +300,10 @@ def test_actions_change_the_ledger(
     assert replayed.status_code == 200 and replayed.json()["attempt"] == 4
     assert ledger.get("poison").state is JobState.QUEUED
     assert ledger.get("poison").replays == 1
+    # Published at once, as the CLI does, not left for the watchdog: the message waits in
+    # the model's queue and the attempt is listed as published.
+    assert ledger.client.zscore(ledger.keys.dispatch, "poison.4") is None
+    assert ledger.client.zscore(ledger.keys.published, "poison.4") is not None
     twice = error_of(armed.post("/api/dead-letters/poison/replay", headers=auth()), 409)
     assert "not DEAD_LETTERED" in twice["error"]
 
