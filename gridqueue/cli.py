@@ -197,6 +197,69 @@ def cancel(job_id: str, redis_url: RedisOption = None) -> None:
         console.print(f"{job_id} had already ended: {gq.get(job_id).state.value}")
 
 
+@app.command()
+def jobs(
+    state: Annotated[str | None, typer.Option("--state", help="QUEUED, RUNNING, ...")] = None,
+    model: Annotated[str | None, typer.Option("--model")] = None,
+    workload: Annotated[str | None, typer.Option("--workload", help="A workload class.")] = None,
+    worker: Annotated[str | None, typer.Option("--worker", help="Jobs it ran.")] = None,
+    limit: Annotated[int, typer.Option("--limit", min=1, max=500)] = 50,
+    cursor: Annotated[str | None, typer.Option("--cursor", help="next_cursor.")] = None,
+    redis_url: RedisOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """List jobs, newest first, as the dashboard's /api/jobs does (same filters)."""
+    from gridqueue.ledger import Ledger
+    from gridqueue.monitor.views import FleetView
+
+    view = FleetView(Ledger.connect(load_settings(redis_url)))
+    try:
+        page = view.jobs(state, model, workload, worker, limit, cursor)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if as_json:
+        _print_json(page)
+        return
+    table = Table(title=f"jobs ({len(page['jobs'])})")
+    for column in ("job", "state", "model", "workload", "attempt", "worker", "reason"):
+        table.add_column(column)
+    for j in page["jobs"]:
+        table.add_row(
+            j["id"], j["state"], j["model"], j["workload"], str(j["attempt"]),
+            j["worker"] or "-", j["reason"] or "",
+        )  # fmt: skip
+    console.print(table)
+    if page["next_cursor"]:
+        console.print(f"more: --cursor {page['next_cursor']}")
+
+
+@app.command()
+def failovers(
+    limit: Annotated[int, typer.Option("--limit", min=1, max=500)] = 20,
+    redis_url: RedisOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Failover incidents, newest first: the fault, the verdict, the jobs moved and how
+    long until they ran again (the dashboard's /api/failovers)."""
+    from gridqueue.ledger import Ledger
+    from gridqueue.monitor.views import FleetView
+
+    incidents = FleetView(Ledger.connect(load_settings(redis_url))).failovers(limit)
+    if as_json:
+        _print_json(incidents)
+        return
+    table = Table(title=f"failovers ({len(incidents)})")
+    for column in ("kind", "worker", "reason", "detect", "moved", "running again", "pending"):
+        table.add_column(column)
+    for i in incidents:
+        again = "-" if i["running_again_ms"] is None else f"{i['running_again_ms']} ms"
+        table.add_row(
+            i["kind"], i["worker"], i["reason"], f"{i['detect_ms']} ms", str(i["jobs_moved"]),
+            again, str(i["pending"]),
+        )  # fmt: skip
+    console.print(table)
+
+
 fault_app = typer.Typer(help="Inject simulated GPU faults into a running worker.")
 app.add_typer(fault_app, name="fault")
 

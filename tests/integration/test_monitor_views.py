@@ -4,7 +4,10 @@ verbs (and the watchdog's), read back as the dashboard, the API and /metrics see
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
+from typing import Any
 
 import pytest
 
@@ -185,3 +188,36 @@ def test_dead_letters_are_grouped_by_reason_with_their_evidence(ledger: Ledger) 
     ]
     assert FleetView(ledger).dead_letters(reason="no such reason")["groups"] == []
     assert ledger.client.hget(ledger.keys.stats, "dead_lettered") == "1"
+
+
+def test_the_cli_mirrors_the_views(ledger: Ledger, settings: Settings) -> None:
+    register(ledger, "w1")
+    for n in range(3):
+        ledger.submit(f"j{n}", "sim-llm", "batch", PAYLOAD, 0, None)
+    assert ledger.claim("j1", 1, "w1", 7, "").status == "ok"
+    ledger.quarantine("w1", by="op", reason="maintenance")
+
+    def cli(*args: str) -> Any:
+        out = subprocess.run(
+            [sys.executable, "-m", "gridqueue.cli", *args, "--json", "--redis", settings.redis_url],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        return json.loads(out.stdout)
+
+    view = FleetView(ledger)
+    assert cli("jobs", "--state", "queued") == view.jobs(state="QUEUED")
+    assert [j["id"] for j in cli("jobs", "--worker", "w1")["jobs"]] == ["j1"]
+    [incident] = cli("failovers")
+    assert incident == view.failovers()[0]
+    assert incident["kind"] == "operator_quarantine" and incident["jobs_moved"] == 1
+    argv = ["jobs", "--state", "asleep", "--redis", settings.redis_url]
+    bad = subprocess.run(
+        [sys.executable, "-m", "gridqueue.cli", *argv],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert bad.returncode == 2 and "unknown job state 'asleep'" in bad.stderr

@@ -42,6 +42,8 @@ COMMANDS: dict[str, list[str]] = {
     "fault clear": ["fault", "clear", "--worker", "w1"],
     "drill": ["drill", "--duration", "5"],
     "dashboard": ["dashboard", "--port", "8555"],
+    "jobs": ["jobs", "--state", "RUNNING"],
+    "failovers": ["failovers"],
 }
 # Commands that start their own private Redis and take no URL.
 NO_REDIS_URL = {"demo"}
