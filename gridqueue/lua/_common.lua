@@ -94,8 +94,10 @@ local MINUTE_KEEP_S = 7200
 local function bump(stat, by)
   redis.call('HINCRBY', key_stats(NS), stat, by or 1)
   local minute = key_minute(NS, tostring(math.floor(NOW / 60000)))
-  redis.call('HINCRBY', minute, stat, by or 1)
-  redis.call('EXPIRE', minute, MINUTE_KEEP_S)
+  -- The minute's first count of a stat sets the expiry (a new key counts first).
+  if redis.call('HINCRBY', minute, stat, by or 1) == (by or 1) then
+    redis.call('EXPIRE', minute, MINUTE_KEEP_S)
+  end
 end
 
 -- Histograms for /metrics: one field per (metric, labels, bucket), not cumulative; the
