@@ -590,7 +590,9 @@ def fleet_families(
     job_counts = overview.get("jobs") or {}
     jobs = GaugeMetricFamily(
         "gridqueue_jobs",
-        "Jobs in the ledger, by state (ended ones until their retention passes).",
+        "Jobs by state, from the ledger's counts: QUEUED and RUNNING are the jobs in that "
+        "state now; an ended state counts every job that ended so (its count does not "
+        "fall when the job's record expires; a replay moves a dead letter back to QUEUED).",
         labels=["state"],
     )
     for job_state in JobState:
