@@ -4,7 +4,8 @@
 -- own is pruned here once it is older than the retention:
 --   a worker that left the fleet (declared dead, stopped): its record, its running, kill
 --   and fault keys, and its fields in the model listings;
---   dead-letter entries, whose job records have expired by then.
+--   dead-letter entries, whose job records have expired by then;
+--   ended jobs in the lists and counts by state.
 local before_ms, batch, token = tonumber(ARGV[7]), tonumber(ARGV[8]), ARGV[9]
 if not leader_is(token) then return {'not_leader'} end
 local forgotten = 0
@@ -26,8 +27,10 @@ for _, name in ipairs(redis.call('ZRANGEBYSCORE', key_gone(NS), '-inf', before_m
   end
 end
 local pruned = redis.call('ZREMRANGEBYSCORE', key_dead_letters(NS), '-inf', before_ms)
--- Ended jobs leave the state lists when their records expire (retention after the end).
+-- Ended jobs leave the state lists and counts when their records expire (retention
+-- after the end): the counts are of the jobs the ledger holds.
 for state in pairs(TERMINAL) do
-  redis.call('ZREMRANGEBYSCORE', key_jobs_in_state(NS, state), '-inf', before_ms)
+  local gone = redis.call('ZREMRANGEBYSCORE', key_jobs_in_state(NS, state), '-inf', before_ms)
+  if gone > 0 then redis.call('HINCRBY', key_counts(NS), state, -gone) end
 end
 return {forgotten, pruned}

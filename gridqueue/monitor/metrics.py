@@ -590,9 +590,8 @@ def fleet_families(
     job_counts = overview.get("jobs") or {}
     jobs = GaugeMetricFamily(
         "gridqueue_jobs",
-        "Jobs by state, from the ledger's counts: QUEUED and RUNNING are the jobs in that "
-        "state now; an ended state counts every job that ended so (its count does not "
-        "fall when the job's record expires; a replay moves a dead letter back to QUEUED).",
+        "Jobs the ledger holds, by state: an ended job leaves its state's count when its "
+        "record expires (the job retention after it ended).",
         labels=["state"],
     )
     for job_state in JobState:

@@ -85,6 +85,8 @@ def test_keys_return_to_their_floor_after_the_retention(settings: Settings) -> N
     assert all(0 < ledger.client.ttl(key) <= 7200 for key in minutes), minutes
     assert left - minutes <= fixed, sorted(left - minutes - fixed)[:20]
     assert ledger.client.hlen(ledger.keys.counts) <= len(JobState)
+    # The counts are of the jobs the ledger holds: the ended ones have expired.
+    assert ledger.counts() == {state.value: 0 for state in JobState}
     assert ledger.client.zcard(ledger.keys.gone) == 0
     assert ledger.client.zcard(ledger.keys.dead_letters) == 0
     assert ledger.workers() == []
