@@ -2,7 +2,8 @@
 # Production-install check: does gridqueue work when installed the way a server installs
 # it? `pip install .` into a new venv (no extras, not editable), then, from a temporary
 # directory far from the source tree, a private redis-server, one worker (simulated GPU,
-# handler module workers.simulated), one watchdog and one job that must succeed.
+# handler module workers.simulated), one watchdog and one job that must succeed; then the
+# dashboard, whose pages, static assets and /metrics must come from the installed package.
 #
 #   scripts/install-check.sh            (or: make install-check)
 #
@@ -27,7 +28,7 @@ pids=()
 
 log_tails() {
     local file
-    for file in "$work"/redis.log "$work"/worker.log "$work"/watchdog.log; do
+    for file in "$work"/redis.log "$work"/worker.log "$work"/watchdog.log "$work"/dashboard.log; do
         if [[ -s "$file" ]]; then
             echo "-- last lines of $(basename "$file")"
             tail -n 25 "$file"
@@ -203,4 +204,56 @@ for pid in "${pids[@]}"; do
 done
 echo "redis-server, worker and watchdog still running; watchdog's last log line:"
 tail -n 1 "$work/watchdog.log"
+
+echo "== gridqueue dashboard"
+dash_port=$("$venv/python" -c '
+import socket
+with socket.socket() as sock:
+    sock.bind(("127.0.0.1", 0))
+    print(sock.getsockname()[1])
+')
+"$venv/gridqueue" dashboard --port "$dash_port" --redis "$url" \
+    </dev/null >"$work/dashboard.log" 2>&1 &
+pids+=($!)
+"$venv/python" - "http://127.0.0.1:$dash_port" <<'EOF'
+import sys
+import time
+import urllib.error
+import urllib.request
+
+base = sys.argv[1]
+
+
+def get(path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(base + path, timeout=10) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+give_up_at = time.monotonic() + 30
+while True:
+    try:
+        if get("/readyz")[0] == 200:
+            break
+    except OSError:
+        pass
+    if time.monotonic() > give_up_at:
+        sys.exit("the dashboard did not become ready within 30 s")
+    time.sleep(0.2)
+checks = {
+    "/": "sim-llm",  # the template renders the model the worker serves
+    "/workers": "install-check-1",
+    "/static/dashboard.js": "EventSource",  # static assets ship in the package
+    "/static/dashboard.css": "{",
+    "/api/overview": '"jobs"',
+    "/metrics": "gridqueue_workers{",
+}
+for path, needle in checks.items():
+    status, body = get(path)
+    if status != 200 or needle not in body:
+        sys.exit(f"GET {path}: status {status}, {needle!r} not in the body")
+    print(f"GET {path}: {status}, {len(body)} bytes")
+EOF
 echo "== install check passed"
