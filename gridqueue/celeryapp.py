@@ -6,6 +6,10 @@
   redelivers behind the ledger's back; the watchdog requeues instead.
 - JSON only; no result backend (the ledger holds the visible result).
 - Redis priority steps: a requeued attempt (priority 0) goes ahead of fresh work.
+- kombu's own queue separator, so stock Celery tools and Flower read the fleet's
+  bindings and priority lists as gridqueue does.
+- Celery task events and event heartbeats (``events``, ``GRIDQUEUE_CELERY_EVENTS``), so
+  Flower and ``celery events`` see every worker and every attempt; JSON, never pickle.
 """
 
 from __future__ import annotations
@@ -19,8 +23,10 @@ TASK_NAME = "gridqueue.attempt"
 NEVER_REDELIVER_S = 10 * 365 * 86_400
 PRIORITY_STEPS = [0, 3, 6, 9]
 # kombu's Redis transport joins a queue and a priority step with this separator
-# ('<queue><sep>3'), and binding-table entries with it.
-QUEUE_SEP = ":"
+# ('<queue><sep>3'), and binding-table entries with it. gridqueue keeps kombu's default
+# ("\x06\x16"): a client that sets another one (gridqueue once used ':') cannot read the
+# binding tables of the others, so stock `celery inspect` and Flower would hear no worker.
+QUEUE_SEP: str = kombu_redis.Channel.sep
 
 
 def priority_lists(queue: str) -> list[str]:
@@ -28,12 +34,14 @@ def priority_lists(queue: str) -> list[str]:
     return [queue, *(f"{queue}{QUEUE_SEP}{step}" for step in PRIORITY_STEPS if step)]
 
 
-def make_celery(redis_url: str) -> Celery:
+def make_celery(redis_url: str, events: bool = True) -> Celery:
+    """The app every gridqueue process uses. ``events`` (``Settings.celery_events``) turns
+    on Celery's task events in workers (and their event heartbeats, see
+    :mod:`gridqueue.worker`) and the ``task-sent`` event in producers, for Flower."""
     app = Celery("gridqueue", broker=redis_url, set_as_current=False)
     transport: dict[str, Any] = {
         "visibility_timeout": NEVER_REDELIVER_S,
         "priority_steps": PRIORITY_STEPS,
-        "sep": QUEUE_SEP,
     }
     app.conf.update(
         broker_transport_options=transport,
@@ -54,8 +62,8 @@ def make_celery(redis_url: str) -> Celery:
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
         worker_disable_prefetch=True,
-        worker_send_task_events=False,
-        task_send_sent_event=False,
+        worker_send_task_events=events,
+        task_send_sent_event=events,
         worker_hijack_root_logger=False,
         task_default_queue="gq.default",
     )

@@ -97,7 +97,7 @@ class GridQueue:
     @property
     def app(self) -> Celery:
         if self._app is None:
-            self._app = make_celery(self.settings.redis_url)
+            self._app = make_celery(self.settings.redis_url, events=self.settings.celery_events)
         return self._app
 
     @property

@@ -17,8 +17,11 @@ from redis.exceptions import RedisError
 
 from gridqueue.errors import InvalidModelError
 
-# No ':' in a model name: kombu names a queue's priority lists '<queue>:3', ':6', ':9',
-# so a model 'x:3' would share a list with model 'x'.
+# A model's name is part of its queue's name ('gq.model.<model>') and of its ledger keys
+# ('gq:model:<model>', 'gq:model:<model>:unfit'). kombu names the queue's priority lists
+# '<queue>\x06\x163' ('\x06\x16' is its separator), so no control character may appear:
+# model 'x\x06\x163' would share a list with model 'x'. No ':' either: model 'x:unfit'
+# would share a ledger key with model 'x'. Letters, digits, '-', '_' and '.' allow neither.
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 HandlerFn = Callable[[Any, "Context"], Any]
@@ -28,7 +31,9 @@ def check_model_name(model: str) -> str:
     if not isinstance(model, str) or not MODEL_NAME.fullmatch(model):
         raise InvalidModelError(
             f"invalid model name {model!r}: use 1-128 letters, digits, '-', '_' or '.', "
-            "starting with a letter or digit (no ':', which kombu uses for priority lists)"
+            "starting with a letter or digit (no ':', which separates the parts of the "
+            "ledger's key names, and no control character, which kombu puts between a "
+            "queue's name and its priority step)"
         )
     return model
 

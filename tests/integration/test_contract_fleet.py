@@ -20,7 +20,7 @@ import pytest
 import redis
 
 from gridqueue import GridQueue
-from gridqueue.celeryapp import PRIORITY_STEPS, make_celery
+from gridqueue.celeryapp import make_celery, priority_lists
 from gridqueue.fleet import LocalFleet
 from gridqueue.handlers import Context, handler
 from gridqueue.keys import KOMBU_UNACKED, attempt_id, queue_for_model
@@ -35,8 +35,7 @@ from workers.simulated import complete_text
 
 def queue_depth(client: redis.Redis, queue: str) -> int:
     """Messages waiting in a model's queue, over kombu's priority lists."""
-    lists = [queue if step == 0 else f"{queue}:{step}" for step in PRIORITY_STEPS]
-    return sum(int(client.llen(name)) for name in lists)  # type: ignore[arg-type]
+    return sum(int(client.llen(name)) for name in priority_lists(queue))  # type: ignore[arg-type]
 
 
 def event_times(gq: GridQueue, kind: str) -> list[int]:

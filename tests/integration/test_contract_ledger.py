@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from gridqueue.celeryapp import priority_lists
 from gridqueue.errors import WorkerNameInUseError
 from gridqueue.keys import KOMBU_UNACKED, KOMBU_UNACKED_INDEX, attempt_id, queue_for_model
 from gridqueue.ledger import Ledger, connect_redis
@@ -466,7 +467,7 @@ def test_an_attempt_whose_message_vanished_is_published_again(settings: Settings
     waiting = publish_without_message(ledger, "waiting")
     queue = queue_for_model(settings.namespace, "sim-llm")
     message = {"body": "", "headers": {"id": waiting}, "properties": {}}
-    ledger.client.lpush(f"{queue}:6", json.dumps(message))  # still in its queue
+    ledger.client.lpush(priority_lists(queue)[2], json.dumps(message))  # still in its queue
     held = publish_without_message(ledger, "held")
     deliver(ledger, "held", 1, "tag-held", age_s=0.0)  # delivered, not yet claimed
     token = leader(ledger)

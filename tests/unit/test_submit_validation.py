@@ -133,7 +133,7 @@ def test_the_limit_counts_encoded_bytes_and_admits_a_payload_exactly_at_it() -> 
         "nl",
         "none",
         "int",
-        "colon",  # kombu's priority lists are '<queue>:3': model 'x:3' would alias 'x'
+        "colon",  # ledger keys are '{ns}:model:<model>:unfit': model 'x:unfit' would alias 'x'
     ],
 )
 def test_an_empty_or_malformed_model_name_is_refused(gq: GridQueue, model: Any) -> None:
