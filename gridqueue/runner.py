@@ -1,8 +1,11 @@
 """The attempt runner: the body of the Celery task, run in a pool child.
 
 It claims the attempt through the ledger (refused for a fenced worker or a superseded
-attempt), runs the user handler, and ends the attempt with a fenced write. It never
-raises to Celery: every outcome is written to the ledger, which is the store of record.
+attempt), runs the user handler, and ends the attempt with a fenced write. Every outcome
+is written to the ledger, which is the store of record; only then does the task tell
+Celery how it ended, as the ledger's verdict says (:mod:`gridqueue.celerystate`): it
+returns for SUCCESS and raises for FAILURE, REVOKED and RETRY, so that Flower and
+``celery events`` show each attempt in a state that is true.
 """
 
 from __future__ import annotations
@@ -17,19 +20,27 @@ from typing import Any
 
 from billiard.einfo import ExceptionWithTraceback
 from billiard.exceptions import WorkerLostError
-from celery import Celery, Task
-from celery.exceptions import Reject
+from celery import Celery, Task, states
+from celery.exceptions import Ignore, Reject, Retry
 from celery.worker.request import Request
 from redis.exceptions import RedisError
 
 from gridqueue.celeryapp import TASK_NAME
+from gridqueue.celerystate import (
+    AttemptFailed,
+    AttemptRequeued,
+    AttemptRevoked,
+    Verdict,
+    verdict_of,
+)
 from gridqueue.dispatch import Dispatcher
-from gridqueue.errors import InvalidInput
+from gridqueue.errors import InvalidInput, JobNotFoundError
 from gridqueue.handlers import Confirmation, Context, HandlerFn, get_handler
-from gridqueue.keys import attempt_id
+from gridqueue.keys import attempt_id, split_attempt_id
 from gridqueue.ledger import AttemptEnd, Ledger, dumps, retry_redis
 from gridqueue.logs import get_logger
 from gridqueue.probes import Probe
+from gridqueue.records import JobRecord
 from gridqueue.settings import Settings
 from gridqueue.states import Outcome
 
@@ -153,7 +164,44 @@ class AttemptLiveness:
                 return  # superseded, or unconfirmed for too long: nothing to vouch for
 
 
-def run_attempt(task: Task, job_id: str, attempt: int) -> None:
+def read_verdict(ledger: Ledger, job_id: str, attempt: int, retry: bool = True) -> Verdict:
+    """The ledger's verdict on an attempt, in Celery's terms (``retry``: through a Redis
+    blip, as a pool child may; the worker's main process must not wait on one)."""
+    record: JobRecord | None
+    try:
+        record = retry_redis(ledger.get)(job_id) if retry else ledger.get(job_id)
+    except JobNotFoundError:
+        record = None
+    return verdict_of(record, attempt)
+
+
+def conclude(verdict: Verdict, job_id: str, attempt: int) -> dict[str, Any]:
+    """End the task body as ``verdict`` says: return for SUCCESS, raise otherwise."""
+    if verdict.state == states.SUCCESS:
+        return {"job": job_id, "attempt": attempt, "outcome": verdict.detail}
+    if verdict.state == states.FAILURE:
+        raise AttemptFailed(verdict.detail)
+    if verdict.state == states.REVOKED:
+        raise AttemptRevoked(verdict.detail, verdict.expired)
+    if verdict.state == states.RETRY:
+        raise Retry(verdict.detail, AttemptRequeued(verdict.detail))
+    raise Ignore(verdict.detail)  # it runs elsewhere: that delivery reports it
+
+
+def ended_verdict(
+    runtime: WorkerRuntime, job_id: str, attempt: int, outcome: Outcome, error: str, end: AttemptEnd
+) -> Verdict:
+    """The verdict on an attempt this process just ended with ``outcome``."""
+    if end.status == "stale":  # superseded meanwhile: the ledger has the last word
+        return read_verdict(runtime.ledger, job_id, attempt)
+    if end.status == "retry" and end.next_attempt:
+        context = f"job retried as attempt {end.next_attempt}"
+    else:
+        context = f"job {end.state}"
+    return Verdict(states.FAILURE, f"{outcome.value}: {error}; {context}")
+
+
+def run_attempt(task: Task, job_id: str, attempt: int) -> dict[str, Any]:
     runtime = current_runtime()
     ledger = runtime.ledger
     properties: dict[str, Any] = getattr(task.request, "properties", None) or {}
@@ -170,14 +218,19 @@ def run_attempt(task: Task, job_id: str, attempt: int) -> None:
         log.info(
             "attempt.skipped", job=job_id, attempt=attempt, why=claim.status, detail=claim.detail
         )
-        return
+        try:
+            verdict = read_verdict(ledger, job_id, attempt)
+        except RedisError as exc:
+            raise Ignore(f"refused at claim ({claim.status}); verdict unknown: {exc}") from exc
+        return conclude(verdict, job_id, attempt)
     assert claim.model is not None and claim.payload is not None
     log.info("attempt.started", job=job_id, attempt=attempt, model=claim.model)
     found = get_handler(claim.model)
     if found is None:
         error = f"no handler for model {claim.model!r} on this worker"
-        runtime.end_attempt(job_id, attempt, Outcome.ERROR, error, pid=os.getpid())
-        return
+        end = runtime.end_attempt(job_id, attempt, Outcome.ERROR, error, pid=os.getpid())
+        verdict = ended_verdict(runtime, job_id, attempt, Outcome.ERROR, error, end)
+        return conclude(verdict, job_id, attempt)
     workload = ledger.workloads.get(claim.workload or "")
     liveness_s = workload.liveness_timeout_s if workload else 5.0
     stall_ms = int((workload.stall_timeout_s if workload else 300.0) * 1000)
@@ -193,33 +246,36 @@ def run_attempt(task: Task, job_id: str, attempt: int) -> None:
     liveness = AttemptLiveness(runtime, job_id, attempt, liveness_s)
     liveness.start()
     try:
-        _run_claimed(runtime, found.fn, json.loads(claim.payload), ctx)
+        verdict = _run_claimed(runtime, found.fn, json.loads(claim.payload), ctx)
     finally:
         liveness.stop()
+    return conclude(verdict, job_id, attempt)
 
 
-def _run_claimed(runtime: WorkerRuntime, fn: HandlerFn, payload: Any, ctx: Context) -> None:
-    """Run the handler and write its outcome; the caller beats until this returns."""
+def _run_claimed(runtime: WorkerRuntime, fn: HandlerFn, payload: Any, ctx: Context) -> Verdict:
+    """Run the handler and write its outcome; the caller beats until this returns.
+    Returns the attempt's verdict for Celery."""
     job_id, attempt, pid = ctx.job_id, ctx.attempt, os.getpid()
+    outcome, error = Outcome.ERROR, ""
     try:
         result = fn(payload, ctx)
     except InvalidInput as exc:
-        runtime.end_attempt(job_id, attempt, Outcome.INVALID_INPUT, str(exc), pid=pid)
-        return
+        outcome, error = Outcome.INVALID_INPUT, str(exc)
     except Exception as exc:
         error = f"{type(exc).__name__}: {exc}"
-        runtime.end_attempt(job_id, attempt, Outcome.ERROR, error, pid=pid)
-        return
-    try:
-        body = dumps(result)
-    except (TypeError, ValueError) as exc:
-        error = f"handler returned a value that is not JSON: {exc}"
-        runtime.end_attempt(job_id, attempt, Outcome.ERROR, error, pid=pid)
-        return
-    if retry_redis(runtime.ledger.complete)(job_id, attempt, runtime.name, body):
-        log.info("attempt.succeeded", job=job_id, attempt=attempt)
     else:
-        log.warning("attempt.result_discarded", job=job_id, attempt=attempt, why="superseded")
+        try:
+            body = dumps(result)
+        except (TypeError, ValueError) as exc:
+            error = f"handler returned a value that is not JSON: {exc}"
+        else:
+            if retry_redis(runtime.ledger.complete)(job_id, attempt, runtime.name, body):
+                log.info("attempt.succeeded", job=job_id, attempt=attempt)
+                return Verdict(states.SUCCESS, Outcome.SUCCEEDED.value)
+            log.warning("attempt.result_discarded", job=job_id, attempt=attempt, why="superseded")
+            return read_verdict(runtime.ledger, job_id, attempt)
+    end = runtime.end_attempt(job_id, attempt, outcome, error, pid=pid)
+    return ended_verdict(runtime, job_id, attempt, outcome, error[:2000], end)
 
 
 ChildLostHook = Callable[[str, "int | None", str], None]
@@ -239,7 +295,12 @@ class AttemptRequest(Request):  # type: ignore[misc]
     ran the attempt, or a duplicate delivery that died could end a healthy attempt.
 
     Celery requeues such a message (``task_reject_on_worker_lost``) and, when it does,
-    sends no ``task_failure``: the report is made here instead."""
+    sends no ``task_failure``: the report is made here instead.
+
+    It also tells Celery's tools what became of the attempt: after a lost child, Celery
+    sends only ``task-rejected``, which leaves the task STARTED in Flower, so the ledger's
+    verdict is announced here once the agent has recorded the loss; and a task body that
+    raised :class:`AttemptRevoked` is announced as ``task-revoked``."""
 
     def on_failure(
         self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False
@@ -257,12 +318,51 @@ class AttemptRequest(Request):  # type: ignore[misc]
                 exc_info, send_failed_event=send_failed_event, return_ok=return_ok
             )
         finally:
-            if lost and _child_lost is not None:
-                _child_lost(self.id, int(pid) if pid else None, str(exc))
+            if isinstance(exc, AttemptRevoked):
+                self.send_event("task-revoked", terminated=False, signum=None, expired=exc.expired)
+            if lost:
+                if _child_lost is not None:
+                    _child_lost(self.id, int(pid) if pid else None, str(exc))
+                self._announce_verdict(str(exc))
+
+    def _task_events_on(self) -> bool:
+        eventer = self._eventer
+        if not (eventer and eventer.enabled and self.task.send_events):
+            return False
+        return not eventer.groups or "task" in eventer.groups
+
+    def _announce_verdict(self, why: str) -> None:
+        """Send the event that gives the attempt its state in Flower, as the ledger says."""
+        if not self._task_events_on():
+            return
+        try:
+            job_id, attempt = split_attempt_id(self.id)
+        except ValueError:
+            return  # not an attempt id
+        try:
+            verdict = read_verdict(current_runtime().ledger, job_id, attempt, retry=False)
+        except (RedisError, RuntimeError) as exc:
+            log.warning("attempt.verdict_unknown", attempt=self.id, error=str(exc))
+            return
+        if verdict.state == states.SUCCESS:
+            self.send_event("task-succeeded", result=verdict.detail, runtime=None)
+        elif verdict.state == states.FAILURE:
+            failed = repr(AttemptFailed(verdict.detail))  # as if the task had raised it
+            self.send_event("task-failed", exception=failed, traceback=why)
+        elif verdict.state == states.REVOKED:
+            self.send_event("task-revoked", terminated=True, signum=why, expired=verdict.expired)
+        elif verdict.state == states.RETRY:
+            self.send_event("task-retried", exception=verdict.detail, traceback=why)
 
 
 def register_task(app: Celery) -> Task:
     task: Task = app.task(
-        name=TASK_NAME, bind=True, acks_late=True, ignore_result=True, Request=AttemptRequest
+        name=TASK_NAME,
+        bind=True,
+        acks_late=True,
+        ignore_result=True,
+        Request=AttemptRequest,
+        # Expected ends of an attempt: Celery logs them in one line, without a traceback.
+        throws=(AttemptFailed,),
     )(run_attempt)
     return task

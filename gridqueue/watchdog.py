@@ -40,6 +40,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gridqueue.celeryapp import make_celery
+from gridqueue.celerystate import NodeLostAnnouncer
 from gridqueue.dispatch import Dispatcher
 from gridqueue.keys import attempt_id, split_attempt_id
 from gridqueue.ledger import AttemptEnd, Ledger, connect_redis
@@ -115,7 +116,10 @@ class Watchdog:
     def __init__(self, settings: Settings, owner: str | None = None) -> None:
         self.settings = settings
         self.ledger = Ledger(connect_redis(settings.redis_url), settings)
-        self.dispatcher = Dispatcher(self.ledger, make_celery(settings.redis_url))
+        app = make_celery(settings.redis_url, events=settings.celery_events)
+        self.dispatcher = Dispatcher(self.ledger, app)
+        # Flower hears of an attempt whose node died from us: that node cannot speak.
+        self.announcer = NodeLostAnnouncer(app, self.ledger, settings.celery_events)
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.token: str | None = None
         self._last_ok = float("inf")
@@ -259,6 +263,8 @@ class Watchdog:
                     )
             elif end.status == "ended":
                 report.attempts_failed += 1
+            if outcome == Outcome.NODE_LOST.value and end.status in ("retry", "ended"):
+                self.announcer.node_lost(job_id, attempt)
             log.info(
                 "attempt.lost",
                 job=job_id,

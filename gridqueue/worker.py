@@ -12,6 +12,7 @@ from concurrent.futures import TimeoutError as FuturesTimeout
 import redis
 from celery import Celery
 
+from gridqueue import revoke
 from gridqueue.agent import GridQueueAgent
 from gridqueue.celeryapp import make_celery, own_redelivery_in_this_worker
 from gridqueue.errors import ConfigError, RedisUnavailableError
@@ -122,7 +123,7 @@ def run_worker(
     log.info("worker.probe", probe=probe.name, note=note, gpus=len(first.gpus))
     queues = [queue_for_model(settings.namespace, m) for m in fitting]
     own_redelivery_in_this_worker()  # or a Redis restart would stop the whole fleet
-    app = make_celery(settings.redis_url)
+    app = make_celery(settings.redis_url, events=settings.celery_events)
     register_task(app)
     runtime = WorkerRuntime(
         name,
@@ -136,9 +137,10 @@ def run_worker(
         probe_note=note,
     )
     install_runtime(runtime)
+    revoke.install(lambda: runtime.ledger)  # a Celery revoke becomes a ledger cancel
     app.steps["worker"].add(GridQueueAgent)
     try:
-        _celery_worker(app, name, queues, concurrency, loglevel)
+        _celery_worker(app, name, queues, concurrency, loglevel, settings.celery_events)
     finally:
         # Celery logs a bootstep's failure and exits 0: a worker that could not join
         # the fleet (its name is in use) must say so and fail.
@@ -147,18 +149,29 @@ def run_worker(
 
 
 def _celery_worker(
-    app: Celery, name: str, queues: list[str], concurrency: int, loglevel: str
+    app: Celery, name: str, queues: list[str], concurrency: int, loglevel: str, events: bool
 ) -> None:
-    app.worker_main(
-        argv=[
-            "worker",
-            "--hostname", f"{name}@%h",
-            "--queues", ",".join(queues),
-            "--concurrency", str(concurrency),
-            "--pool", "prefork",
-            "--without-gossip",
-            "--without-mingle",
-            "--without-heartbeat",
-            "--loglevel", loglevel,
-        ]
-    )  # fmt: skip
+    app.worker_main(argv=celery_worker_argv(name, queues, concurrency, loglevel, events))
+
+
+def celery_worker_argv(
+    name: str, queues: list[str], concurrency: int, loglevel: str, events: bool
+) -> list[str]:
+    """Celery's worker command line. With ``events`` it sends task events (the app's
+    ``worker_send_task_events``) and Celery's event heartbeat (``worker-heartbeat`` every
+    2 s), by which Flower and ``celery events`` tell a worker online from offline;
+    without, neither. Gossip and mingle stay off: gridqueue's ledger is the fleet's
+    membership, and gossip would make every worker listen to every other's events."""
+    argv = [
+        "worker",
+        "--hostname", f"{name}@%h",
+        "--queues", ",".join(queues),
+        "--concurrency", str(concurrency),
+        "--pool", "prefork",
+        "--without-gossip",
+        "--without-mingle",
+        "--loglevel", loglevel,
+    ]  # fmt: skip
+    if not events:
+        argv.append("--without-heartbeat")
+    return argv
