@@ -164,15 +164,23 @@ class AttemptLiveness:
                 return  # superseded, or unconfirmed for too long: nothing to vouch for
 
 
-def read_verdict(ledger: Ledger, job_id: str, attempt: int, retry: bool = True) -> Verdict:
-    """The ledger's verdict on an attempt, in Celery's terms (``retry``: through a Redis
-    blip, as a pool child may; the worker's main process must not wait on one)."""
+def read_verdict(ledger: Ledger, job_id: str, attempt: int) -> Verdict:
+    """The ledger's verdict on an attempt, in Celery's terms. It is only told to Celery's
+    tools, so it is read once: nothing waits out a Redis blip for it."""
     record: JobRecord | None
     try:
-        record = retry_redis(ledger.get)(job_id) if retry else ledger.get(job_id)
+        record = ledger.get(job_id)
     except JobNotFoundError:
         record = None
     return verdict_of(record, attempt)
+
+
+def verdict_or(ledger: Ledger, job_id: str, attempt: int, fallback: Verdict) -> Verdict:
+    try:
+        return read_verdict(ledger, job_id, attempt)
+    except RedisError as exc:
+        log.warning("attempt.verdict_unknown", job=job_id, attempt=attempt, error=str(exc))
+        return fallback
 
 
 def conclude(verdict: Verdict, job_id: str, attempt: int) -> dict[str, Any]:
@@ -193,7 +201,8 @@ def ended_verdict(
 ) -> Verdict:
     """The verdict on an attempt this process just ended with ``outcome``."""
     if end.status == "stale":  # superseded meanwhile: the ledger has the last word
-        return read_verdict(runtime.ledger, job_id, attempt)
+        fallback = Verdict(states.FAILURE, f"{outcome.value}: {error}; superseded")
+        return verdict_or(runtime.ledger, job_id, attempt, fallback)
     if end.status == "retry" and end.next_attempt:
         context = f"job retried as attempt {end.next_attempt}"
     else:
@@ -218,11 +227,8 @@ def run_attempt(task: Task, job_id: str, attempt: int) -> dict[str, Any]:
         log.info(
             "attempt.skipped", job=job_id, attempt=attempt, why=claim.status, detail=claim.detail
         )
-        try:
-            verdict = read_verdict(ledger, job_id, attempt)
-        except RedisError as exc:
-            raise Ignore(f"refused at claim ({claim.status}); verdict unknown: {exc}") from exc
-        return conclude(verdict, job_id, attempt)
+        unknown = Verdict(None, f"refused at claim ({claim.status}); the ledger is unreachable")
+        return conclude(verdict_or(ledger, job_id, attempt, unknown), job_id, attempt)
     assert claim.model is not None and claim.payload is not None
     log.info("attempt.started", job=job_id, attempt=attempt, model=claim.model)
     found = get_handler(claim.model)
@@ -273,7 +279,8 @@ def _run_claimed(runtime: WorkerRuntime, fn: HandlerFn, payload: Any, ctx: Conte
                 log.info("attempt.succeeded", job=job_id, attempt=attempt)
                 return Verdict(states.SUCCESS, Outcome.SUCCEEDED.value)
             log.warning("attempt.result_discarded", job=job_id, attempt=attempt, why="superseded")
-            return read_verdict(runtime.ledger, job_id, attempt)
+            superseded = Verdict(states.FAILURE, "its result was discarded: superseded")
+            return verdict_or(runtime.ledger, job_id, attempt, superseded)
     end = runtime.end_attempt(job_id, attempt, outcome, error, pid=pid)
     return ended_verdict(runtime, job_id, attempt, outcome, error[:2000], end)
 
@@ -340,7 +347,7 @@ class AttemptRequest(Request):  # type: ignore[misc]
         except ValueError:
             return  # not an attempt id
         try:
-            verdict = read_verdict(current_runtime().ledger, job_id, attempt, retry=False)
+            verdict = read_verdict(current_runtime().ledger, job_id, attempt)
         except (RedisError, RuntimeError) as exc:
             log.warning("attempt.verdict_unknown", attempt=self.id, error=str(exc))
             return
