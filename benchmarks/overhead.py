@@ -2,10 +2,15 @@
 
 Both run the same no-op work on the same kind of private Redis, with the same number of
 workers and pool slots. Bare Celery is configured as a careful user would (acks_late,
-prefetch 1, JSON); gridqueue adds its ledger writes (submit, claim, progress, liveness,
-complete), heartbeats and a watchdog.
+prefetch 1, JSON, no events: Celery's default); gridqueue adds its ledger writes (submit,
+claim, progress, liveness, complete), heartbeats and a watchdog.
 
-    python benchmarks/overhead.py [--jobs 500] [--json]
+gridqueue runs twice, with Celery's task events and event heartbeats on (the default,
+what Flower and ``celery events`` need) and off (``GRIDQUEUE_CELERY_EVENTS=false``), so
+the report shows what events cost. With ``--rounds N`` each kind runs N times, on and off
+taking turns, and the median of each is reported.
+
+    python benchmarks/overhead.py [--jobs 500] [--events both|on|off] [--rounds 1] [--json]
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import contextlib
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -23,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import redis
+from celery import Celery
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -36,9 +43,9 @@ WORKERS = 2
 CONCURRENCY = 2
 
 
-def gridqueue_jobs_per_s(url: str, jobs: int, log_dir: Path) -> float:
-    fleet = LocalFleet(url, log_dir)
-    gq = GridQueue(settings=Settings(redis_url=url))
+def gridqueue_jobs_per_s(url: str, jobs: int, log_dir: Path, events: bool = True) -> float:
+    fleet = LocalFleet(url, log_dir, env={"GRIDQUEUE_CELERY_EVENTS": str(events).lower()})
+    gq = GridQueue(settings=Settings(redis_url=url, celery_events=events))
     try:
         names = [f"w{i}" for i in range(WORKERS)]
         for name in names:
@@ -58,8 +65,9 @@ def gridqueue_jobs_per_s(url: str, jobs: int, log_dir: Path) -> float:
 
 def bare_celery_jobs_per_s(url: str, jobs: int, log_dir: Path) -> float:
     env = {**os.environ, "BARE_CELERY_BROKER": url, "PYTHONPATH": str(ROOT)}
-    os.environ["BARE_CELERY_BROKER"] = url
-    from benchmarks.bare_celery import app
+    # The producer: configured as benchmarks/bare_celery.py is, on this round's Redis.
+    app = Celery("bare", broker=url, set_as_current=False)
+    app.conf.update(task_serializer="json", accept_content=["json"], task_ignore_result=True)
 
     client = redis.Redis.from_url(url)
     procs = []
@@ -105,6 +113,8 @@ def bare_celery_jobs_per_s(url: str, jobs: int, log_dir: Path) -> float:
             time.sleep(0.005)
         return jobs / (time.perf_counter() - started)
     finally:
+        app.close()
+        client.close()
         for proc in procs:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
@@ -114,27 +124,53 @@ def bare_celery_jobs_per_s(url: str, jobs: int, log_dir: Path) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--jobs", type=int, default=500)
+    parser.add_argument(
+        "--events",
+        choices=["both", "on", "off"],
+        default="both",
+        help="run gridqueue with Celery events on, off, or both (default)",
+    )
+    parser.add_argument("--rounds", type=int, default=1, help="runs of each kind; median")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    kinds = {"both": [True, False], "on": [True], "off": [False]}[args.events]
+    runs: dict[str, list[float]] = {"bare": [], "on": [], "off": []}
     with tempfile.TemporaryDirectory(prefix="gridqueue-bench-") as tmp:
-        with EmbeddedRedis() as url:
-            bare = bare_celery_jobs_per_s(url, args.jobs, Path(tmp))
-        with EmbeddedRedis() as url:
-            ours = gridqueue_jobs_per_s(url, args.jobs, Path(tmp))
+        for round_ in range(args.rounds):
+            with EmbeddedRedis() as url:
+                runs["bare"].append(bare_celery_jobs_per_s(url, args.jobs, Path(tmp)))
+            # On and off take turns going first: neither always runs on a warmer machine.
+            for events in kinds if round_ % 2 == 0 else kinds[::-1]:
+                with EmbeddedRedis() as url:
+                    rate = gridqueue_jobs_per_s(url, args.jobs, Path(tmp) / str(round_), events)
+                runs["on" if events else "off"].append(rate)
+    bare = statistics.median(runs["bare"])
     report: dict[str, Any] = {
         "jobs": args.jobs,
+        "rounds": args.rounds,
         "workers": WORKERS,
         "slots_per_worker": CONCURRENCY,
         "bare_celery_jobs_per_s": round(bare, 1),
-        "gridqueue_jobs_per_s": round(ours, 1),
-        "ratio": round(ours / bare, 3),
     }
+    lines = [f"{args.jobs} no-op jobs, {WORKERS} workers x {CONCURRENCY} slots"]
+    lines.append(f"bare Celery {bare:.0f} jobs/s")
+    for kind in ("on", "off"):
+        if runs[kind]:
+            rate = statistics.median(runs[kind])
+            report[f"gridqueue_events_{kind}_jobs_per_s"] = round(rate, 1)
+            report[f"ratio_events_{kind}"] = round(rate / bare, 3)
+            lines.append(f"gridqueue, events {kind}: {rate:.0f} jobs/s, ratio {rate / bare:.2f}")
+    default = runs["on"] or runs["off"]  # gridqueue as configured by default: events on
+    report["gridqueue_jobs_per_s"] = round(statistics.median(default), 1)
+    report["ratio"] = round(statistics.median(default) / bare, 3)
+    if runs["on"] and runs["off"]:
+        on, off = statistics.median(runs["on"]), statistics.median(runs["off"])
+        report["events_cost"] = round(1 - on / off, 3)  # share of throughput events take
+        lines.append(f"events cost {100 * (1 - on / off):.1f}% of gridqueue's throughput")
+    report["runs_jobs_per_s"] = {k: [round(r, 1) for r in v] for k, v in runs.items() if v}
     if args.json:
         print(json.dumps(report, indent=2))
-    print(
-        f"{args.jobs} no-op jobs, {WORKERS} workers x {CONCURRENCY} slots: bare Celery "
-        f"{bare:.0f} jobs/s, gridqueue {ours:.0f} jobs/s, ratio {ours / bare:.2f}"
-    )
+    print("; ".join(lines))
 
 
 if __name__ == "__main__":
