@@ -396,6 +396,13 @@ class Ledger:
             raise JobNotFoundError(f"no job {job_id} in the ledger")
         return bool(reply[0] == "ok")
 
+    def cancel_attempt(self, job_id: str, attempt: int, reason: str, running_ok: bool) -> str:
+        """Cancel the job only while ``attempt`` is its current one (and, without
+        ``running_ok``, only before that attempt has started), in one step. Answers 'ok',
+        'stale' (the job had ended), 'superseded', 'running' or 'unknown'."""
+        reply = self._call("cancel", job_id, reason, attempt, "1" if running_ok else "0")
+        return str(reply[0])
+
     def get(self, job_id: str) -> JobRecord:
         data = cast(dict[str, str], self.client.hgetall(self.keys.job(job_id)))
         if not data or "state" not in data:

@@ -24,8 +24,9 @@ ledger and the worker cannot disagree. Every worker receives the broadcast and t
 ledger's cancel is atomic, so one cancels and the others answer that the job is already
 cancelled. Refusals are logged with their reason and returned in the command's reply.
 
-The check of the current attempt and the cancel are two steps: an attempt superseded or
-claimed between them still has its job cancelled (a revoke is a request to stop the job).
+The checks (the current attempt, not running for a plain revoke) and the cancel are one
+step in the ledger (``Ledger.cancel_attempt``): an attempt superseded or claimed after the
+read that shaped the answer is refused, not cancelled.
 """
 
 from __future__ import annotations
@@ -102,12 +103,12 @@ def revoke_attempt(ledger: Ledger, task_id: str, terminate: bool) -> RevokeAnswe
             "its job (a plain revoke stops only an attempt that has not started)",
         )
     try:
-        cancelled = ledger.cancel(job_id, REVOKED_REASON)
+        status = ledger.cancel_attempt(job_id, n, REVOKED_REASON, running_ok=terminate)
     except RedisError as exc:
         return RevokeAnswer(task_id, False, False, f"the ledger cannot be reached ({exc})")
-    except JobNotFoundError:
+    if status == "unknown":
         return RevokeAnswer(task_id, False, False, f"job {job_id} left the ledger")
-    if not cancelled:  # it ended between the read and the cancel (an ended job stays so)
+    if status != "ok":  # it ended, was requeued or was claimed since the read: answer anew
         return revoke_attempt(ledger, task_id, terminate)
     if running:
         what = f"its worker {record.worker} kills the attempt's child"

@@ -89,3 +89,19 @@ def test_ids_the_ledger_does_not_know_go_to_celerys_own_revoke(ledger: Ledger) -
     assert ledger.get(job).state is JobState.CANCELLED
     assert {foreign, "gone.1"} <= set(worker_state.revoked)
     assert attempt_id(job, 1) not in worker_state.revoked
+
+
+def test_the_ledger_checks_the_attempt_and_the_cancel_in_one_step(ledger: Ledger) -> None:
+    """What a revoke read can be stale by the time it cancels: the cancel itself refuses
+    an attempt that was superseded, or claimed when the revoke does not terminate."""
+    ledger.register("w1", ["sim-llm"], os.getpid(), "node-a", 1, "{}", model_fit=FIT)
+    job = submit(ledger, "j-race")
+    assert ledger.claim(job, 1, "w1", os.getpid(), "tag-1").status == "ok"
+    before = ledger.get(job)
+    assert ledger.cancel_attempt(job, 1, REVOKED_REASON, running_ok=False) == "running"
+    assert ledger.cancel_attempt(job, 2, REVOKED_REASON, running_ok=True) == "superseded"
+    assert ledger.get(job) == before
+    assert ledger.cancel_attempt(job, 1, REVOKED_REASON, running_ok=True) == "ok"
+    assert ledger.get(job).state is JobState.CANCELLED
+    assert ledger.cancel_attempt(job, 1, REVOKED_REASON, running_ok=True) == "stale"
+    assert ledger.cancel_attempt("nothing", 1, REVOKED_REASON, running_ok=True) == "unknown"
