@@ -198,7 +198,7 @@ def browser_latency(base: str, ledger: Ledger, names: list[str], samples: int) -
         page = browser.new_page()
         page.goto(f"{base}/workers", wait_until="networkidle")
         for k in range(samples):
-            name = names[200 + k]
+            name = names[20 + k]  # on the first page of the table (100 a page)
             row = f'[data-worker="{name}"]'
             page.wait_for_selector(row, timeout=30_000)
             time.sleep(0.5)

@@ -53,7 +53,7 @@ from gridqueue.monitor.live import STREAM_ID, LiveStreams
 from gridqueue.monitor.pages import Pages
 from gridqueue.monitor.views import MAX_LIMIT, FleetView
 from gridqueue.settings import Settings
-from gridqueue.states import JobState
+from gridqueue.states import JobState, WorkerState
 
 _log = get_logger("gridqueue.dashboard")
 
@@ -245,9 +245,49 @@ def overview_page(request: Request, dash: Dash) -> HTMLResponse:
     return dash.page(request, "overview.html", nav="overview", o=data, now_ms=data["now_ms"])
 
 
+# A page of the workers table: a thousand rows, each with its GPUs, is megabytes of HTML,
+# and a browser re-rendering that on every refresh answers live updates late.
+WORKERS_PER_PAGE = 100
+
+
 @pages.get("/workers")
-def workers_page(request: Request, dash: Dash) -> HTMLResponse:
-    return dash.page(request, "workers.html", nav="workers", workers=dash.view.workers())
+def workers_page(
+    request: Request,
+    dash: Dash,
+    state: Annotated[str | None, Query(description="ALIVE, QUARANTINED, PROBATION...")] = None,
+    page: Annotated[int, Query(ge=1, le=100_000)] = 1,
+) -> HTMLResponse:
+    everyone = dash.view.workers()
+    by_state: dict[str, int] = {}
+    for w in everyone:
+        by_state[w["state"]] = by_state.get(w["state"], 0) + 1
+    state = _blank(state)
+    if state is not None:
+        state = state.upper()
+        if state not in by_state and state not in {s.value for s in WorkerState}:
+            known = [s.value for s in WorkerState]
+            raise ApiError(
+                422,
+                f"unknown worker state {state!r}: use one of {', '.join(known)}",
+                {"param": "state", "allowed": known},
+            )
+    shown = [w for w in everyone if state is None or w["state"] == state]
+    pages_total = max(1, -(-len(shown) // WORKERS_PER_PAGE))
+    page = min(page, pages_total)
+    first = (page - 1) * WORKERS_PER_PAGE
+    return dash.page(
+        request,
+        "workers.html",
+        nav="workers",
+        workers=shown[first : first + WORKERS_PER_PAGE],
+        total=len(everyone),
+        matching=len(shown),
+        by_state=by_state,
+        state=state,
+        page=page,
+        pages_total=pages_total,
+        first=first,
+    )
 
 
 @pages.get("/workers/{name}")

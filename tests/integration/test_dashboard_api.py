@@ -194,6 +194,24 @@ def test_every_page_and_its_json_twin_show_the_fleet(
         assert response.status_code == 200 and kind in response.headers["content-type"]
 
 
+def test_the_workers_table_pages_a_large_fleet_and_filters_by_state(
+    read_only: TestClient, ledger: Ledger
+) -> None:
+    for k in range(130):
+        register(ledger, f"node-{k:03d}")
+    ledger.quarantine("node-120", by="op", reason="maintenance")
+    first = read_only.get("/workers").text
+    assert first.count("<tr data-worker=") == 100 and 'data-worker="node-099"' in first
+    assert "1-100 of 130" in first and 'id="next-page"' in first
+    second = read_only.get("/workers?page=2").text
+    assert second.count("<tr data-worker=") == 30 and 'data-worker="node-129"' in second
+    quarantined = read_only.get("/workers?state=quarantined").text
+    assert quarantined.count("<tr data-worker=") == 1 and 'data-worker="node-120"' in quarantined
+    assert "No worker is DEAD." in read_only.get("/workers?state=DEAD").text
+    assert read_only.get("/workers?state=asleep").status_code == 422
+    assert len(read_only.get("/api/workers").json()) == 130  # the API lists them all
+
+
 def test_probes_and_the_openapi_schema(read_only: TestClient) -> None:
     assert read_only.get("/healthz").json() == {"status": "ok"}
     ready = read_only.get("/readyz")

@@ -209,8 +209,13 @@
     }
   }
 
+  // Events patched while a refetch is in flight: its HTML was rendered before them, so
+  // they are patched again once it has replaced the live part.
+  let sinceRefresh = [];
+
   // Patch what the event names now; the refetch that follows fills in the rest.
-  function patch(event) {
+  function patch(event, again = false) {
+    if (inFlight && !again) sinceRefresh.push(event);
     let workerState = WORKER_STATE[event.type];
     if (event.type === "worker_registered") workerState = event.state;
     if (workerState && event.worker) setState("data-worker", event.worker, workerState);
@@ -268,6 +273,7 @@
   let inFlight = false;
   let again = false;
   let lastRefresh = Date.now();
+  let lastCost = 0; // how long the last refetch took, fetch and render
   let timer = null;
 
   function refreshSoon() {
@@ -275,7 +281,9 @@
       again = true;
       return;
     }
-    const wait = lastRefresh + MIN_REFRESH_MS - Date.now();
+    // A page that is slow to fetch and render (a large fleet) refreshes less often, so
+    // the browser stays free to patch what the events name at once.
+    const wait = lastRefresh + Math.max(MIN_REFRESH_MS, 3 * lastCost) - Date.now();
     if (wait > 0) {
       if (!timer) {
         timer = setTimeout(() => {
@@ -292,6 +300,7 @@
     const live = document.getElementById("live");
     if (!live) return;
     inFlight = true;
+    sinceRefresh = [];
     lastRefresh = Date.now();
     try {
       const res = await fetch(location.pathname + location.search, {
@@ -304,6 +313,9 @@
           (d) => d.dataset.keepOpen,
         );
         live.innerHTML = html;
+        const late = sinceRefresh;
+        sinceRefresh = [];
+        for (const event of late) patch(event, true);
         for (const key of open) {
           live.querySelector(`details[data-keep-open="${CSS.escape(key)}"]`)?.setAttribute("open", "");
         }
@@ -311,6 +323,7 @@
         tickAges();
         layoutTimelines();
         body.dataset.refreshed = String(Date.now());
+        lastCost = Date.now() - lastRefresh;
       }
     } catch (err) {
       // The next event or the idle timer tries again.
