@@ -29,9 +29,9 @@ Layout (``ns`` is ``GRIDQUEUE_NAMESPACE``, ``gq`` by default; an attempt is ``<j
                                        do not consume it; admission tells the user why)
     {ns}:probation             zset    worker -> end of its probation (ms)
     {ns}:health_changes        zset    worker -> when its health verdict changed (ms)
-    {ns}:counts                hash    job state -> number of jobs in it
     {ns}:jobs:{state}          zset    job -> when it entered the state (ms): the job lists
-                                       of the dashboard; ended jobs leave with retention
+                                       of the dashboard, and the counts by state (ZCARD);
+                                       ended jobs leave with the retention
     {ns}:models                set     every model a worker has registered for
     {ns}:stats                 hash    counters (stale results discarded, requeues...)
     {ns}:minute:{m}            hash    the same counters for minute m (ms // 60000), for
@@ -84,7 +84,6 @@ _TEMPLATES: dict[str, tuple[str, tuple[str, ...]]] = {
     "model_unfit": ("{ns}:model:{model}:unfit", ("model",)),
     "probation": ("{ns}:probation", ()),
     "health_changes": ("{ns}:health_changes", ()),
-    "counts": ("{ns}:counts", ()),
     "jobs_in_state": ("{ns}:jobs:{state}", ("state",)),
     "models": ("{ns}:models", ()),
     "minute": ("{ns}:minute:{m}", ("m",)),
@@ -205,10 +204,6 @@ class Keys:
     @property
     def gone(self) -> str:
         return self._render("gone")
-
-    @property
-    def counts(self) -> str:
-        return self._render("counts")
 
     def jobs_in_state(self, state: str) -> str:
         return self._render("jobs_in_state", state=state)

@@ -628,8 +628,11 @@ class Ledger:
         return int(seconds) * 1000 + int(micros) // 1000
 
     def counts(self) -> dict[str, int]:
-        raw = cast(dict[str, str], self.client.hgetall(self.keys.counts))
-        return {state.value: int(raw.get(state.value, 0)) for state in JobState}
+        """Jobs the ledger holds, by state (the sizes of the lists by state)."""
+        pipe = self.client.pipeline(transaction=False)
+        for state in JobState:
+            pipe.zcard(self.keys.jobs_in_state(state.value))
+        return {s.value: int(n) for s, n in zip(JobState, pipe.execute(), strict=True)}
 
     def stats(self) -> dict[str, int]:
         raw = cast(dict[str, str], self.client.hgetall(self.keys.stats))

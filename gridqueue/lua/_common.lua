@@ -171,13 +171,11 @@ local function attempt_put(id, n, a)
   redis.call('HSET', key_job(NS, id), 'a:' .. n, cjson.encode(a))
 end
 
+-- The lists by state are also the counts by state (ZCARD): one structure, which cannot
+-- drift from itself.
 local function move_state(id, from, to)
   redis.call('HSET', key_job(NS, id), 'state', to, 'updated_ms', NOW)
-  if from then
-    redis.call('HINCRBY', key_counts(NS), from, -1)
-    redis.call('ZREM', key_jobs_in_state(NS, from), id)
-  end
-  redis.call('HINCRBY', key_counts(NS), to, 1)
+  if from then redis.call('ZREM', key_jobs_in_state(NS, from), id) end
   redis.call('ZADD', key_jobs_in_state(NS, to), NOW, id)
 end
 

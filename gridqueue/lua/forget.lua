@@ -5,7 +5,7 @@
 --   a worker that left the fleet (declared dead, stopped): its record, its running, kill
 --   and fault keys, and its fields in the model listings;
 --   dead-letter entries, whose job records have expired by then;
---   ended jobs in the lists and counts by state.
+--   ended jobs in the lists by state.
 local before_ms, batch, token = tonumber(ARGV[7]), tonumber(ARGV[8]), ARGV[9]
 if not leader_is(token) then return {'not_leader'} end
 local forgotten = 0
@@ -27,10 +27,14 @@ for _, name in ipairs(redis.call('ZRANGEBYSCORE', key_gone(NS), '-inf', before_m
   end
 end
 local pruned = redis.call('ZREMRANGEBYSCORE', key_dead_letters(NS), '-inf', before_ms)
--- Ended jobs leave the state lists and counts when their records expire (retention
--- after the end): the counts are of the jobs the ledger holds.
+-- Ended jobs leave the state lists (which are the counts by state) when their records
+-- expire, the retention after they ended. The oldest are the lowest ranks; at most
+-- JOBS_PRUNED per list and call keeps a backlog (after a watchdog outage) from blocking
+-- Redis, while outpacing any rate at which jobs end.
+local JOBS_PRUNED = 10000
 for state in pairs(TERMINAL) do
-  local gone = redis.call('ZREMRANGEBYSCORE', key_jobs_in_state(NS, state), '-inf', before_ms)
-  if gone > 0 then redis.call('HINCRBY', key_counts(NS), state, -gone) end
+  local list = key_jobs_in_state(NS, state)
+  local due = math.min(redis.call('ZCOUNT', list, '-inf', before_ms), JOBS_PRUNED)
+  if due > 0 then redis.call('ZREMRANGEBYRANK', list, 0, due - 1) end
 end
 return {forgotten, pruned}

@@ -103,7 +103,8 @@ class FleetView:
         now = self.ledger.time_ms()
         models = self.models()
         pipe = self.client.pipeline(transaction=False)
-        pipe.hgetall(self.keys.counts)
+        for state in JobState:
+            pipe.zcard(self.keys.jobs_in_state(state.value))
         pipe.zcard(self.keys.running)
         pipe.hgetall(self.keys.stats)
         pipe.get(self.keys.leader)
@@ -115,8 +116,9 @@ class FleetView:
         for m in minutes:
             pipe.hgetall(self.keys.minute(m))
         replies = pipe.execute()
-        counts, running, stats, leader = replies[:4]
-        rest = replies[4:]
+        counts = dict(zip((s.value for s in JobState), replies[: len(JobState)], strict=True))
+        running, stats, leader = replies[len(JobState) : len(JobState) + 3]
+        rest = replies[len(JobState) + 3 :]
         queues = []
         per_model = len(PRIORITY_STEPS)
         for i, model in enumerate(models):
@@ -156,7 +158,7 @@ class FleetView:
         return {
             "now_ms": now,
             "workers": workers,
-            "jobs": {s.value: int(cast(dict[str, str], counts).get(s.value, 0)) for s in JobState},
+            "jobs": {state: int(n) for state, n in counts.items()},
             "running_attempts": int(running),
             "queues": queues,
             "rates": {
