@@ -33,6 +33,8 @@ by the watchdog that ends it (``node_lost``: FAILURE, see :class:`NodeLostAnnoun
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
 from dataclasses import dataclass
 
@@ -141,18 +143,50 @@ class NodeLostAnnouncer:
     the dead node back online.
     """
 
+    # Announcements wait here for a thread of their own: the watchdog's failover loop
+    # never waits on the reads and the publish an event takes. Past this many waiting,
+    # the newest are dropped (and logged): the ledger has every outcome.
+    BACKLOG = 10_000
+
     def __init__(self, app: Celery, ledger: Ledger, enabled: bool) -> None:
         self.app = app
         self.ledger = ledger
         self.enabled = enabled
+        self._queue: queue.Queue[tuple[str, int]] = queue.Queue(self.BACKLOG)
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
 
     def node_lost(self, job_id: str, n: int) -> None:
+        """Queue the announcement; it is sent by the announcer's thread."""
         if not self.enabled:
             return
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._run, name="gridqueue-lost-events", daemon=True
+                )
+                self._thread.start()
         try:
-            self._announce(job_id, n)
-        except Exception as exc:  # an event is a courtesy: the ledger has the outcome
-            log.warning("attempt.lost_event_failed", job=job_id, attempt=n, error=repr(exc))
+            self._queue.put_nowait((job_id, n))
+        except queue.Full:
+            log.warning("attempt.lost_event_dropped", job=job_id, attempt=n)
+
+    def drain(self, timeout_s: float = 5.0) -> bool:
+        """Wait until every queued announcement was sent (tests, a clean stop)."""
+        give_up_at = time.monotonic() + timeout_s
+        while self._queue.unfinished_tasks and time.monotonic() < give_up_at:
+            time.sleep(0.01)
+        return not self._queue.unfinished_tasks
+
+    def _run(self) -> None:
+        while True:
+            job_id, n = self._queue.get()
+            try:
+                self._announce(job_id, n)
+            except Exception as exc:  # an event is a courtesy: the ledger has the outcome
+                log.warning("attempt.lost_event_failed", job=job_id, attempt=n, error=repr(exc))
+            finally:
+                self._queue.task_done()
 
     def _announce(self, job_id: str, n: int) -> None:
         try:

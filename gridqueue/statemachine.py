@@ -602,18 +602,24 @@ class LedgerModel:
         """``quarantine`` in ``_common.lua``: 'evacuate' moves the running attempts (to
         the lost hash with ``outcome``) and orders their children killed."""
         known = self.workers[worker]
+        was_quarantined = known.state is WorkerState.QUARANTINED
         known.state, known.probation_listed = WorkerState.QUARANTINED, False
         known.quarantined_by, known.quarantine_mode = by, mode
-        # Counted by kind, and recorded as a failover incident (the monitor's counters).
-        self.stats[f"quarantines:{by if by in (HEALTH, WATCHDOG) else 'operator'}"] += 1
-        incident = {HEALTH: "gpu_quarantine" if mode == EVACUATE else "gpu_drain"}.get(
-            by, "stall_quarantine" if by == WATCHDOG else "operator_quarantine"
-        )
-        self.stats[f"incidents:{incident}"] += 1
-        if mode != EVACUATE:
-            return 0
-        known.kill.update(self.running_on(worker))
-        return self._lose_attempts_of(worker, outcome)
+        moved = 0
+        if mode == EVACUATE:
+            known.kill.update(self.running_on(worker))
+            moved = self._lose_attempts_of(worker, outcome)
+        # The monitor's counters: once per quarantine, by kind; an incident when a fault
+        # caused it or it moved work.
+        kind = by if by in (HEALTH, WATCHDOG) else "operator"
+        if not was_quarantined:
+            self.stats[f"quarantines:{kind}"] += 1
+        if moved or (kind != "operator" and not was_quarantined):
+            incident = {HEALTH: "gpu_quarantine" if mode == EVACUATE else "gpu_drain"}.get(
+                by, "stall_quarantine" if by == WATCHDOG else "operator_quarantine"
+            )
+            self.stats[f"incidents:{incident}"] += 1
+        return moved
 
     def release(self, worker: str) -> bool | None:
         """An operator re-admits a quarantined or probationary worker; None if unknown."""

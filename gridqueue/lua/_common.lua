@@ -153,7 +153,8 @@ local function incident(kind, worker, sign_ms, reason, members)
     'worker', worker, 'sign_ms', sign_ms, 'verdict_ms', NOW, 'reason', reason,
     'attempts', table.concat(listed, ','), 'moved', #members)
   bump('incidents:' .. kind)
-  observe('detect', 'kind=' .. kind, NOW - sign_ms)
+  -- An operator's quarantine has no fault to detect: it adds nothing to detect times.
+  if kind ~= 'operator_quarantine' then observe('detect', 'kind=' .. kind, NOW - sign_ms) end
 end
 
 local function split_member(member)
@@ -264,6 +265,7 @@ end
 -- incident; an operator's quarantine has none.
 local function quarantine(name, by, reason, mode, outcome, sign_ms)
   local wk = key_worker(NS, name)
+  local was_quarantined = redis.call('HGET', wk, 'state') == 'QUARANTINED'
   redis.call('HSET', wk, 'state', 'QUARANTINED', 'quarantined_by', by,
     'quarantine_reason', reason, 'quarantine_mode', mode, 'quarantined_ms', NOW)
   redis.call('ZREM', key_probation(NS), name)
@@ -275,16 +277,20 @@ local function quarantine(name, by, reason, mode, outcome, sign_ms)
       moved[#moved + 1] = member
     end
   end
+  -- Counted once per quarantine (a drain made an evacuation is the same quarantine), and
+  -- an incident when a fault caused it or it moved work.
   local kind = 'operator'
   if by == 'health' or by == 'watchdog' then kind = by end
-  bump('quarantines:' .. kind)
+  if not was_quarantined then bump('quarantines:' .. kind) end
   local incident_kind = 'operator_quarantine'
   if by == 'health' then
     incident_kind = mode == 'evacuate' and 'gpu_quarantine' or 'gpu_drain'
   elseif by == 'watchdog' then
     incident_kind = 'stall_quarantine'
   end
-  incident(incident_kind, name, sign_ms or NOW, reason, moved)
+  if #moved > 0 or (kind ~= 'operator' and not was_quarantined) then
+    incident(incident_kind, name, sign_ms or NOW, reason, moved)
+  end
   emit('worker_quarantined', {'worker', name, 'by', by, 'reason', reason, 'mode', mode,
                               'attempts_moved', #moved})
   return #moved

@@ -13,11 +13,13 @@ redis.call('HSET', key_worker(NS, name), 'state', 'DEAD', 'declared_dead_ms', NO
 redis.call('ZADD', key_gone(NS), NOW, name)
 local failures = record_failure(name)
 local members = redis.call('SMEMBERS', key_worker_running(NS, name))
+local moved = {}  -- what this verdict moves: not what an earlier one (an evacuation) did
 for _, member in ipairs(members) do
+  if redis.call('HEXISTS', key_lost(NS), member) == 0 then moved[#moved + 1] = member end
   redis.call('HSET', key_lost(NS), member, 'node_lost')
 end
 bump('workers_declared_dead')
-incident('worker_dead', name, last, 'no heartbeat for ' .. silent_ms .. ' ms', members)
+incident('worker_dead', name, last, 'no heartbeat for ' .. silent_ms .. ' ms', moved)
 emit('worker_dead', {'worker', name, 'silent_ms', silent_ms, 'last_heartbeat_ms', last,
                      'attempts', #members, 'failures', failures})
 return {'dead', #members}

@@ -221,3 +221,29 @@ def test_the_cli_mirrors_the_views(ledger: Ledger, settings: Settings) -> None:
         timeout=60,
     )
     assert bad.returncode == 2 and "unknown job state 'asleep'" in bad.stderr
+
+
+def test_incidents_count_what_moved_once(fast: Settings) -> None:
+    """A drain made an evacuation is one quarantine; a node that dies after its work was
+    evacuated moves nothing twice; an operator's quarantine of an idle node is no
+    incident and adds nothing to detect times."""
+    watchdog = Watchdog(fast, owner="views")
+    ledger = watchdog.ledger
+    view = FleetView(ledger)
+    register(ledger, "w1")
+    register(ledger, "idle")
+    ledger.submit("j", "sim-llm", "batch", PAYLOAD, 0, None)
+    assert ledger.claim("j", 1, "w1", 7, "").status == "ok"
+    assert ledger.quarantine("idle", by="op", reason="maintenance") == 0
+    assert ledger.quarantine("w1", by="op", reason="drain", drain=True) == 0
+    assert ledger.quarantine("w1", by="op", reason="now", drain=False) == 1
+    stats = ledger.stats()
+    assert stats["quarantines:operator"] == 2  # idle once, w1 once
+    assert [(i["worker"], i["jobs_moved"]) for i in view.failovers()] == [("w1", 1)]
+    assert "detect|kind=operator_quarantine|count" not in ledger.client.hgetall(ledger.keys.hist)
+
+    token = ledger.lease("views", 60_000)[1]
+    time.sleep(fast.stale_after_s * 1.5)
+    assert ledger.declare_dead("w1", token) == 1
+    dead = view.failovers()[0]
+    assert dead["kind"] == "worker_dead" and dead["jobs_moved"] == 0 and dead["attempts"] == []
