@@ -67,6 +67,8 @@ _SUMMARY_FIELDS = (
     "reason",
     "error",
 )
+# A moved attempt as a failover row follows it: the job's state, the attempt, its successor.
+_Moved = tuple[str, AttemptRecord | None, AttemptRecord | None]
 # A filtered job search reads at most this many records per call, then hands back a cursor.
 SCAN_CAP = 2_000
 MAX_LIMIT = 500
@@ -336,7 +338,7 @@ class FleetView:
         if not cursor:
             return None, None
         score, sep, job_id = cursor.partition(":")
-        if not sep or not score.isdigit() or not job_id:
+        if not sep or not (score.isascii() and score.isdigit()) or not job_id:
             raise ValueError(f"malformed cursor {cursor!r}: pass next_cursor from the last page")
         return int(score), job_id
 
@@ -424,31 +426,35 @@ class FleetView:
             list[tuple[str, dict[str, str]]],
             self.client.xrevrange(self.keys.incidents, count=limit),
         )
-        members = {
-            m for _, fields in entries for m in (fields.get("attempts") or "").split(",") if m
-        }
-        jobs = {split_attempt_id(m)[0] for m in members}
+        members = sorted(
+            {m for _, fields in entries for m in (fields.get("attempts") or "").split(",") if m}
+        )
+        # Only what a row shows: the job's state, the moved attempt and its successor (a
+        # record's payload and result can be large).
         pipe = self.client.pipeline(transaction=False)
-        ordered = sorted(jobs)
-        for job_id in ordered:
-            pipe.hgetall(self.keys.job(job_id))
-        records = {
-            job_id: JobRecord.from_hash(data)
-            for job_id, data in zip(ordered, pipe.execute(), strict=True)
-            if data and "state" in data
-        }
-        return [self._incident(entry_id, fields, records) for entry_id, fields in entries]
+        for member in members:
+            job_id, n = split_attempt_id(member)
+            pipe.hmget(self.keys.job(job_id), "state", f"a:{n}", f"a:{n + 1}")
+        followed: dict[str, _Moved] = {}
+        for member, (state, lost, successor) in zip(members, pipe.execute(), strict=True):
+            if state:
+                followed[member] = (
+                    state,
+                    AttemptRecord.from_json(lost) if lost else None,
+                    AttemptRecord.from_json(successor) if successor else None,
+                )
+        return [self._incident(entry_id, fields, followed) for entry_id, fields in entries]
 
     @staticmethod
     def _incident(
-        entry_id: str, fields: dict[str, str], records: dict[str, JobRecord]
+        entry_id: str, fields: dict[str, str], followed: dict[str, _Moved]
     ) -> dict[str, Any]:
         sign = int(fields.get("sign_ms") or 0)
         verdict = int(fields.get("verdict_ms") or 0)
         rows = []
         for member in (m for m in (fields.get("attempts") or "").split(",") if m):
             job_id, n = split_attempt_id(member)
-            record = records.get(job_id)
+            state, lost, successor = followed.get(member, (None, None, None))
             row: dict[str, Any] = {
                 "attempt": member,
                 "job": job_id,
@@ -457,11 +463,9 @@ class FleetView:
                 "requeued_ms": None,
                 "next_attempt": None,
                 "running_again_ms": None,
-                "state": record.state.value if record else None,
+                "state": state,
             }
-            if record is not None:
-                by_n = {a.n: a for a in record.attempts}
-                lost, successor = by_n.get(n), by_n.get(n + 1)
+            if state is not None:
                 if lost is not None:
                     row["outcome"] = lost.outcome
                     row["requeued_ms"] = lost.ended_ms

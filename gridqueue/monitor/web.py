@@ -20,7 +20,7 @@ import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, cast
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 import redis
 from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request
@@ -78,12 +78,20 @@ class Dashboard:
     metrics_registry: Any = None
     dispatcher: Dispatcher | None = None
 
+    def client_exists(self, job_id: str) -> bool:
+        return bool(self.ledger.client.exists(self.ledger.keys.job(job_id)))
+
     def publish(self, job_id: str, attempt: int) -> bool:
         """Publish a replayed attempt now, as the CLI does; if this fails, the watchdog
         publishes it (its dispatch is due)."""
-        if self.dispatcher is None:
-            self.dispatcher = Dispatcher(self.ledger, make_celery(self.settings.redis_url))
-        return self.dispatcher.publish(attempt_id(job_id, attempt))
+        try:
+            if self.dispatcher is None:
+                app = make_celery(self.settings.redis_url, events=self.settings.celery_events)
+                self.dispatcher = Dispatcher(self.ledger, app)
+            return self.dispatcher.publish(attempt_id(job_id, attempt))
+        except Exception as exc:  # the replay is committed; the watchdog publishes it
+            _log.warning("dashboard.publish_failed", job=job_id, attempt=attempt, error=repr(exc))
+            return False
 
     def page(self, request: Request, template: str, **context: Any) -> HTMLResponse:
         if context.get("now_ms") is None:
@@ -304,8 +312,9 @@ def jobs_page(
 ) -> Response:
     job_id = _blank(job_id)
     if job_id is not None:  # the search box: straight to the job, or a clear 404
-        dash.view.job(job_id)
-        return RedirectResponse(f"/jobs/{job_id}", status_code=303)
+        if not dash.client_exists(job_id):
+            dash.view.job(job_id)  # the 404, with its message
+        return RedirectResponse(f"/jobs/{quote(job_id, safe='')}", status_code=303)
     listing = _jobs(dash, where)
     return dash.page(
         request,
