@@ -11,7 +11,7 @@ import time
 import pytest
 
 from gridqueue.celeryapp import priority_lists
-from gridqueue.errors import WorkerNameInUseError
+from gridqueue.errors import DoesNotFitError, NoCapacityError, WorkerNameInUseError
 from gridqueue.keys import KOMBU_UNACKED, KOMBU_UNACKED_INDEX, attempt_id, queue_for_model
 from gridqueue.ledger import Ledger, connect_redis
 from gridqueue.settings import Settings
@@ -498,3 +498,28 @@ def test_a_stall_does_not_overwrite_a_dead_nodes_verdict(settings: Settings) -> 
     ledger.client.zadd(ledger.keys.liveness, {member: ledger.time_ms() - 1})
     assert ledger.stall(member, "liveness", token) == (False, False)  # ...and stays the cause
     assert ledger.lost_attempts() == {member: "node_lost"}
+
+
+def test_admission_reads_the_whole_fleet_only_to_explain_a_refusal(ledger: Ledger) -> None:
+    """A submit admits on the first ready consumer it finds; with none ready, it reads every
+    listing and refuses as before, naming the workers and why."""
+    fits = {"sim-llm": {"required_bytes": 8 * GIB, "largest_gpu_bytes": 80 * GIB}}
+    small = {"sim-llm": {"required_bytes": 8 * GIB, "largest_gpu_bytes": 4 * GIB}}
+    for k in range(40):
+        ledger.register(f"w{k:02d}", ["sim-llm"], 100 + k, "node", 1, "{}", model_fit=fits)
+        ledger.quarantine(f"w{k:02d}", by="op", reason="maintenance")
+    ledger.register("tiny", ["sim-llm"], 99, "node", 1, "{}", model_fit=small)
+
+    with pytest.raises(NoCapacityError) as refused:
+        ledger.submit("rt-1", "sim-llm", "realtime", '{"p": 1}', 0, None, wait_for_capacity=False)
+    assert "w00 (QUARANTINED" in str(refused.value) and "w39 (QUARANTINED" in str(refused.value)
+    # A class that waits is admitted by a quarantined (not stopped) consumer.
+    assert ledger.submit("b-1", "sim-llm", "batch", '{"p": 1}', 0, None).created
+
+    ledger.release("w17", by="op")
+    assert ledger.submit("rt-2", "sim-llm", "realtime", '{"p": 1}', 0, None, False).created
+    assert ledger.get("rt-2").state is JobState.QUEUED
+    vl = {"sim-vl": {"required_bytes": 8 * GIB, "largest_gpu_bytes": 4 * GIB}}
+    ledger.register("tiny2", ["sim-vl"], 98, "node", 1, "{}", model_fit=vl)
+    with pytest.raises(DoesNotFitError):  # only a GPU too small serves this model
+        ledger.submit("vl-1", "sim-vl", "batch", '{"p": 1}', 0, None)
