@@ -62,9 +62,7 @@ def gpu(index: int) -> dict[str, Any]:
 
 def fill(ledger: Ledger, workers: int, jobs: int) -> list[str]:
     """Submit the jobs, register the fleet, then push the jobs through their lives,
-    pipelined by batches. The submits come first: admission reads every worker listed for
-    the model, which makes a submit's cost grow with the fleet (a known cost, see the
-    architecture notes), and this fill is not what is measured."""
+    pipelined by batches."""
     names = [f"gpu-node-{i:04d}" for i in range(workers)]
     fit = {m: {"required_bytes": 8 * GIB, "largest_gpu_bytes": 80 * GIB} for m in MODELS}
     health = dumps({"probe": "nvml", "gpus": [gpu(0), gpu(1)], "reasons": []})
