@@ -12,6 +12,7 @@ never kept in sets or dicts.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import threading
 from collections.abc import Callable
@@ -104,6 +105,11 @@ class NvmlProbe:
         except Exception:
             nv.nvmlShutdown()  # nvmlInit is reference counted: balance it
             raise
+        # Xid events are matched to GPUs by UUID: know it before the first event. One that
+        # cannot be read now is read with the GPU's readings; events fall back to the handle.
+        for gpu in gpus:
+            with contextlib.suppress(nv.NVMLError):
+                gpu.uuid = _text(nv.nvmlDeviceGetUUID(gpu.handle))
         self._gpus = gpus
         self._by_handle = {_handle_key(gpu.handle): gpu for gpu in gpus}
         self._opened = True
@@ -231,10 +237,16 @@ class NvmlProbe:
 
     def _clock_event_reasons(self, handle: Any) -> Any:
         nv = self.nvml
+        # The bindings always have the new name; a driver older than the rename lacks the
+        # symbol, and pynvml raises FunctionNotFound: ask by the old name, as every driver
+        # has it (thermal slowdown must not be lost on an older driver).
         call = getattr(nv, "nvmlDeviceGetCurrentClocksEventReasons", None)
-        if call is None:  # bindings before the rename from "throttle reasons"
-            call = nv.nvmlDeviceGetCurrentClocksThrottleReasons
-        return call(handle)
+        if call is not None:
+            try:
+                return call(handle)
+            except nv.NVMLError_FunctionNotFound:
+                pass
+        return nv.nvmlDeviceGetCurrentClocksThrottleReasons(handle)
 
     def _recovery_action(
         self, gpu: _Gpu, get: Callable[[str, Callable[[], Any]], Any], notes: list[str]
@@ -319,6 +331,18 @@ class NvmlProbe:
             self._set_wait_error(None)
             self._count_event(data)
 
+    def _gpu_of_event(self, device: Any) -> _Gpu | None:
+        """The GPU an event names, by UUID: the event's device handle need not be the
+        pointer GetHandleByIndex returned. By handle only if the UUID cannot be read."""
+        try:
+            uuid = _text(self.nvml.nvmlDeviceGetUUID(device))
+        except self.nvml.NVMLError:
+            return self._by_handle.get(_handle_key(device))
+        for gpu in self._by_handle.values():
+            if gpu.uuid == uuid:
+                return gpu
+        return self._by_handle.get(_handle_key(device))
+
     def _set_wait_error(self, error: str | None) -> None:
         with self._lock:
             self._xid_wait_error = error
@@ -332,7 +356,7 @@ class NvmlProbe:
             code = XID_DOUBLE_BIT_ECC
         else:
             return
-        gpu = self._by_handle.get(_handle_key(data.device))
+        gpu = self._gpu_of_event(data.device)
         if gpu is None:
             log.warning("nvml.xid_unknown_device", xid=code)
             return

@@ -107,6 +107,16 @@ class FakeNvml:
         self._release = threading.Event()
         self.calls: dict[str, int] = {}  # entries per function: shows whether a read began
         self.hung_calls = 0  # calls blocked right now
+        # Symbols the "driver" lacks: calling one raises NVMLError_FunctionNotFound, as
+        # pynvml does when the library has no such function (an older driver).
+        self.missing_functions: set[str] = set()
+        # Events name their device with a handle of their own, not the pointer
+        # GetHandleByIndex returned: the same device, another pointer value. Whether a real
+        # driver reuses the pointer cannot be assumed.
+        self._event_handles = [
+            ctypes.cast(ctypes.c_void_p(0x9000 + 0x100 * index), pynvml.c_nvmlDevice_t)
+            for index in range(len(gpus))
+        ]
 
     # -- test controls -------------------------------------------------------------------
 
@@ -127,7 +137,7 @@ class FakeNvml:
 
     def _raise_event(self, index: int, event_type: int, event_data: int) -> None:
         data = pynvml.c_nvmlEventData_t()
-        data.device = self._handles[index]
+        data.device = self._event_handles[index]
         data.eventType = event_type
         data.eventData = event_data
         for event_set in self._event_sets:
@@ -139,6 +149,8 @@ class FakeNvml:
     def _enter(self, function: str) -> None:
         with self._lock:
             self.calls[function] = self.calls.get(function, 0) + 1
+        if function in self.missing_functions:
+            raise pynvml.NVMLError_FunctionNotFound()
         if not self.driver_loaded:
             raise pynvml.NVMLError_DriverNotLoaded()
         if self.init_count <= 0:
@@ -154,9 +166,10 @@ class FakeNvml:
 
     def _index(self, handle: Any) -> int:
         address = ctypes.cast(handle, ctypes.c_void_p).value
-        for index, known in enumerate(self._handles):
-            if ctypes.cast(known, ctypes.c_void_p).value == address:
-                return index
+        for handles in (self._handles, self._event_handles):
+            for index, known in enumerate(handles):
+                if ctypes.cast(known, ctypes.c_void_p).value == address:
+                    return index
         raise pynvml.NVMLError_InvalidArgument()
 
     def _gpu(self, function: str, handle: Any) -> FakeGpu:
@@ -238,6 +251,10 @@ class FakeNvml:
 
     def nvmlDeviceGetCurrentClocksEventReasons(self, handle: Any) -> int:
         return self._gpu("nvmlDeviceGetCurrentClocksEventReasons", handle).clock_event_reasons
+
+    def nvmlDeviceGetCurrentClocksThrottleReasons(self, handle: Any) -> int:
+        """The call's name before the rename; every driver has this symbol."""
+        return self._gpu("nvmlDeviceGetCurrentClocksThrottleReasons", handle).clock_event_reasons
 
     def nvmlDeviceGetTotalEccErrors(self, handle: Any, error_type: int, counter_type: int) -> int:
         gpu = self._gpu("nvmlDeviceGetTotalEccErrors", handle)

@@ -67,6 +67,8 @@ def test_a_healthy_read_maps_every_field(fake: FakeNvml, probe: NvmlProbe) -> No
         clock_event_reasons=0x1,  # GPU idle
         remapped_rows=(3, 0, 0, 0),
     )
+    probe.close()  # the GPU changed under the open probe: a GPU's UUID is read at open
+    probe.open()
     reading = probe.read()
     assert reading.probe == "nvml"
     assert not reading.unresponsive
@@ -325,3 +327,33 @@ def test_make_probe_nvml_without_a_driver_is_a_config_error() -> None:
 def test_make_probe_refuses_an_unknown_kind() -> None:
     with pytest.raises(ConfigError, match=r"'bogus'.*nvml, simulated, auto"):
         make_probe("bogus")
+
+
+def test_thermal_slowdown_is_read_on_a_driver_without_the_clocks_event_call(
+    fake: FakeNvml, probe: NvmlProbe
+) -> None:
+    # nvidia-ml-py 13 always has the Python attribute; an older driver lacks the symbol.
+    fake.missing_functions.add("nvmlDeviceGetCurrentClocksEventReasons")
+    fake.gpus[0].clock_event_reasons = pynvml.nvmlClocksThrottleReasonSwThermalSlowdown
+    assert probe.read().gpus[0].clock_event_reasons == fake.gpus[0].clock_event_reasons
+    assert fake.calls["nvmlDeviceGetCurrentClocksThrottleReasons"] >= 1
+
+
+def test_an_xid_is_matched_to_its_gpu_by_uuid_not_by_pointer(
+    fake: FakeNvml, probe: NvmlProbe
+) -> None:
+    # The event names its device with another pointer value than GetHandleByIndex gave.
+    fake.raise_xid(1, 79)
+    wait_for(lambda: probe.read().gpus[1].xid_counts == {79: 1})
+    assert probe.read().gpus[0].xid_counts == {}
+
+
+def test_an_xid_before_the_first_read_is_matched_too(fake: FakeNvml) -> None:
+    probe = NvmlProbe(fake, xid_poll_ms=20)
+    probe.open()
+    try:
+        fake.raise_xid(0, 48)  # no read yet: the probe knows the UUIDs from open()
+        time.sleep(0.2)
+        assert probe.read().gpus[0].xid_counts == {48: 1}
+    finally:
+        probe.close()
