@@ -298,16 +298,32 @@ class NvmlProbe:
             self._xid_setup_error = f"cannot create event set: {type(exc).__name__}"
             return
         registered = 0
+        without: list[str] = []
         for gpu in self._gpus:
+            # Register only the types the GPU offers: asking for one it does not (the
+            # double-bit ECC event with ECC off) registers none of them, Xid included.
             try:
-                nv.nvmlDeviceRegisterEvents(gpu.handle, mask, self._event_set)
-                registered += 1
+                offered = int(nv.nvmlDeviceGetSupportedEventTypes(gpu.handle)) & mask
             except nv.NVMLError_NotSupported:
-                # Some GPUs (and vGPUs) offer no events; their health still comes from
-                # the sampled fields.
+                offered = 0
+            except nv.NVMLError as exc:
+                self._xid_setup_error = f"gpu{gpu.index} event types: {type(exc).__name__}"
                 continue
+            if not offered & nv.nvmlEventTypeXidCriticalError:
+                # Some GPUs (and vGPUs) offer no Xid events: their health comes from the
+                # sampled fields alone, and the reading says so.
+                without.append(f"gpu{gpu.index}")
+            if not offered:
+                continue
+            try:
+                nv.nvmlDeviceRegisterEvents(gpu.handle, offered, self._event_set)
+                registered += 1
             except nv.NVMLError as exc:
                 self._xid_setup_error = f"gpu{gpu.index} register: {type(exc).__name__}"
+        if without:
+            self._xid_setup_error = self._xid_setup_error or (
+                f"no Xid events on {', '.join(without)} (the GPU does not offer them)"
+            )
         if registered == 0:
             return
         self._xid_thread = threading.Thread(target=self._xid_loop, name="gq-nvml-xid", daemon=True)

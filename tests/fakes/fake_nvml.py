@@ -42,6 +42,13 @@ class FakeGpu:
     lost: bool = False
     reset_required: bool = False
     events_supported: bool = True
+    # What nvmlDeviceGetSupportedEventTypes answers: a GPU with ECC off offers no
+    # double-bit ECC events, and registering a type it does not offer registers nothing.
+    supported_event_types: int = (
+        pynvml.nvmlEventTypeXidCriticalError
+        | pynvml.nvmlEventTypeDoubleBitEccError
+        | pynvml.nvmlEventTypeSingleBitEccError
+    )
     # Function names (or "field:<id>") this GPU does not support.
     not_supported: set[str] = field(default_factory=set)
 
@@ -292,9 +299,17 @@ class FakeNvml:
         self._event_sets.append(event_set)
         return event_set
 
+    def nvmlDeviceGetSupportedEventTypes(self, handle: Any) -> int:
+        gpu = self._gpu("nvmlDeviceGetSupportedEventTypes", handle)
+        if not gpu.events_supported:
+            raise pynvml.NVMLError_NotSupported()
+        return gpu.supported_event_types
+
     def nvmlDeviceRegisterEvents(self, handle: Any, event_types: int, event_set: _EventSet) -> None:
         gpu = self._gpu("nvmlDeviceRegisterEvents", handle)
-        if not gpu.events_supported:
+        # NVML: a type the device does not support fails the call, and none of the
+        # requested types is registered.
+        if not gpu.events_supported or event_types & ~gpu.supported_event_types:
             raise pynvml.NVMLError_NotSupported()
         index = self._index(handle)
         event_set.registered[index] = event_set.registered.get(index, 0) | event_types

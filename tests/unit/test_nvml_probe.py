@@ -357,3 +357,31 @@ def test_an_xid_before_the_first_read_is_matched_too(fake: FakeNvml) -> None:
         assert probe.read().gpus[0].xid_counts == {48: 1}
     finally:
         probe.close()
+
+
+def test_a_gpu_with_ecc_off_still_reports_xids() -> None:
+    # ECC off: no double-bit ECC events. Asking for them registered nothing at all.
+    fake = FakeNvml([FakeGpu(supported_event_types=pynvml.nvmlEventTypeXidCriticalError)])
+    probe = NvmlProbe(fake, xid_poll_ms=20)
+    probe.open()
+    try:
+        fake.raise_xid(0, 79)
+        wait_for(lambda: probe.read().gpus[0].xid_counts == {79: 1})
+        assert probe.read().error is None
+    finally:
+        probe.close()
+        fake.release()
+
+
+def test_a_gpu_without_xid_events_says_so() -> None:
+    fake = FakeNvml([FakeGpu(events_supported=False), FakeGpu(uuid="GPU-1")])
+    probe = NvmlProbe(fake, xid_poll_ms=20)
+    probe.open()
+    try:
+        reading = probe.read()
+        assert reading.error is not None and "no Xid events on gpu0" in reading.error
+        fake.raise_xid(1, 13)  # the other GPU's events still arrive
+        wait_for(lambda: probe.read().gpus[1].xid_counts == {13: 1})
+    finally:
+        probe.close()
+        fake.release()
