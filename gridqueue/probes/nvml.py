@@ -45,7 +45,8 @@ class _GpuGone(Exception):
 @dataclass
 class _Gpu:
     index: int
-    handle: Any
+    handle: Any  # None while the device cannot be opened
+    open_error: str | None = None
     uuid: str | None = None
     name: str | None = None
     xid_counts: dict[int, int] = field(default_factory=dict)
@@ -99,24 +100,35 @@ class NvmlProbe:
         nv = self.nvml
         nv.nvmlInit()
         try:
-            gpus = [
-                _Gpu(i, nv.nvmlDeviceGetHandleByIndex(i)) for i in range(nv.nvmlDeviceGetCount())
-            ]
+            gpus = [self._open_gpu(i) for i in range(nv.nvmlDeviceGetCount())]
         except Exception:
             nv.nvmlShutdown()  # nvmlInit is reference counted: balance it
             raise
         # Xid events are matched to GPUs by UUID: know it before the first event. One that
         # cannot be read now is read with the GPU's readings; events fall back to the handle.
         for gpu in gpus:
-            with contextlib.suppress(nv.NVMLError):
-                gpu.uuid = _text(nv.nvmlDeviceGetUUID(gpu.handle))
+            if gpu.handle is not None:
+                with contextlib.suppress(nv.NVMLError):
+                    gpu.uuid = _text(nv.nvmlDeviceGetUUID(gpu.handle))
         self._gpus = gpus
-        self._by_handle = {_handle_key(gpu.handle): gpu for gpu in gpus}
+        self._by_handle = {_handle_key(g.handle): g for g in gpus if g.handle is not None}
         self._opened = True
         self._stop.clear()
         self._xid_setup_error = None
         self._xid_wait_error = None
         self._start_xid_events()
+
+    def _open_gpu(self, index: int) -> _Gpu:
+        """One device's handle. A device that cannot be opened (lost, no permission) does
+        not sink the others: it is kept without a handle and read as lost until it opens."""
+        nv = self.nvml
+        try:
+            return _Gpu(index, nv.nvmlDeviceGetHandleByIndex(index))
+        except (nv.NVMLError_Uninitialized, nv.NVMLError_DriverNotLoaded):
+            raise  # the whole stack, not this device
+        except nv.NVMLError as exc:
+            log.warning("nvml.gpu_unopened", gpu=index, error=type(exc).__name__)
+            return _Gpu(index, None, open_error=type(exc).__name__)
 
     def close(self) -> None:
         if not self._opened:
@@ -158,6 +170,14 @@ class NvmlProbe:
 
     def _read_gpu(self, gpu: _Gpu, notes: list[str]) -> GpuReading:
         nv = self.nvml
+        if gpu.handle is None:
+            try:  # a device that could not be opened: try again, it may be back
+                gpu.handle = nv.nvmlDeviceGetHandleByIndex(gpu.index)
+                gpu.open_error = None
+            except nv.NVMLError as exc:
+                gpu.open_error = type(exc).__name__
+                notes.append(f"gpu{gpu.index} cannot be opened: {gpu.open_error}")
+                return GpuReading(index=gpu.index, lost=True, xid_counts=self._xid_counts(gpu))
         h = gpu.handle
 
         def get(what: str, call: Callable[[], T]) -> T | None:
@@ -300,6 +320,8 @@ class NvmlProbe:
         registered = 0
         without: list[str] = []
         for gpu in self._gpus:
+            if gpu.handle is None:
+                continue  # not opened: read as lost
             # Register only the types the GPU offers: asking for one it does not (the
             # double-bit ECC event with ECC off) registers none of them, Xid included.
             try:
@@ -354,7 +376,7 @@ class NvmlProbe:
             uuid = _text(self.nvml.nvmlDeviceGetUUID(device))
         except self.nvml.NVMLError:
             return self._by_handle.get(_handle_key(device))
-        for gpu in self._by_handle.values():
+        for gpu in self._gpus:
             if gpu.uuid == uuid:
                 return gpu
         return self._by_handle.get(_handle_key(device))

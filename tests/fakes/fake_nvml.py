@@ -42,6 +42,8 @@ class FakeGpu:
     lost: bool = False
     reset_required: bool = False
     events_supported: bool = True
+    # GetHandleByIndex fails for this GPU alone with this error (lost, no permission).
+    handle_error: type[pynvml.NVMLError] | None = None
     # What nvmlDeviceGetSupportedEventTypes answers: a GPU with ECC off offers no
     # double-bit ECC events, and registering a type it does not offer registers nothing.
     supported_event_types: int = (
@@ -215,6 +217,8 @@ class FakeNvml:
         self._enter("nvmlDeviceGetHandleByIndex")
         if not 0 <= index < len(self.gpus):
             raise pynvml.NVMLError_InvalidArgument()
+        if self.gpus[index].handle_error is not None:
+            raise self.gpus[index].handle_error()
         return self._handles[index]
 
     def nvmlDeviceGetName(self, handle: Any) -> str:

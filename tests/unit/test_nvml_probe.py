@@ -385,3 +385,37 @@ def test_a_gpu_without_xid_events_says_so() -> None:
     finally:
         probe.close()
         fake.release()
+
+
+def test_one_gpu_that_cannot_be_opened_does_not_sink_the_others() -> None:
+    fake = FakeNvml(
+        [FakeGpu(uuid="GPU-0"), FakeGpu(uuid="GPU-1", handle_error=pynvml.NVMLError_GpuIsLost)]
+    )
+    probe = NvmlProbe(fake, xid_poll_ms=20)
+    probe.open()  # it opens: the node serves from its good GPU
+    try:
+        reading = probe.read()
+        assert reading.gpus[0].memory_total_bytes == fake.gpus[0].memory_total_bytes
+        assert reading.gpus[1].lost
+        assert reading.error is not None and "gpu1 cannot be opened: NVMLError_GpuIsLost" in (
+            reading.error
+        )
+        assert verdict(reading) == Verdict(HealthLevel.UNHEALTHY, ("gpu_lost:gpu1",))
+        fake.raise_xid(0, 13)  # the good GPU's events still arrive
+        wait_for(lambda: probe.read().gpus[0].xid_counts == {13: 1})
+        fake.gpus[1].handle_error = None  # it comes back
+        assert not probe.read().gpus[1].lost
+    finally:
+        probe.close()
+        fake.release()
+
+
+def test_make_probe_auto_keeps_nvml_with_one_bad_gpu() -> None:
+    # Not a fall-back to simulated GPUs that would report HEALTHY: the bad GPU is lost.
+    bad = FakeGpu(uuid="GPU-1", handle_error=pynvml.NVMLError_NoPermission)
+    probe, note = make_probe("auto", nvml=FakeNvml([FakeGpu(uuid="GPU-0"), bad]))
+    try:
+        assert isinstance(probe, NvmlProbe) and note.startswith("auto: 2 GPU(s)")
+        assert probe.read().gpus[1].lost
+    finally:
+        probe.close()
