@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -25,8 +26,7 @@ def watchdog_grace_ms(ledger: Ledger) -> int:
     test's fleet shares): every node gets one period to beat again."""
     settings = ledger.settings
     beat_s = max(
-        [w.liveness_interval_s for w in ledger.workloads.values()]
-        + [settings.heartbeat_interval_s]
+        [w.liveness_interval_s for w in ledger.workloads.values()] + [settings.heartbeat_interval_s]
     )
     return int((settings.stale_after_s + beat_s) * 1000)
 
@@ -49,3 +49,29 @@ def wait_until_watchdog_judges(ledger: Ledger, timeout_s: float = 60.0) -> None:
     # clock that runs as fast as the Redis server's: past this, its next tick judges.
     judging_ms = since_ms + watchdog_grace_ms(ledger)
     wait_for(lambda: ledger.time_ms() >= judging_ms, timeout_s, interval_s=0.02)
+
+
+GIB = 2**30
+# One simulated GPU as a worker's health snapshot reports it, and the fit of sim-llm on it.
+SIM_GPU = {
+    "index": 0,
+    "uuid": "GPU-0",
+    "name": "Simulated H100",
+    "memory_total_bytes": 80 * GIB,
+    "memory_used_bytes": 9 * GIB,
+    "utilization_ratio": 0.5,
+    "temperature_c": 61.0,
+    "power_w": 300.0,
+    "xid_counts": {"13": 2},
+}
+SIM_FIT = {"sim-llm": {"required_bytes": 8 * GIB, "largest_gpu_bytes": 80 * GIB}}
+
+
+def register_sim_worker(ledger: Ledger, name: str) -> int:
+    """Register a worker serving sim-llm on SIM_GPU and heartbeat it HEALTHY; its epoch."""
+    epoch = ledger.register(
+        name, ["sim-llm"], 100, "node", 2, "{}", "simulated", [SIM_GPU], SIM_FIT
+    )
+    health = json.dumps({"probe": "simulated", "gpus": [SIM_GPU], "reasons": []})
+    ledger.heartbeat(name, epoch, health, "HEALTHY")
+    return epoch

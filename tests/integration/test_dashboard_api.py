@@ -30,25 +30,12 @@ from gridqueue.ledger import Ledger, connect_redis
 from gridqueue.monitor.web import create_app
 from gridqueue.settings import Settings
 from gridqueue.states import JobState, Outcome, WorkerState
-from tests.helpers import wait_for
+from tests.helpers import GIB, register_sim_worker, wait_for
 
 pytestmark = pytest.mark.integration
 
 TOKEN = "correct-horse-battery-staple"
-GIB = 2**30
-FIT = {"sim-llm": {"required_bytes": 8 * GIB, "largest_gpu_bytes": 80 * GIB}}
 PAYLOAD = '{"prompt":"p"}'
-GPU = {
-    "index": 0,
-    "uuid": "GPU-0",
-    "name": "Simulated H100",
-    "memory_total_bytes": 80 * GIB,
-    "memory_used_bytes": 9 * GIB,
-    "utilization_ratio": 0.5,
-    "temperature_c": 61.0,
-    "power_w": 300.0,
-    "xid_counts": {"13": 2},
-}
 PAGES = ("/", "/workers", "/workers/w1", "/jobs", "/failovers", "/dead-letters")
 ACTIONS = (
     "/api/workers/w1/quarantine",
@@ -60,19 +47,12 @@ ACTIONS = (
 )
 
 
-def register(ledger: Ledger, name: str) -> int:
-    epoch = ledger.register(name, ["sim-llm"], 100, "node", 2, "{}", "simulated", [GPU], FIT)
-    health = json.dumps({"probe": "simulated", "gpus": [GPU], "reasons": []})
-    ledger.heartbeat(name, epoch, health, "HEALTHY")
-    return epoch
-
-
 @pytest.fixture
 def fleet(ledger: Ledger, gq: GridQueue) -> dict[str, str]:
     """Three workers; a running job, a succeeded one, a poison job dead-lettered, and one
     submitted through the client, waiting in its queue."""
     for name in ("w1", "w2", "w3"):
-        register(ledger, name)
+        register_sim_worker(ledger, name)
     ledger.submit("running", "sim-llm", "realtime", PAYLOAD, 0, None)
     assert ledger.claim("running", 1, "w1", 7, "").status == "ok"
     ledger.submit("done", "sim-llm", "realtime", PAYLOAD, 0, None)
@@ -198,7 +178,7 @@ def test_the_workers_table_pages_a_large_fleet_and_filters_by_state(
     read_only: TestClient, ledger: Ledger
 ) -> None:
     for k in range(130):
-        register(ledger, f"node-{k:03d}")
+        register_sim_worker(ledger, f"node-{k:03d}")
     ledger.quarantine("node-120", by="op", reason="maintenance")
     first = read_only.get("/workers").text
     assert first.count("<tr data-worker=") == 100 and 'data-worker="node-099"' in first
@@ -447,7 +427,7 @@ def next_event(lines: Iterator[str], kind: str = "message") -> dict[str, Any]:
 def test_the_stream_pushes_transitions_made_after_connecting(
     read_only: TestClient, ledger: Ledger
 ) -> None:
-    register(ledger, "w1")
+    register_sim_worker(ledger, "w1")
     with read_only.stream("GET", "/api/stream") as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
@@ -507,7 +487,7 @@ def test_gridqueue_dashboard_serves_and_drops_a_closed_stream(
                 return False
 
         wait_for(up, timeout_s=30, interval_s=0.1)
-        register(ledger, "w1")
+        register_sim_worker(ledger, "w1")
         reply = httpx.post(f"{base}/api/workers/w1/drain", headers=auth(), timeout=5)
         assert reply.status_code == 200, reply.text
         with httpx.stream("GET", f"{base}/api/stream", timeout=10) as response:

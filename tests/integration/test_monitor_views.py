@@ -17,23 +17,11 @@ from gridqueue.monitor.views import FleetView
 from gridqueue.settings import Settings
 from gridqueue.states import JobState, Outcome
 from gridqueue.watchdog import Watchdog
+from tests.helpers import GIB, register_sim_worker
 
 pytestmark = pytest.mark.integration
 
-GIB = 2**30
-FIT = {"sim-llm": {"required_bytes": 8 * GIB, "largest_gpu_bytes": 80 * GIB}}
 PAYLOAD = '{"prompt":"p"}'
-GPU = {
-    "index": 0,
-    "uuid": "GPU-0",
-    "name": "Simulated H100",
-    "memory_total_bytes": 80 * GIB,
-    "memory_used_bytes": 9 * GIB,
-    "utilization_ratio": 0.5,
-    "temperature_c": 61.0,
-    "power_w": 300.0,
-    "xid_counts": {"13": 1},
-}
 
 
 @pytest.fixture
@@ -43,18 +31,11 @@ def fast(settings: Settings) -> Settings:
     )
 
 
-def register(ledger: Ledger, name: str) -> int:
-    epoch = ledger.register(name, ["sim-llm"], 100, "node", 2, "{}", "simulated", [GPU], FIT)
-    health = json.dumps({"probe": "simulated", "gpus": [GPU], "reasons": []})
-    ledger.heartbeat(name, epoch, health, "HEALTHY")
-    return epoch
-
-
 def test_a_dead_worker_is_one_incident_followed_to_its_jobs_running_again(fast: Settings) -> None:
     watchdog = Watchdog(fast, owner="views")
     ledger = watchdog.ledger
     view = FleetView(ledger)
-    epochs = {name: register(ledger, name) for name in ("w1", "w2")}
+    epochs = {name: register_sim_worker(ledger, name) for name in ("w1", "w2")}
     for n in range(3):
         ledger.submit(f"j{n}", "sim-llm", "realtime", PAYLOAD, 0, None)
     for n in range(2):
@@ -131,7 +112,7 @@ def test_a_dead_worker_is_one_incident_followed_to_its_jobs_running_again(fast: 
 
 
 def test_job_pages_walk_every_job_once_newest_first_with_filters(ledger: Ledger) -> None:
-    register(ledger, "w1")
+    register_sim_worker(ledger, "w1")
     for n in range(30):
         workload = "batch" if n % 3 else "realtime"
         ledger.submit(f"j{n:02d}", "sim-llm", workload, PAYLOAD, 0, None)
@@ -169,7 +150,7 @@ def test_job_pages_walk_every_job_once_newest_first_with_filters(ledger: Ledger)
 
 def test_dead_letters_are_grouped_by_reason_with_their_evidence(ledger: Ledger) -> None:
     for name in ("w1", "w2", "w3"):
-        register(ledger, name)
+        register_sim_worker(ledger, name)
     ledger.submit("poison", "sim-llm", "batch", PAYLOAD, 0, None)
     for attempt, worker in enumerate(("w1", "w2", "w3"), start=1):
         assert ledger.claim("poison", attempt, worker, 7, "").status == "ok"
@@ -191,7 +172,7 @@ def test_dead_letters_are_grouped_by_reason_with_their_evidence(ledger: Ledger) 
 
 
 def test_the_cli_mirrors_the_views(ledger: Ledger, settings: Settings) -> None:
-    register(ledger, "w1")
+    register_sim_worker(ledger, "w1")
     for n in range(3):
         ledger.submit(f"j{n}", "sim-llm", "batch", PAYLOAD, 0, None)
     assert ledger.claim("j1", 1, "w1", 7, "").status == "ok"
@@ -230,8 +211,8 @@ def test_incidents_count_what_moved_once(fast: Settings) -> None:
     watchdog = Watchdog(fast, owner="views")
     ledger = watchdog.ledger
     view = FleetView(ledger)
-    register(ledger, "w1")
-    register(ledger, "idle")
+    register_sim_worker(ledger, "w1")
+    register_sim_worker(ledger, "idle")
     ledger.submit("j", "sim-llm", "batch", PAYLOAD, 0, None)
     assert ledger.claim("j", 1, "w1", 7, "").status == "ok"
     assert ledger.quarantine("idle", by="op", reason="maintenance") == 0
