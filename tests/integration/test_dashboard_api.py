@@ -16,6 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
+import redis
 from pydantic import SecretStr
 from starlette.exceptions import StarletteDeprecationWarning
 
@@ -30,6 +31,7 @@ from gridqueue.ledger import Ledger, connect_redis
 from gridqueue.monitor.web import create_app
 from gridqueue.settings import Settings
 from gridqueue.states import JobState, Outcome, WorkerState
+from gridqueue.watchdog import Watchdog
 from tests.helpers import GIB, register_sim_worker, wait_for
 
 pytestmark = pytest.mark.integration
@@ -532,3 +534,26 @@ def test_the_app_connects_nothing_until_asked(settings: Settings) -> None:
     create_app(settings)
     assert len(client.client_list()) == before
     client.close()
+
+
+class _BrokerDown:
+    """A dispatcher whose broker cannot be reached (Dispatcher.publish's interface)."""
+
+    def publish(self, member: str, own_lease: str = "") -> bool:
+        raise redis.exceptions.ConnectionError("broker unreachable")
+
+
+def test_a_replay_whose_publish_fails_is_still_owned_and_published_by_the_watchdog(
+    armed: TestClient, ledger: Ledger, fleet: dict[str, str], settings: Settings
+) -> None:
+    armed.app.state.dashboard.dispatcher = _BrokerDown()  # type: ignore[attr-defined]
+    replayed = armed.post("/api/dead-letters/poison/replay", headers=auth())
+    assert replayed.status_code == 200, replayed.text  # committed: not an error
+    attempt = replayed.json()["attempt"]
+    member = f"poison.{attempt}"
+    assert ledger.get("poison").state is JobState.QUEUED
+    # Its owner is the dispatch entry, due now: the watchdog publishes it.
+    assert ledger.client.zscore(ledger.keys.dispatch, member) is not None
+    Watchdog(settings, owner="replay-owner").tick()
+    assert ledger.client.zscore(ledger.keys.published, member) is not None
+    assert ledger.client.zscore(ledger.keys.dispatch, member) is None
