@@ -56,14 +56,15 @@ end
 -- deadline; and even then an attempt is deferred at most MAX_DEFERRALS times.
 local chain_start = tonumber(redis.call('HGET', job, 'chain_start') or '1')
 local failed = {}
+local previous = nil  -- attempt n - 1 of this chain, read once here
 for k = chain_start, n - 1 do
   local earlier = attempt_get(id, k)
   if earlier and earlier.worker and AVOID_OUTCOMES[earlier.outcome] then
     failed[earlier.worker] = true
   end
+  previous = earlier
 end
 local a = attempt_get(id, n) or {n = n}
-local previous = n > chain_start and attempt_get(id, n - 1) or nil
 if failed[worker] and (a.deferred or 0) < MAX_DEFERRALS then
   for _, other in ipairs(redis.call('HKEYS', key_model(NS, model))) do
     if other ~= worker and not failed[other] and can_take(other, model, stale_after_ms) then
