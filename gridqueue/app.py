@@ -21,6 +21,6 @@ from gridqueue.celeryapp import make_celery
 from gridqueue.settings import Settings
 
 settings = Settings()
-app = make_celery(settings.redis_url, events=settings.celery_events)
+app = make_celery(settings.redis_target, events=settings.celery_events)
 
 __all__ = ["app", "settings"]

@@ -19,6 +19,8 @@ from typing import Any
 from celery import Celery
 from kombu.transport import redis as kombu_redis
 
+from gridqueue.connection import RedisTarget
+
 TASK_NAME = "gridqueue.attempt"
 NEVER_REDELIVER_S = 10 * 365 * 86_400
 PRIORITY_STEPS = [0, 3, 6, 9]
@@ -34,14 +36,18 @@ def priority_lists(queue: str) -> list[str]:
     return [queue, *(f"{queue}{QUEUE_SEP}{step}" for step in PRIORITY_STEPS if step)]
 
 
-def make_celery(redis_url: str, events: bool = True) -> Celery:
+def make_celery(redis: str | RedisTarget, events: bool = True) -> Celery:
     """The app every gridqueue process uses. ``events`` (``Settings.celery_events``) turns
     on Celery's task events in workers (and their event heartbeats, see
-    :mod:`gridqueue.worker`) and the ``task-sent`` event in producers, for Flower."""
-    app = Celery("gridqueue", broker=redis_url, set_as_current=False)
+    :mod:`gridqueue.worker`) and the ``task-sent`` event in producers, for Flower.
+    A Sentinel target uses kombu's ``sentinel`` transport, which asks the Sentinels for
+    the primary on every (re)connect."""
+    target = RedisTarget(redis) if isinstance(redis, str) else redis
+    app = Celery("gridqueue", broker=target.url, set_as_current=False)
     transport: dict[str, Any] = {
         "visibility_timeout": NEVER_REDELIVER_S,
         "priority_steps": PRIORITY_STEPS,
+        **target.broker_options(),
     }
     app.conf.update(
         broker_transport_options=transport,

@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from gridqueue.connection import RedisTarget
 from gridqueue.errors import ConfigError, GridQueueError, JobEndedError, RedisUnavailableError
 from gridqueue.logs import configure_logging
 from gridqueue.settings import Settings
@@ -54,22 +55,35 @@ def load_settings(redis_url: str | None = None) -> Settings:
     """The settings of a command that talks to Redis, once Redis has answered a PING."""
     try:
         settings = Settings() if redis_url is None else Settings(redis_url=redis_url)
-    except (ValidationError, SettingsError) as exc:
+    except ValidationError as exc:
+        raise ConfigError(f"invalid GRIDQUEUE_* setting: {settings_errors(exc)}") from exc
+    except SettingsError as exc:
         raise ConfigError(
-            f"invalid GRIDQUEUE_* setting (lists are JSON, e.g. [48, 79]):\n{exc}"
+            f"invalid GRIDQUEUE_* setting (lists are JSON, e.g. [48, 79]): {exc}"
         ) from exc
     configure_logging(settings.log_level, settings.log_format)
-    require_redis(settings.redis_url)
+    require_redis(settings.redis_target)
     return settings
 
 
-def require_redis(url: str) -> None:
+def settings_errors(exc: ValidationError) -> str:
+    """Each problem as ``GRIDQUEUE_NAME: why``, on one line."""
+    parts = []
+    for error in exc.errors():
+        message = str(error["msg"]).removeprefix("Value error, ")
+        field = ".".join(str(part) for part in error["loc"])
+        parts.append(f"GRIDQUEUE_{field.upper()}: {message}" if field else message)
+    return "; ".join(parts)
+
+
+def require_redis(target: str | RedisTarget) -> None:
     """Fail fast when Redis is unreachable at the start. The ledger retries Redis for 30 s,
-    which rides out a blip in the middle of a run, but only delays a plain mistake."""
+    which rides out a blip in the middle of a run, but only delays a plain mistake. For a
+    Sentinel set this asks the Sentinels for the primary, and pings it."""
+    url = target if isinstance(target, str) else target.url
     _Target.redis_url = url
     try:
-        client = redis.Redis.from_url(
-            url,
+        client = (RedisTarget(target) if isinstance(target, str) else target).client(
             socket_connect_timeout=REDIS_PING_TIMEOUT_S,
             socket_timeout=REDIS_PING_TIMEOUT_S,
             retry=Retry(NoBackoff(), 0),

@@ -86,7 +86,7 @@ class GridQueue:
         elif redis_url is not None:
             settings = settings.model_copy(update={"redis_url": redis_url})
         self.settings = settings
-        self.ledger = Ledger(connect_redis(settings.redis_url), settings)
+        self.ledger = Ledger(connect_redis(settings.redis_target), settings)
         self._app: Celery | None = None
 
     @classmethod
@@ -97,7 +97,7 @@ class GridQueue:
     @property
     def app(self) -> Celery:
         if self._app is None:
-            self._app = make_celery(self.settings.redis_url, events=self.settings.celery_events)
+            self._app = make_celery(self.settings.redis_target, events=self.settings.celery_events)
         return self._app
 
     @property

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import re
 
+from redis.sentinel import MasterNotFoundError
+
 
 class GridQueueError(Exception):
     """gridqueue failed; the message says why and what to do."""
@@ -69,7 +71,10 @@ class RedisUnavailableError(GridQueueError):
 
     @staticmethod
     def mask(url: str) -> str:
-        """The URL with its password (in the user info, or ``?password=``) as ``***``."""
+        """The URL with its password (in the user info, or ``?password=``) as ``***``; each
+        part of a Sentinel URL (``sentinel://...;sentinel://...``) alike."""
+        if ";" in url:
+            return ";".join(RedisUnavailableError.mask(part) for part in url.split(";"))
         scheme, sep, rest = url.partition("://")
         if not sep:
             return url
@@ -85,12 +90,26 @@ class RedisUnavailableError(GridQueueError):
         """A short, one-line why: the OS's word for a socket error, else the message."""
         if cause is None:
             return None
+        if isinstance(cause, MasterNotFoundError):
+            # redis-py lists every Sentinel's client repr after ' : '; the name is enough
+            asked = str(cause).partition(" : ")[0].rstrip()
+            return f"{asked}: no Sentinel answered, or none knows that master"
         if isinstance(cause, BaseException):
             low = cause.__cause__ or cause.__context__
             if isinstance(low, OSError) and low.strerror:
                 return low.strerror
         text = " ".join(str(cause).split()).rstrip(".")
         return text or type(cause).__name__
+
+
+class ReplicationTimeoutError(GridQueueError):
+    """The write reached the Redis primary, but fewer replicas than
+    GRIDQUEUE_REDIS_MIN_REPLICAS confirmed it in time, so a failover now could lose it;
+    check the replicas (INFO replication), or lower GRIDQUEUE_REDIS_MIN_REPLICAS."""
+
+    def __init__(self, message: str | None = None, job_id: str | None = None) -> None:
+        self.job_id = job_id
+        super().__init__(message or self.__doc__)
 
 
 class JobNotFoundError(GridQueueError):

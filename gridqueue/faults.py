@@ -20,7 +20,7 @@ from gridqueue.settings import Settings
 
 
 def _check_simulated(settings: Settings, worker: str) -> None:
-    client = connect_redis(settings.redis_url)
+    client = connect_redis(settings.redis_target)
     probe = client.hget(Keys(settings.namespace).worker(worker), "probe")
     if probe is None:
         raise WorkerNotFoundError(f"no worker {worker!r} is registered; see `gridqueue status`")
@@ -34,7 +34,7 @@ def _check_simulated(settings: Settings, worker: str) -> None:
 def inject_fault(settings: Settings, worker: str, gpu: int, fault: Fault) -> None:
     """Add ``fault`` to GPU ``gpu`` of ``worker`` (merged with what is already there)."""
     _check_simulated(settings, worker)
-    client = connect_redis(settings.redis_url)
+    client = connect_redis(settings.redis_target)
     key = Keys(settings.namespace).worker_faults(worker)
     raw = client.hget(key, str(gpu))
     if raw:
@@ -44,7 +44,7 @@ def inject_fault(settings: Settings, worker: str, gpu: int, fault: Fault) -> Non
 
 def clear_faults(settings: Settings, worker: str) -> None:
     _check_simulated(settings, worker)
-    connect_redis(settings.redis_url).delete(Keys(settings.namespace).worker_faults(worker))
+    connect_redis(settings.redis_target).delete(Keys(settings.namespace).worker_faults(worker))
 
 
 # -- a node that dies between taking a message and claiming it (the drill's ``taken``) -----

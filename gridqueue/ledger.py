@@ -24,12 +24,14 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_exponential_jitter
 
 from gridqueue.celeryapp import PRIORITY_STEPS, QUEUE_SEP
+from gridqueue.connection import RedisTarget
 from gridqueue.errors import (
     DoesNotFitError,
     InvalidJobError,
     JobNotFoundError,
     JobTimeoutError,
     NoCapacityError,
+    ReplicationTimeoutError,
     WorkerNameInUseError,
     WorkerNotFoundError,
 )
@@ -74,6 +76,11 @@ _SCRIPTS = (
 )
 
 
+# Durable mode (GRIDQUEUE_REDIS_MIN_REPLICAS > 0) waits for replicas after these: the
+# verdicts that end or restart a job. Submit waits too, and raises when unconfirmed.
+_REPLICATED = frozenset({"complete", "finish", "cancel", "expire", "replay"})
+
+
 # A Redis blip (a restart, a failover, a dropped connection) must not lose a submit, a
 # claim or a result: callers retry for a while with jittered exponential backoff. Every
 # verb is safe to retry: each is a compare-and-set on (job, attempt), or keyed by an id
@@ -92,10 +99,12 @@ retry_redis = retry(
 )
 
 
-def connect_redis(url: str) -> redis.Redis:
-    """A client for the ledger: str replies, bounded socket waits, retries on blips."""
-    return redis.Redis.from_url(
-        url,
+def connect_redis(target: str | RedisTarget) -> redis.Redis:
+    """A client for the ledger: str replies, bounded socket waits, retries on blips. A
+    Sentinel target follows the primary: each new connection asks the Sentinels."""
+    if isinstance(target, str):
+        target = RedisTarget(target)
+    return target.client(
         decode_responses=True,
         socket_timeout=5.0,
         socket_connect_timeout=5.0,
@@ -183,10 +192,35 @@ class Ledger:
 
     @classmethod
     def connect(cls, settings: Settings) -> Ledger:
-        return cls(connect_redis(settings.redis_url), settings)
+        return cls(connect_redis(settings.redis_target), settings)
 
     def _call(self, name: str, *args: str | int | float) -> Any:
+        if self.settings.redis_min_replicas and name in _REPLICATED:
+            reply, _ = self._call_replicated(name, *args)
+            return reply
         return self._scripts[name](keys=[], args=[*self._fixed, *args])
+
+    def _call_replicated(self, name: str, *args: str | int | float) -> tuple[Any, bool]:
+        """Durable mode: the script, then WAIT for GRIDQUEUE_REDIS_MIN_REPLICAS replicas,
+        in one round trip. Returns the reply and whether enough replicas confirmed it.
+
+        A verdict that no replica confirmed in time is logged, not raised: it is on the
+        primary, and the worker cannot take it back; the producer's submit() raises
+        instead (see :meth:`submit`), so an acknowledged job is a replicated one.
+        """
+        need = self.settings.redis_min_replicas
+        timeout_ms = int(self.settings.redis_replica_timeout_s * 1000)
+        pipe = self.client.pipeline(transaction=False)
+        self.queue_call(pipe, name, *args)
+        pipe.wait(need, timeout_ms)
+        reply, confirmed = pipe.execute()
+        replicated = int(confirmed) >= need
+        if not replicated and name != "submit":
+            _log.error(
+                "ledger.write_not_replicated", call=name, replicas=int(confirmed), needed=need,
+                timeout_s=self.settings.redis_replica_timeout_s,
+            )  # fmt: skip
+        return reply, replicated
 
     def queue_call(self, pipe: Any, name: str, *args: str | int | float) -> None:
         """Queue one script call on a pipeline (``client.pipeline()``), for bulk loads such
@@ -211,7 +245,8 @@ class Ledger:
         Raises DoesNotFitError if no registered GPU can hold the model, and (unless
         ``wait_for_capacity``) NoCapacityError if no live, unquarantined worker serves it.
         """
-        reply = self._call(
+        call = self._call_replicated if self.settings.redis_min_replicas else self._call_plain
+        reply, replicated = call(
             "submit",
             job_id,
             model,
@@ -228,9 +263,22 @@ class Ledger:
             raise DoesNotFitError(_does_not_fit_message(model, json.loads(reply[1])))
         if reply[0] == "no_capacity":
             raise NoCapacityError(_no_capacity_message(model, json.loads(reply[1])))
+        if not replicated:
+            raise ReplicationTimeoutError(
+                f"job {reply[0]} is written on the Redis primary, but fewer than "
+                f"{self.settings.redis_min_replicas} replica(s) confirmed it within "
+                f"{self.settings.redis_replica_timeout_s:g} s, so a failover now could lose "
+                "it: it will run unless that happens. Check the replicas (INFO "
+                "replication); submit again with the same idempotency_key to get its "
+                "handle, or follow it with gq.job(job_id).",
+                job_id=str(reply[0]),
+            )
         if reply[1] == "created":
             return Submitted(str(reply[0]), True, str(reply[2]))
         return Submitted(str(reply[0]), False)
+
+    def _call_plain(self, name: str, *args: str | int | float) -> tuple[Any, bool]:
+        return self._scripts[name](keys=[], args=[*self._fixed, *args]), True
 
     def _watch_ms(self, workload: str) -> tuple[int, int]:
         """The liveness and stall timeouts a claim registers for jobs of this class."""

@@ -12,6 +12,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from gridqueue.connection import RedisTarget
 from gridqueue.workloads import DEFAULT_WORKLOADS_FILE
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -24,7 +25,32 @@ class Settings(BaseSettings):
 
     redis_url: str = Field(
         DEFAULT_REDIS_URL,
-        description="Ledger and broker. redis://[:password@]host:port/db or rediss:// for TLS.",
+        description="Ledger and broker. redis://[:password@]host:port/db, rediss:// for TLS, "
+        "or Sentinels: sentinel://HOST:PORT;sentinel://HOST:PORT/DB (with "
+        "GRIDQUEUE_REDIS_SENTINEL_MASTER).",
+    )
+    redis_sentinel_master: str | None = Field(
+        None,
+        description="With a sentinel:// URL: the master's name, as in the Sentinels' "
+        "`sentinel monitor <name> ...` line.",
+    )
+    redis_sentinel_password: SecretStr | None = Field(
+        None,
+        description="The Sentinels' own password (requirepass in sentinel.conf), if any; the "
+        "primary's password goes in the URL.",
+    )
+    redis_min_replicas: int = Field(
+        0,
+        ge=0,
+        description="Durable mode: submit() and each attempt's verdict return only once this "
+        "many replicas confirm the write (Redis WAIT). 0: asynchronous replication, a "
+        "failover can lose the last writes.",
+    )
+    redis_replica_timeout_s: float = Field(
+        1.0,
+        gt=0,
+        description="Durable mode: how long a write waits for its replicas before the "
+        "call fails with ReplicationTimeoutError.",
     )
     namespace: str = Field("gq", pattern=r"^[A-Za-z0-9_.-]+$", description="Ledger key prefix.")
     heartbeat_interval_s: float = Field(0.2, gt=0, description="Worker heartbeat period.")
@@ -92,6 +118,22 @@ class Settings(BaseSettings):
     )
     log_format: Literal["json", "console"] = "json"
     log_level: str = "INFO"
+
+    @property
+    def redis_target(self) -> RedisTarget:
+        """Where the ledger and the broker live (validated with the settings)."""
+        return RedisTarget(
+            self.redis_url,
+            self.redis_sentinel_master,
+            None
+            if self.redis_sentinel_password is None
+            else self.redis_sentinel_password.get_secret_value(),
+        )
+
+    @model_validator(mode="after")
+    def _redis_target_is_complete(self) -> Settings:
+        self.redis_target  # noqa: B018 - raises, with what to set, on a partial target
+        return self
 
     @model_validator(mode="after")
     def _liveness_is_coherent(self) -> Settings:

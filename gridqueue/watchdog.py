@@ -115,8 +115,8 @@ class TickReport:
 class Watchdog:
     def __init__(self, settings: Settings, owner: str | None = None) -> None:
         self.settings = settings
-        self.ledger = Ledger(connect_redis(settings.redis_url), settings)
-        app = make_celery(settings.redis_url, events=settings.celery_events)
+        self.ledger = Ledger(connect_redis(settings.redis_target), settings)
+        app = make_celery(settings.redis_target, events=settings.celery_events)
         self.dispatcher = Dispatcher(self.ledger, app)
         # Flower hears of an attempt whose node died from us: that node cannot speak.
         self.announcer = NodeLostAnnouncer(app, self.ledger, settings.celery_events)

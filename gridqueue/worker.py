@@ -71,7 +71,7 @@ def run_worker(
         )
     # Redis first: the probe's fault source reads it, and a Redis that cannot be reached
     # would otherwise surface as a GPU too small for every model.
-    client = connect_redis(settings.redis_url)
+    client = connect_redis(settings.redis_target)
     try:
         client.ping()
     except redis.RedisError as exc:
@@ -123,7 +123,7 @@ def run_worker(
     log.info("worker.probe", probe=probe.name, note=note, gpus=len(first.gpus))
     queues = [queue_for_model(settings.namespace, m) for m in fitting]
     own_redelivery_in_this_worker()  # or a Redis restart would stop the whole fleet
-    app = make_celery(settings.redis_url, events=settings.celery_events)
+    app = make_celery(settings.redis_target, events=settings.celery_events)
     register_task(app)
     runtime = WorkerRuntime(
         name,

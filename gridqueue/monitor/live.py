@@ -16,8 +16,8 @@ from typing import cast
 
 import anyio
 import redis
-import redis.asyncio as aioredis
 
+from gridqueue.connection import RedisTarget
 from gridqueue.errors import RedisUnavailableError
 
 # A quiet stream sends a keep-alive comment this often, so no proxy closes it.
@@ -30,8 +30,9 @@ STREAM_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
 class LiveStreams:
     """The readers open now, under a cap: each holds a Redis connection."""
 
-    def __init__(self, redis_url: str, events_key: str, client_name: str, limit: int) -> None:
-        self.redis_url = redis_url
+    def __init__(self, redis: RedisTarget, events_key: str, client_name: str, limit: int) -> None:
+        self.redis = redis
+        self.redis_url = redis.url
         self.events_key = events_key
         self.client_name = client_name
         self.limit = limit
@@ -49,8 +50,7 @@ class LiveStreams:
         The connection is opened here, not before, so a response that is never sent
         holds none.
         """
-        client = aioredis.Redis.from_url(
-            self.redis_url,
+        client = self.redis.async_client(
             decode_responses=True,
             socket_connect_timeout=5.0,
             socket_timeout=BLOCK_MS / 1000 + 10,

@@ -86,7 +86,7 @@ class Dashboard:
         publishes it (its dispatch is due)."""
         try:
             if self.dispatcher is None:
-                app = make_celery(self.settings.redis_url, events=self.settings.celery_events)
+                app = make_celery(self.settings.redis_target, events=self.settings.celery_events)
                 self.dispatcher = Dispatcher(self.ledger, app)
             return self.dispatcher.publish(attempt_id(job_id, attempt))
         except Exception as exc:  # the replay is committed; the watchdog publishes it
@@ -654,13 +654,12 @@ def create_app(
             read_only=_read_only(settings), read_only_how=READ_ONLY_HOW, version=__version__
         ),
         streams=LiveStreams(
-            settings.redis_url,
+            settings.redis_target,
             ledger.keys.events,
             client_name=f"{settings.namespace}-dashboard-stream",
             limit=MAX_STREAMS,
         ),
-        ping=redis.Redis.from_url(
-            settings.redis_url,
+        ping=settings.redis_target.client(
             socket_connect_timeout=2.0,
             socket_timeout=2.0,
             retry=Retry(NoBackoff(), 0),
