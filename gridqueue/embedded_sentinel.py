@@ -123,12 +123,14 @@ class EmbeddedSentinelSet:
             time.sleep(0.05)
         raise GridQueueError(f"no replica was promoted within {timeout_s} s")
 
-    def restart(self, port: int) -> None:
-        """Bring a killed data server back as a replica of the current primary, as an
-        operator's restart would (the Sentinels would convert a returning old primary
-        themselves, but only on their next 10 s INFO round)."""
-        primary = self.primary_port()
-        self._start_data(port, None if primary in (None, port) else primary)
+    def restart(self, port: int, primary: int) -> None:
+        """Bring a killed data server back as a replica of ``primary``, as an operator's
+        restart would (the Sentinels would convert a returning old primary themselves, but
+        only on their next 10 s INFO round, and it would come back empty as a primary
+        first)."""
+        if port == primary:
+            raise ValueError("a restarted server comes back as a replica of another one")
+        self._start_data(port, primary)
 
     def wait_replicas(self, count: int, timeout_s: float = 60.0) -> None:
         """Wait until the current primary has ``count`` replicas streaming from it."""

@@ -95,7 +95,7 @@ def test_the_fleet_follows_a_promoted_replica_and_every_acknowledged_job_ends(
         new = sentinels.wait_promoted(old)
         assert new != old
         # Back as a replica of the new primary: durable writes have a replica again.
-        sentinels.restart(old)
+        sentinels.restart(old, new)
         sentinels.wait_replicas(1)
         wait_for(
             lambda: sum(t > killed_at for t, _ in producer.acknowledged) >= 30, timeout_s=90
