@@ -1,11 +1,18 @@
-"""Failover latency: kill -9 workers that hold running jobs, again and again.
+"""Failover latency: kill -9 (or freeze) workers that hold running jobs, again and again.
 
-For each kill it measures, on Redis server time, the time from the kill to the job's
+For each fault it measures, on Redis server time, the time from the fault to the job's
 next attempt RUNNING on another worker. It prints p50, p99 and max over all failovers,
-the lost and duplicate counts over the whole run, and a baseline measured in the same
-run: plain Celery (acks_late, reject_on_worker_lost) after the same kill -9.
+the signal that brought each verdict (``connection``: the dead process's presence
+subscription closed; ``heartbeat``: stale_after_s of silence), the lost and duplicate
+counts over the whole run, and a baseline measured in the same run: plain Celery
+(acks_late, reject_on_worker_lost) after the same kill -9.
 
-    python benchmarks/failover_latency.py [--kills 20] [--baseline-window-s 20] [--json]
+``--mode kill`` sends SIGKILL to the worker's process group (a process death: its sockets
+close). ``--mode freeze`` sends SIGSTOP to it (a silent node: no socket closes, only the
+heartbeat tells) and SIGCONT once the jobs ran elsewhere.
+
+    python benchmarks/failover_latency.py [--mode kill|freeze] [--kills 30]
+        [--baseline-window-s 20] [--no-baseline] [--json]
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +48,7 @@ JOBS_PER_ROUND = 4
 JOB_MS = 2500
 
 
-def gridqueue_run(url: str, kills: int, log_dir: Path) -> dict[str, Any]:
+def gridqueue_run(url: str, kills: int, log_dir: Path, mode: str = "kill") -> dict[str, Any]:
     fleet = LocalFleet(url, log_dir)
     gq = GridQueue(settings=Settings(redis_url=url))
     try:
@@ -49,8 +57,10 @@ def gridqueue_run(url: str, kills: int, log_dir: Path) -> dict[str, Any]:
             fleet.start_worker(name, concurrency=CONCURRENCY)
         fleet.start_watchdog()
         fleet.wait_alive(gq.ledger, names)
+        _wait_until_watchdog_judges(gq)
         all_jobs: list[str] = []
         latencies: list[int] = []
+        signals: list[str] = []
         for round_no in range(kills):
             jobs = [
                 gq.submit("sim-llm", {"prompt": f"r{round_no}-{i}", "ms": JOB_MS}).id
@@ -67,15 +77,17 @@ def gridqueue_run(url: str, kills: int, log_dir: Path) -> dict[str, Any]:
             placement = wait_for(placed, 30, what="jobs to start")
             victim = placement[jobs[0]]
             kill_ms = gq.ledger.time_ms()
-            fleet.kill(victim)
+            fleet.kill(victim, signal.SIGSTOP if mode == "freeze" else signal.SIGKILL)
             for job_id in jobs:
                 gq.job(job_id).result(timeout=60)
             round_latencies = failover_latencies_ms([gq.get(j) for j in jobs], victim, kill_ms)
             latencies += round_latencies
+            signals.append(_verdict_signal(gq, victim, kill_ms))
             print(
-                f"kill {round_no + 1:>2}/{kills}: {victim} held "
+                f"{mode} {round_no + 1:>2}/{kills}: {victim} held "
                 f"{sum(1 for w in placement.values() if w == victim)} job(s); "
-                f"running again after {', '.join(f'{ms} ms' for ms in round_latencies)}",
+                f"running again after {', '.join(f'{ms} ms' for ms in round_latencies)} "
+                f"(signal: {signals[-1]})",
                 flush=True,
             )
             # Replace the dead node with a fresh one, as an orchestrator would.
@@ -86,7 +98,9 @@ def gridqueue_run(url: str, kills: int, log_dir: Path) -> dict[str, Any]:
             fleet.wait_alive(gq.ledger, names)
         result = audit(gq.ledger, all_jobs)
         return {
+            "mode": mode,
             "kills": kills,
+            "signals": dict(Counter(signals)),
             "failovers": len(latencies),
             "p50_ms": percentile(latencies, 50),
             "p99_ms": percentile(latencies, 99),
@@ -97,6 +111,34 @@ def gridqueue_run(url: str, kills: int, log_dir: Path) -> dict[str, Any]:
     finally:
         fleet.stop_all()
         gq.close()
+
+
+def _wait_until_watchdog_judges(gq: GridQueue) -> None:
+    """A new leader judges no one for one grace period (every node gets a chance to beat
+    again): a fault injected before it ends would measure the grace, not the detection."""
+    settings = gq.ledger.settings
+    beat_s = max(
+        [w.liveness_interval_s for w in gq.ledger.workloads.values()]
+        + [settings.heartbeat_interval_s]
+    )
+    grace_ms = int((settings.stale_after_s + beat_s) * 1000)
+
+    def elected_ms() -> int | None:
+        events = gq.ledger.events(count=100_000)
+        elections = [int(e["ts"]) for e in events if e["type"] == "leader_elected"]
+        return elections[-1] if elections else None
+
+    judging_ms = wait_for(elected_ms, 60, what="a watchdog to lead") + grace_ms
+    wait_for(lambda: gq.ledger.time_ms() >= judging_ms or None, 60, what="the leader's grace")
+
+
+def _verdict_signal(gq: GridQueue, victim: str, since_ms: int) -> str:
+    """The signal of the worker_dead incident that followed the fault (``none`` if none)."""
+    entries = gq.ledger.client.xrange(gq.ledger.keys.incidents, min=f"{since_ms}-0")
+    for _, fields in entries:
+        if fields.get("kind") == "worker_dead" and fields.get("worker") == victim:
+            return str(fields.get("signal") or "heartbeat")
+    return "none"
 
 
 def bare_celery_run(url: str, window_s: float, log_dir: Path) -> dict[str, Any]:
@@ -148,29 +190,40 @@ def _is_child(pid: int, parent: int) -> bool:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--kills", type=int, default=20)
+    parser.add_argument("--mode", choices=("kill", "freeze"), default="kill")
+    parser.add_argument("--kills", type=int, default=30)
     parser.add_argument("--baseline-window-s", type=float, default=20.0)
+    parser.add_argument("--no-baseline", action="store_true", help="skip plain Celery")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    bare: dict[str, Any] = {"window_s": args.baseline_window_s, "rerun_after_s": None}
     with tempfile.TemporaryDirectory(prefix="gridqueue-bench-") as tmp:
         with EmbeddedRedis() as url:
-            ours = gridqueue_run(url, args.kills, Path(tmp))
-        with EmbeddedRedis() as url:
-            bare = bare_celery_run(url, args.baseline_window_s, Path(tmp))
+            ours = gridqueue_run(url, args.kills, Path(tmp), args.mode)
+        if not args.no_baseline:
+            with EmbeddedRedis() as url:
+                bare = bare_celery_run(url, args.baseline_window_s, Path(tmp))
     report = {"gridqueue": ours, "bare_celery": bare}
     if args.json:
         print(json.dumps(report, indent=2))
     print()
-    print(f"gridqueue, default settings, {ours['failovers']} failovers over {ours['kills']} kills")
+    fault = "SIGSTOP of the process group" if args.mode == "freeze" else "kill -9"
     print(
-        f"  kill -9 -> next attempt RUNNING: p50 {ours['p50_ms']:.0f} ms, "
+        f"gridqueue, default settings, {ours['failovers']} failovers over "
+        f"{ours['kills']} faults ({args.mode})"
+    )
+    print(
+        f"  {fault} -> next attempt RUNNING: p50 {ours['p50_ms']:.0f} ms, "
         f"p99 {ours['p99_ms']:.0f} ms, max {ours['max_ms']:.0f} ms"
     )
+    print(f"  verdicts by signal: {ours['signals']}")
     print(
         f"  jobs {ours['submitted']}, lost {ours['lost']}, duplicate visible results "
         f"{ours['duplicates']}, stale results discarded {ours['stale_results_discarded']}"
     )
-    if bare["rerun_after_s"] is None:
+    if args.no_baseline:
+        pass
+    elif bare["rerun_after_s"] is None:
         window = bare["window_s"]
         print(
             f"bare Celery (acks_late, default visibility_timeout 3600 s): the killed task "

@@ -15,6 +15,10 @@ before the watchdog can give their jobs to others, and consumes again only once 
 registered anew. One name is one process: a register is refused while another process
 heartbeats under the name.
 
+Its main process also holds a presence subscription (``gridqueue/presence.py``) on a
+connection of its own: when the process dies, Redis sees the subscription close at once,
+and the watchdog declares the node dead in a fraction of ``stale_after_s``.
+
 Threads: the heartbeat never waits on the GPU probe. The probe runs in its own thread and
 under a deadline, so a wedged driver turns into the verdict ``nvml_unresponsive`` while
 the heartbeat keeps going.
@@ -39,6 +43,7 @@ from gridqueue.errors import GridQueueError, WorkerNameInUseError
 from gridqueue.health import HealthClassifier, HealthConfig, HealthLevel
 from gridqueue.keys import split_attempt_id
 from gridqueue.logs import get_logger
+from gridqueue.presence import Presence
 from gridqueue.probes import DeadlineReader, ProbeReading
 from gridqueue.runner import WorkerRuntime, current_runtime, on_child_lost
 from gridqueue.states import Outcome, WorkerState
@@ -107,6 +112,7 @@ class GridQueueAgent(bootsteps.StartStopStep):  # type: ignore[misc]
         self.parent = parent
         self.runtime: WorkerRuntime | None = None
         self.health: HealthMonitor | None = None
+        self.presence: Presence | None = None
         self.epoch = 0
         self.state = ""
         self._consuming = True
@@ -123,6 +129,16 @@ class GridQueueAgent(bootsteps.StartStopStep):  # type: ignore[misc]
         self.health = HealthMonitor(self.runtime)
         reading = self.health.read_once()
         self._register_when_free(reading)
+        settings = self.runtime.settings
+        if settings.connection_signal:
+            # After the register: a name held by another live process is not ours to hold.
+            self.presence = Presence(
+                settings.redis_url,
+                self.runtime.ledger.keys.presence(self.runtime.name),
+                max_backoff_s=settings.heartbeat_interval_s / 2,
+                worker=self.runtime.name,
+            )
+            self.presence.start()
         self.health.start()
         on_child_lost(self._on_child_lost)
         self._acked_at = time.monotonic()
@@ -177,6 +193,8 @@ class GridQueueAgent(bootsteps.StartStopStep):  # type: ignore[misc]
         if not self._evicted:
             with contextlib.suppress(RedisError):
                 runtime.ledger.unregister(runtime.name, self.epoch)
+        if self.presence is not None:  # after the unregister: a stop is no death
+            self.presence.stop()
         if runtime.probe is not None:
             with contextlib.suppress(Exception):
                 runtime.probe.close()
@@ -244,6 +262,7 @@ class GridQueueAgent(bootsteps.StartStopStep):  # type: ignore[misc]
             health.snapshot if health else "",
             health.verdict if health else "",
             held=[request.id for request in _held_requests()],
+            present=self.presence is not None and self.presence.up,
         )
         if beat.fenced:
             self._on_fenced(beat.state)

@@ -23,6 +23,10 @@ Layout (``ns`` is ``GRIDQUEUE_NAMESPACE``, ``gq`` by default; an attempt is ``<j
     {ns}:worker:{name}:running set     attempts this worker runs
     {ns}:worker:{name}:kill    set     attempts the worker agent must SIGKILL
     {ns}:worker:{name}:faults  hash    simulated GPU faults injected by the drill (gpu -> JSON)
+    {ns}:presence:{name}       channel nothing is published on it: the worker's main process
+                                       holds a subscription on a connection of its own, so
+                                       its subscriber count (PUBSUB NUMSUB) drops to 0 the
+                                       moment that process dies and the kernel closes it
     {ns}:model:{model}         hash    worker -> {required_bytes, largest_gpu_bytes}: the
                                        workers that consume the model's queue now
     {ns}:model:{model}:unfit   hash    the same, for workers the model does not fit (they
@@ -80,6 +84,7 @@ _TEMPLATES: dict[str, tuple[str, tuple[str, ...]]] = {
     "worker_running": ("{ns}:worker:{name}:running", ("name",)),
     "worker_kill": ("{ns}:worker:{name}:kill", ("name",)),
     "worker_faults": ("{ns}:worker:{name}:faults", ("name",)),
+    "presence": ("{ns}:presence:{name}", ("name",)),
     "model": ("{ns}:model:{model}", ("model",)),
     "model_unfit": ("{ns}:model:{model}:unfit", ("model",)),
     "probation": ("{ns}:probation", ()),
@@ -150,6 +155,9 @@ class Keys:
 
     def worker_faults(self, name: str) -> str:
         return self._render("worker_faults", name=name)
+
+    def presence(self, name: str) -> str:
+        return self._render("presence", name=name)
 
     def model(self, model: str) -> str:
         return self._render("model", model=model)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, cast
 
@@ -154,6 +154,8 @@ class Scan:
     probation_due: list[str]
     liveness_lapsed: list[str]
     progress_lapsed: list[str]
+    # Late workers whose presence subscription has closed: their process is likely gone.
+    unreachable_workers: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -535,10 +537,14 @@ class Ledger:
         health: str = "",
         verdict: str = "",
         held: list[str] | None = None,
+        present: bool = False,
     ) -> Heartbeat:
         """Beat; ``held`` lists the attempts this worker's processes hold, so that kill
-        orders for them are repeated until they are gone."""
-        reply = self._call("heartbeat", name, epoch, health, verdict, ",".join(held or ()))
+        orders for them are repeated until they are gone. ``present``: the worker's
+        presence subscription is up, so its closing may be read as the process's death."""
+        reply = self._call(
+            "heartbeat", name, epoch, health, verdict, ",".join(held or ()), int(present)
+        )
         if reply[0] == "fenced":
             return Heartbeat(fenced=True, kill=[], state=reply[1])
         return Heartbeat(fenced=False, kill=list(reply[2:]), state=reply[1])
@@ -569,10 +575,28 @@ class Ledger:
     def unregister(self, name: str, epoch: int) -> bool:
         return bool(self._call("unregister", name, epoch))
 
-    def declare_dead(self, name: str, token: str) -> int | None:
-        """Mark a silent worker DEAD; returns how many attempts it lost, None if alive."""
-        reply = self._call("declare_dead", name, int(self.settings.stale_after_s * 1000), token)
+    def declare_dead(self, name: str, token: str, signal: str = "heartbeat") -> int | None:
+        """Mark a worker DEAD; returns how many attempts it lost, None if alive.
+
+        ``signal`` 'heartbeat': it has been silent for ``stale_after_s``. 'connection': its
+        heartbeat is late by one interval and its presence subscription has closed."""
+        reply = self._call(
+            "declare_dead",
+            name,
+            int(self.settings.stale_after_s * 1000),
+            token,
+            signal,
+            self.late_ms,
+        )
         return int(reply[1]) if reply[0] == "dead" else None
+
+    @property
+    def late_ms(self) -> int:
+        """How late a heartbeat must be before a closed presence subscription counts as
+        the process's death: one heartbeat interval; 0 when the connection signal is off."""
+        if not self.settings.connection_signal:
+            return 0
+        return int(self.settings.heartbeat_interval_s * 1000)
 
     def worker(self, name: str) -> WorkerRecord | None:
         data = cast(dict[str, str], self.client.hgetall(self.keys.worker(name)))
@@ -593,8 +617,8 @@ class Ledger:
     # -- watchdog --------------------------------------------------------------------
 
     def scan(self, batch: int = 256) -> Scan:
-        now, stale, expired, due, lost, health, probation, silent, stuck = self._call(
-            "scan", int(self.settings.stale_after_s * 1000), batch
+        now, stale, expired, due, lost, health, probation, silent, stuck, unreachable = self._call(
+            "scan", int(self.settings.stale_after_s * 1000), batch, self.late_ms
         )
         return Scan(
             now_ms=int(now),
@@ -606,6 +630,7 @@ class Ledger:
             probation_due=list(probation),
             liveness_lapsed=list(silent),
             progress_lapsed=list(stuck),
+            unreachable_workers=list(unreachable),
         )
 
     def lost_attempts(self, batch: int = 256) -> dict[str, str]:

@@ -55,6 +55,13 @@ class Settings(BaseSettings):
     namespace: str = Field("gq", pattern=r"^[A-Za-z0-9_.-]+$", description="Ledger key prefix.")
     heartbeat_interval_s: float = Field(0.2, gt=0, description="Worker heartbeat period.")
     stale_after_s: float = Field(1.0, gt=0, description="Silence after which a worker is dead.")
+    connection_signal: bool = Field(
+        True,
+        description="Declare a worker dead at once when its main process is gone: its "
+        "heartbeat is late by more than one interval and its presence subscription has "
+        "closed (the kernel closes a dead process's sockets). False leaves only the "
+        "heartbeat's stale_after_s (e.g. behind a proxy that hides client connections).",
+    )
     watchdog_tick_s: float = Field(0.1, gt=0, description="Watchdog loop period.")
     watchdog_lease_s: float = Field(2.0, gt=0, description="Leader lease; a standby waits it out.")
     dispatch_grace_s: float = Field(

@@ -13,8 +13,9 @@ It models what moves a job, in plain data, without Redis or a clock:
   redelivered by kombu itself), or ``acked`` (gone). A message is known by its delivery
   tag, made at publish, which stays the same when kombu puts it back on its queue;
 - the processes: whether each node's main process is up (it heartbeats, and its consumer
-  takes messages), and the pool children running claimed attempts (running, stuck,
-  frozen or gone);
+  takes messages), whether it is still connected (a frozen process keeps its sockets; a
+  dead one's close, and with them its presence subscription), and the pool children
+  running claimed attempts (running, stuck, frozen or gone);
 - the watchdog's tick, and what Celery and the worker agent do when a pool child dies:
   Celery puts its message back on the queue (``task_reject_on_worker_lost``) unless its
   connection is gone, and the agent reports the child, unless the node dies or Redis is
@@ -237,6 +238,10 @@ class WorkerModel:
     up: bool = True  # its main process runs: it heartbeats, and its consumer takes messages
     process: int = 0  # which process (a restart is a new one; a re-registration is not)
     silent: bool = False  # its heartbeat is older than stale_after: it may be declared dead
+    late: bool = False  # its heartbeat is late by more than one interval
+    # Its process lives (running or frozen), so its presence subscription is held: a live
+    # process that loses it takes it again faster than the watchdog's two looks.
+    connected: bool = True
     kill: set[str] = field(default_factory=set)  # attempts its agent must SIGKILL
     concurrency: int = 1  # its slots: how many attempts it runs at once
     verdict: str = ""  # the health verdict its heartbeat last carried
@@ -549,7 +554,8 @@ class LedgerModel:
         known.concurrency, known.verdict = concurrency, ""
         if not known.up:
             known.up, known.process = True, known.process + 1
-        known.silent = False
+        known.silent = known.late = False
+        known.connected = True
         return known.epoch
 
     def unregister(self, worker: str, epoch: int) -> bool:
@@ -572,17 +578,22 @@ class LedgerModel:
         if known is None or known.state not in _HEARTBEATING or known.epoch != epoch:
             self.stats["heartbeats_refused"] += 1
             return "fenced", []
-        known.silent = False
+        known.silent = known.late = False
         if verdict and verdict != known.verdict:
             known.verdict = verdict
             self.health_changes.add(worker)
         known.kill &= held
         return "ok", sorted(known.kill)
 
-    def declare_dead(self, worker: str) -> int | None:
-        """The worker went silent past ``stale_after_s``; None if it is not a live worker."""
+    def declare_dead(self, worker: str, signal: str = "heartbeat") -> int | None:
+        """``declare_dead.lua``: the worker went silent past ``stale_after_s``
+        ('heartbeat'), or its beat is late by an interval and its connection has closed
+        ('connection'); None if it is not a live worker (or, for 'connection', if its
+        beat is on time or its process still holds its subscription)."""
         known = self.workers.get(worker)
         if known is None or known.state in _GONE:
+            return None
+        if signal == "connection" and not (known.late and not known.connected):
             return None
         known.state, known.probation_listed = WorkerState.DEAD, False
         self.stats["workers_declared_dead"] += 1
@@ -875,10 +886,26 @@ class LedgerModel:
         """kill -9 of the node: its heartbeat stops, its children die with it, and what
         its consumer took stays in kombu's unacked (kombu never redelivers it)."""
         known = self.workers[worker]
-        known.up = False
+        known.up = known.connected = False
         for child in self.children.values():
             if (child.worker, child.process) == (worker, known.process):
                 child.state = GONE
+
+    def freeze_node(self, worker: str) -> None:
+        """SIGSTOP of the node (or a partition that closes no socket): its heartbeat
+        stops and its children stop with it, but its connections stay open, so only its
+        silence tells."""
+        known = self.workers[worker]
+        known.up = False
+        for child in self.children.values():
+            if (child.worker, child.process) == (worker, known.process):
+                child.state = FROZEN
+
+    def elapse_interval(self) -> None:
+        """One heartbeat interval passes, and no more: the beat of a node that is down is
+        late (the connection signal may apply), but nothing is stale yet."""
+        for known in self.workers.values():
+            known.late = known.late or not known.up
 
     def stop_node(self, worker: str) -> None:
         """A clean stop: the process exits. A gridqueue worker's channel restores nothing
@@ -933,17 +960,20 @@ class LedgerModel:
             message.lapsed = message.state == DELIVERED
         for known in self.workers.values():
             known.silent = not known.up
+            known.late = known.late or not known.up
             if known.probation_until is False:
                 known.probation_until = True
 
     def watchdog_tick(self) -> Counter[str]:
-        """``Watchdog.tick``: declare silent workers dead, apply changed health verdicts,
+        """``Watchdog.tick``: declare silent workers dead, and late ones whose connection
+        has closed (the connection signal), apply changed health verdicts,
         stall lapsed watches, apply the policy to lost attempts, end probations that are
         due, expire jobs past their deadline, (with ``recover_stranded``) recover stranded
         deliveries, and publish due dispatches."""
         report: Counter[str] = Counter()
         for name, known in sorted(self.workers.items()):
-            if known.silent and self.declare_dead(name) is not None:
+            signal = "heartbeat" if known.silent else "connection"
+            if self.declare_dead(name, signal) is not None:
                 report["workers_declared_dead"] += 1
         for name in sorted(self.health_changes):
             report[f"health_{self.apply_health(name)}"] += 1

@@ -3,8 +3,10 @@
 Each tick it renews its Redis lease (its fencing token rides on every write it makes, so a
 deposed leader's writes are refused), then:
 
-1. declares DEAD each worker silent for ``stale_after_s``: its running attempts move to
-   the ``lost`` hash in the same atomic step;
+1. declares DEAD each worker silent for ``stale_after_s``, and sooner each worker whose
+   process is gone: its heartbeat is late by one interval and its presence subscription
+   has closed, on two looks at least a quarter interval apart (the connection signal).
+   Its running attempts move to the ``lost`` hash in the same atomic step;
 2. applies the workload policy to every lost attempt: requeue (published at once, ahead
    of fresh work) or fail explicitly;
 3. expires jobs past their deadline, killing their running attempt;
@@ -12,6 +14,12 @@ deposed leader's writes are refused), then:
    dead producer or watchdog never finished;
 5. sweeps kombu's deliveries for messages taken by a consumer that died before claiming
    them, and publishes those attempts again.
+
+The connection signal cannot declare a live worker dead: a worker whose subscription
+alone dropped (a ``CLIENT KILL``, a proxy restart) subscribes again within milliseconds,
+while the verdict needs the subscriber gone on two looks a quarter interval apart *and*
+its heartbeat late by more than an interval; and it applies only to an incarnation whose
+subscription Redis has seen (a worker that never subscribed is judged by its heartbeat).
 
 Liveness is judged on Redis server time, so the watchdog also checks that clock against
 its own monotonic one: when the Redis host's clock jumps (an NTP step, a failover to a
@@ -43,7 +51,7 @@ from gridqueue.celeryapp import make_celery
 from gridqueue.celerystate import NodeLostAnnouncer
 from gridqueue.dispatch import Dispatcher
 from gridqueue.keys import attempt_id, split_attempt_id
-from gridqueue.ledger import AttemptEnd, Ledger, connect_redis
+from gridqueue.ledger import AttemptEnd, Ledger, Scan, connect_redis
 from gridqueue.logs import get_logger
 from gridqueue.settings import Settings
 from gridqueue.states import Outcome
@@ -133,6 +141,10 @@ class Watchdog:
         self.clock = ClockWatch(tolerance_s=self.settings.stale_after_s / 4)
         self._next_forget = 0.0
         self._next_message_check = 0.0
+        # The connection signal's second look: name -> (server ms, monotonic s) of the first
+        # tick that found the worker late with its subscription gone.
+        self._unreachable_since: dict[str, tuple[int, float]] = {}
+        self.confirm_s = self.settings.heartbeat_interval_s / 4
 
     def tick(self) -> TickReport:
         started = time.perf_counter()
@@ -173,7 +185,17 @@ class Watchdog:
             if count is not None:
                 report.workers_declared_dead += 1
                 moved = True
-                log.warning("worker.declared_dead", worker=name, attempts=count)
+                log.warning("worker.declared_dead", worker=name, attempts=count, signal="heartbeat")
+        confirmed = self._confirmed_unreachable(scan, now)
+        for name in confirmed if judging else ():
+            count = self._item(report, self.ledger.declare_dead, name, value, "connection")
+            self._unreachable_since.pop(name, None)
+            if count is not None:
+                report.workers_declared_dead += 1
+                moved = True
+                log.warning(
+                    "worker.declared_dead", worker=name, attempts=count, signal="connection"
+                )
         for name in scan.health_changes:
             action = self._item(report, self.ledger.apply_health, name, value)
             if action in ("evacuated", "draining"):
@@ -226,6 +248,31 @@ class Watchdog:
         self._last_ok = time.monotonic()
         report.duration_s = time.perf_counter() - started
         return report
+
+    def _confirmed_unreachable(self, scan: Scan, now: float) -> list[str]:
+        """Workers found late with their subscription gone on this look and on one at least
+        ``confirm_s`` earlier. A worker seen so for the first time waits for the next look
+        (``next_tick_in`` brings it forward); one that is no longer so is forgotten."""
+        seen = set(scan.unreachable_workers)
+        for name in list(self._unreachable_since):
+            if name not in seen:
+                del self._unreachable_since[name]
+        confirmed = []
+        for name in scan.unreachable_workers:
+            first_ms, _ = self._unreachable_since.setdefault(name, (scan.now_ms, now))
+            if scan.now_ms - first_ms >= self.confirm_s * 1000:
+                confirmed.append(name)
+        return confirmed
+
+    def next_tick_in(self, elapsed_s: float) -> float:
+        """Seconds to wait before the next tick: one tick period, or less when a worker
+        found unreachable awaits its second look."""
+        wait_s = self.settings.watchdog_tick_s - elapsed_s
+        now = time.monotonic()
+        for _, first in self._unreachable_since.values():
+            if first + self.confirm_s > now:
+                wait_s = min(wait_s, first + self.confirm_s - now)
+        return max(0.0, wait_s)
 
     def _item(self, report: TickReport, verb: Callable[..., _T], *args: Any) -> _T | None:
         """Apply one verb to one item. A failure particular to the item (a script error,
@@ -303,8 +350,7 @@ class Watchdog:
                 except Exception as exc:  # the control plane must outlive any one bad tick
                     log.exception("watchdog.tick_failed", owner=self.owner, error=repr(exc))
                     failing = True
-                elapsed = time.monotonic() - started
-                stop.wait(max(0.0, self.settings.watchdog_tick_s - elapsed))
+                stop.wait(self.next_tick_in(time.monotonic() - started))
         finally:
             if self.token is not None:
                 with contextlib.suppress(RedisError):

@@ -50,6 +50,15 @@ local function can_take(name, model, stale_after_ms)
   return redis.call('SCARD', key_worker_running(NS, name)) < tonumber(slots or '1')
 end
 
+-- The connection signal: the worker's presence subscription was seen up in its current
+-- incarnation and has no subscriber now (its process died; the kernel closed the socket).
+local function presence_lost(name)
+  local epoch, presence_epoch = unpack(
+    redis.call('HMGET', key_worker(NS, name), 'epoch', 'presence_epoch'))
+  if not presence_epoch or presence_epoch ~= epoch then return false end
+  return redis.call('PUBSUB', 'NUMSUB', key_presence(NS, name))[2] == 0
+end
+
 -- Take a worker off the model listings it was on (consumers, and those it did not fit).
 local function unlist_worker(name, models_csv, unfit_csv)
   for _, csv in ipairs({models_csv or '', unfit_csv or ''}) do
@@ -131,8 +140,9 @@ end
 -- measures the time from the fault to running again.
 local INCIDENTS_MAXLEN = 10000
 local INCIDENT_ATTEMPTS_LISTED = 1000
-local function incident(kind, worker, sign_ms, reason, members)
+local function incident(kind, worker, sign_ms, reason, members, signal)
   sign_ms = tonumber(sign_ms) or NOW
+  signal = signal or ''
   local listed = {}
   for i, member in ipairs(members) do
     if i > INCIDENT_ATTEMPTS_LISTED then break end
@@ -149,12 +159,22 @@ local function incident(kind, worker, sign_ms, reason, members)
       end
     end
   end
-  redis.call('XADD', key_incidents(NS), 'MAXLEN', '~', INCIDENTS_MAXLEN, '*', 'kind', kind,
+  local entry = {'XADD', key_incidents(NS), 'MAXLEN', '~', INCIDENTS_MAXLEN, '*', 'kind', kind,
     'worker', worker, 'sign_ms', sign_ms, 'verdict_ms', NOW, 'reason', reason,
-    'attempts', table.concat(listed, ','), 'moved', #members)
+    'attempts', table.concat(listed, ','), 'moved', #members}
+  -- Which signal brought the verdict, where a kind has two: a worker found dead by its
+  -- closed connection ('connection') or by its silent heartbeat ('heartbeat').
+  if signal ~= '' then
+    entry[#entry + 1] = 'signal'
+    entry[#entry + 1] = signal
+  end
+  redis.call(unpack(entry))
   bump('incidents:' .. kind)
-  -- An operator's quarantine has no fault to detect: it adds nothing to detect times.
-  if kind ~= 'operator_quarantine' then observe('detect', 'kind=' .. kind, NOW - sign_ms) end
+  -- An operator's quarantine has no fault to detect: it adds nothing to detect times. A
+  -- verdict reached on another signal than the kind's usual one is timed apart.
+  local detected = kind
+  if signal ~= '' and signal ~= 'heartbeat' then detected = kind .. '_' .. signal end
+  if kind ~= 'operator_quarantine' then observe('detect', 'kind=' .. detected, NOW - sign_ms) end
 end
 
 local function split_member(member)

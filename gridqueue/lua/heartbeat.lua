@@ -1,4 +1,4 @@
--- heartbeat(name, epoch, health_json, verdict, held_csv)
+-- heartbeat(name, epoch, health_json, verdict, held_csv, present)
 --   -> {'ok', state, attempts_to_kill...} | {'fenced', state}
 -- A worker declared dead (or replaced by a newer incarnation) is fenced: its heartbeat is
 -- refused, and it must kill its children and register again. A change of health verdict
@@ -6,10 +6,15 @@
 --
 -- Kill orders are returned, not consumed: an order stays until the worker's heartbeat no
 -- longer lists the attempt among those it holds (held_csv), so a lost reply loses none.
+--
+-- present = '1' says the worker's presence subscription is up: from then on, for this
+-- incarnation, the watchdog may read a closed subscription plus a late beat as a process
+-- death (the connection signal). Before it, only the heartbeat's stale_after applies.
 local name, epoch, health, verdict, held = ARGV[7], ARGV[8], ARGV[9], ARGV[10], ARGV[11]
+local present = ARGV[12]
 local wk = key_worker(NS, name)
-local state, current_epoch, old_verdict = unpack(
-  redis.call('HMGET', wk, 'state', 'epoch', 'verdict'))
+local state, current_epoch, old_verdict, presence_epoch = unpack(
+  redis.call('HMGET', wk, 'state', 'epoch', 'verdict', 'presence_epoch'))
 if (state ~= 'ALIVE' and state ~= 'QUARANTINED' and state ~= 'PROBATION')
    or current_epoch ~= epoch then
   bump('heartbeats_refused')
@@ -17,6 +22,9 @@ if (state ~= 'ALIVE' and state ~= 'QUARANTINED' and state ~= 'PROBATION')
 end
 redis.call('ZADD', key_workers(NS), NOW, name)
 redis.call('HSET', wk, 'last_heartbeat_ms', NOW)
+if present == '1' and presence_epoch ~= epoch then
+  redis.call('HSET', wk, 'presence_epoch', epoch)
+end
 if health ~= '' then redis.call('HSET', wk, 'health', health) end
 if verdict ~= '' and verdict ~= old_verdict then
   redis.call('HSET', wk, 'verdict', verdict)

@@ -283,9 +283,14 @@ class MirroredLedger(LedgerModel):
         self.checked(None)
         return status, doomed
 
-    def declare_dead(self, worker: str) -> int | None:
+    def declare_dead(self, worker: str, signal: str = "heartbeat") -> int | None:
         """The watchdog declares a worker whose heartbeat is stale: one that is not stale
-        yet falls silent first."""
+        yet falls silent first. On the connection signal both answer as they are: these
+        workers never hold a presence subscription, so the real script finds none."""
+        if signal == "connection":
+            lost = super().declare_dead(worker, signal)
+            assert self.ledger.declare_dead(worker, self.token, signal) == lost
+            return cast("int | None", self.checked(lost))
         known = self.workers.get(worker)
         if known is not None and not known.silent:
             known.silent = True

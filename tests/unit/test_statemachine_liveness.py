@@ -892,3 +892,42 @@ def test_a_kill_order_stays_until_the_worker_no_longer_holds_the_attempt() -> No
     assert model.heartbeat("w1", 1, {"j.1"}) == ("ok", ["j.1"])  # a lost reply loses none
     assert model.heartbeat("w1", 1, set()) == ("ok", [])
     assert model.workers["w1"].kill == set()
+
+
+def test_a_killed_node_is_dead_one_interval_later_on_its_closed_connection() -> None:
+    model = fleet()
+    tag = only_message(model)
+    assert model.deliver(tag, "w1")
+    assert model.claim("j", 1, "w1", 7, tag) == "ok"
+    model.kill_node("w1")
+    assert model.watchdog_tick()["workers_declared_dead"] == 0  # its beat is not late yet
+    model.elapse_interval()  # late by one interval: nothing is stale yet
+    assert not model.workers["w1"].silent
+    report = model.watchdog_tick()
+    assert report["workers_declared_dead"] == 1 and report["retry"] == 1
+    assert model.workers["w1"].state is WorkerState.DEAD
+    assert model.stats["incidents:worker_dead"] == 1
+
+
+def test_a_frozen_node_keeps_its_connection_and_is_dead_only_when_silent() -> None:
+    model = fleet()
+    tag = only_message(model)
+    assert model.deliver(tag, "w1")
+    assert model.claim("j", 1, "w1", 7, tag) == "ok"
+    model.freeze_node("w1")
+    model.elapse_interval()
+    assert model.watchdog_tick()["workers_declared_dead"] == 0  # late, but connected
+    assert model.declare_dead("w1", "connection") is None
+    model.elapse()  # stale_after passes
+    assert model.watchdog_tick()["workers_declared_dead"] == 1
+
+
+def test_a_live_node_is_never_dead_on_the_connection_signal() -> None:
+    """A node that heartbeats keeps (or at once retakes) its subscription: however late a
+    tick comes, the connection signal has nothing to say about it."""
+    model = fleet()
+    for _ in range(3):
+        model.elapse_interval()
+        assert model.watchdog_tick().get("workers_declared_dead", 0) == 0
+        assert model.declare_dead("w1", "connection") is None
+    assert model.workers["w1"].state is WorkerState.ALIVE
