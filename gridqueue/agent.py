@@ -133,7 +133,7 @@ class GridQueueAgent(bootsteps.StartStopStep):  # type: ignore[misc]
         if settings.connection_signal:
             # After the register: a name held by another live process is not ours to hold.
             self.presence = Presence(
-                settings.redis_url,
+                settings.redis_target,
                 self.runtime.ledger.keys.presence(self.runtime.name),
                 max_backoff_s=settings.heartbeat_interval_s / 2,
                 worker=self.runtime.name,

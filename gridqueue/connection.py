@@ -123,6 +123,13 @@ class RedisTarget:
         )
         return master
 
+    def connection_pool(self, **options: Any) -> redis.ConnectionPool:
+        """A pool of this target's connections, for code that drives connections by hand;
+        a Sentinel pool's connections ask the Sentinels for the primary when they open."""
+        if not self.is_sentinel:
+            return redis.ConnectionPool.from_url(self.url, **options)
+        return self.client(**options).connection_pool
+
     def async_client(self, **options: Any) -> aioredis.Redis:
         """The asyncio twin of :meth:`client`."""
         if not self.is_sentinel:

@@ -21,9 +21,9 @@ import contextlib
 import threading
 from typing import Any
 
-import redis
 from redis.exceptions import RedisError
 
+from gridqueue.connection import RedisTarget
 from gridqueue.logs import get_logger
 
 log = get_logger("gridqueue.presence")
@@ -36,7 +36,9 @@ class Presence:
     """Hold the subscription on ``channel`` from a thread of its own, retaking it when it
     drops; ``up`` while Redis has confirmed it."""
 
-    def __init__(self, redis_url: str, channel: str, max_backoff_s: float, worker: str) -> None:
+    def __init__(
+        self, target: RedisTarget, channel: str, max_backoff_s: float, worker: str
+    ) -> None:
         self.channel = channel
         self.worker = worker
         self.max_backoff_s = max_backoff_s
@@ -45,8 +47,7 @@ class Presence:
         # A connection of its own, made by hand: no pool, no health-check PINGs, no retry
         # layer that would hide a drop from us.
         # Named, so that an operator's CLIENT LIST shows what it is.
-        self._pool = redis.ConnectionPool.from_url(
-            redis_url,
+        self._pool = target.connection_pool(
             socket_connect_timeout=5.0,
             health_check_interval=0,
             client_name=client_name(worker),

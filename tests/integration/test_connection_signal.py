@@ -21,7 +21,7 @@ from tests.helpers import register_sim_worker, wait_for
 
 @pytest.fixture
 def presence(ledger: Ledger, settings: Settings) -> Iterator[Presence]:
-    holder = Presence(settings.redis_url, ledger.keys.presence("w1"), 0.1, "w1")
+    holder = Presence(settings.redis_target, ledger.keys.presence("w1"), 0.1, "w1")
     holder.start()
     wait_for(lambda: holder.up, timeout_s=10)
     yield holder
