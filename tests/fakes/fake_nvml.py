@@ -341,8 +341,8 @@ class FakeNvml:
         return gpu.supported_event_types
 
     def nvmlDeviceRegisterEvents(self, handle: Any, event_types: int, event_set: _EventSet) -> None:
-        event_types = ctypes.c_ulonglong(event_types).value  # as pynvml converts it
         gpu = self._gpu("nvmlDeviceRegisterEvents", handle)
+        event_types = ctypes.c_ulonglong(event_types).value  # as pynvml converts it
         # NVML: a type the device does not support fails the call, and none of the
         # requested types is registered.
         if not gpu.events_supported or event_types & ~gpu.supported_event_types:
@@ -351,10 +351,10 @@ class FakeNvml:
         event_set.registered[index] = event_set.registered.get(index, 0) | event_types
 
     def nvmlEventSetWait_v2(self, event_set: _EventSet, timeout_ms: int) -> Any:
-        # pynvml passes c_uint(timeoutms): a float is a TypeError before any call is made,
-        # and a negative number wraps around to a wait of about 49 days.
-        timeout_ms = ctypes.c_uint(timeout_ms).value
         self._enter("nvmlEventSetWait_v2")
+        # pynvml passes c_uint(timeoutms): a float is a TypeError before the driver is
+        # called, and a negative number wraps around to a wait of about 49 days.
+        timeout_ms = ctypes.c_uint(timeout_ms).value
         if self.wait_error is not None:
             raise self.wait_error()
         try:

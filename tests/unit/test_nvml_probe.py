@@ -419,3 +419,90 @@ def test_make_probe_auto_keeps_nvml_with_one_bad_gpu() -> None:
         assert probe.read().gpus[1].lost
     finally:
         probe.close()
+
+
+# -- a GPU that stops answering ------------------------------------------------------------
+
+# Far past any bound a GPU may stay silent for: the verdict no longer depends on timing.
+LONG_AFTER_S = 600.0
+
+
+@pytest.mark.parametrize("error", [pynvml.NVMLError_Unknown, pynvml.NVMLError_NoPermission])
+def test_a_gpu_whose_every_call_fails_is_unhealthy_once_that_lasts(
+    fake: FakeNvml, probe: NvmlProbe, error: type[pynvml.NVMLError]
+) -> None:
+    probe.read()  # its identity is known from before it stopped answering
+    fake.gpus[1].errors = {"*": error}
+    classifier = HealthClassifier(HealthConfig())
+    first = probe.read()
+    # One failed read is not a verdict: it may be a transient error.
+    assert classifier.update(first, now_s=0.0) == Verdict(HealthLevel.HEALTHY, ())
+    later = probe.read()
+    assert classifier.update(later, now_s=LONG_AFTER_S) == Verdict(
+        HealthLevel.UNHEALTHY, ("gpu_unresponsive:gpu1",)
+    )
+    # The reading names the error, on the GPU and in the probe's notes.
+    silent = later.gpus[1]
+    assert silent.uuid == fake.gpus[1].uuid
+    assert silent.read_error is not None and error.__name__ in silent.read_error
+    assert later.error is not None and f"gpu1 memory: {error.__name__}" in later.error
+    assert later.gpus[0].read_error is None
+    # It answers again: healthy at once.
+    fake.gpus[1].errors = {}
+    assert classifier.update(probe.read(), now_s=LONG_AFTER_S + 1) == Verdict(
+        HealthLevel.HEALTHY, ()
+    )
+
+
+def test_a_single_failed_read_does_not_quarantine(fake: FakeNvml, probe: NvmlProbe) -> None:
+    classifier = HealthClassifier(HealthConfig())
+    fake.gpus[0].errors = {"*": pynvml.NVMLError_Unknown}
+    assert classifier.update(probe.read(), now_s=0.0).level is HealthLevel.HEALTHY
+    fake.gpus[0].errors = {}
+    # The next read, however much later, answers: the failure was transient.
+    assert classifier.update(probe.read(), now_s=LONG_AFTER_S) == Verdict(HealthLevel.HEALTHY, ())
+    fake.gpus[0].errors = {"*": pynvml.NVMLError_Unknown}
+    # Failing again starts a new clock: the old failure does not count towards it.
+    assert classifier.update(probe.read(), now_s=LONG_AFTER_S + 1).level is HealthLevel.HEALTHY
+
+
+def test_fields_a_gpu_does_not_support_stay_harmless_however_long(fake: FakeNvml) -> None:
+    # A consumer GPU: no power reading, no ECC, no remapping, no recovery action field.
+    fake.gpus[0].not_supported = {
+        "nvmlDeviceGetPowerUsage",
+        "nvmlDeviceGetEnforcedPowerLimit",
+        "nvmlDeviceGetTotalEccErrors",
+        "nvmlDeviceGetRemappedRows",
+        "nvmlDeviceGetRetiredPagesPendingStatus",
+        "nvmlDeviceGetFieldValues",
+    }
+    # And a field this process may not read: one error among answers is a note, no more.
+    fake.gpus[1].errors = {"nvmlDeviceGetPowerUsage": pynvml.NVMLError_NoPermission}
+    probe = NvmlProbe(fake, xid_poll_ms=20)
+    probe.open()
+    try:
+        classifier = HealthClassifier(HealthConfig())
+        for now_s in (0.0, LONG_AFTER_S):
+            reading = probe.read()
+            assert classifier.update(reading, now_s=now_s) == Verdict(HealthLevel.HEALTHY, ())
+        assert [gpu.read_error for gpu in reading.gpus] == [None, None]
+        assert reading.error == "gpu1 power: NVMLError_NoPermission"
+    finally:
+        probe.close()
+
+
+def test_a_contained_ecc_error_drains_and_an_uncontained_one_quarantines(
+    fake: FakeNvml, probe: NvmlProbe
+) -> None:
+    # Xid 94: contained. The uncorrected error also raises the volatile ECC count.
+    fake.raise_xid(0, 94)
+    fake.gpus[0].ecc_uncorrected_volatile = 1
+    wait_for(lambda: probe.read().gpus[0].xid_counts == {94: 1})
+    assert verdict(probe.read()) == Verdict(HealthLevel.DEGRADED, ("xid_94:gpu0",))
+    # Xid 95 on the other GPU: uncontained, quarantine now.
+    fake.raise_xid(1, 95)
+    fake.gpus[1].ecc_uncorrected_volatile = 1
+    wait_for(lambda: probe.read().gpus[1].xid_counts == {95: 1})
+    assert verdict(probe.read()) == Verdict(
+        HealthLevel.UNHEALTHY, ("ecc_dbe:gpu1", "xid_95:gpu1", "xid_94:gpu0")
+    )
