@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import os
 import queue
 import threading
 from dataclasses import dataclass, field
@@ -413,4 +414,28 @@ def fake_from_spec(spec: str | dict[str, Any]) -> FakeNvml:
     if data.get("wait_error"):
         fake.wait_error = _error_class(data["wait_error"])
     fake.missing_functions = set(data.get("missing_functions", ()))
+    return fake
+
+
+# The environment variable that carries a fake's JSON spec into another process.
+SPEC_ENV = "FAKE_NVML_SPEC"
+
+
+def install(fake: FakeNvml) -> None:
+    """Make this process's gridqueue probes open ``fake`` where they would open ``pynvml``:
+    ``make_probe`` (``--probe nvml``/``auto``) and a default ``NvmlProbe``."""
+    import gridqueue.probes
+    import gridqueue.probes.nvml
+
+    gridqueue.probes.pynvml = fake  # type: ignore[assignment]
+    gridqueue.probes.nvml.pynvml = fake  # type: ignore[assignment]
+
+
+def install_from_env() -> FakeNvml | None:
+    """Install the fake that ``$FAKE_NVML_SPEC`` describes, if it is set."""
+    spec = os.environ.get(SPEC_ENV)
+    if not spec:
+        return None
+    fake = fake_from_spec(spec)
+    install(fake)
     return fake
