@@ -51,6 +51,7 @@ class _Gpu:
     name: str | None = None
     xid_counts: dict[int, int] = field(default_factory=dict)
     xid_events: bool = False  # registered in the event set
+    event_types: int = 0  # the nvmlEventType* mask registered for it
     xid_missing: str | None = None  # why its Xid events are not watched
 
 
@@ -171,6 +172,23 @@ class NvmlProbe:
                 if error is not None:
                     notes.append(f"xid events: {error}")
         return ProbeReading(probe=self.name, gpus=gpus, error="; ".join(notes) or None)
+
+    def event_registrations(self) -> list[dict[str, Any]]:
+        """Per GPU, what the Xid thread watches: ``index``, ``event_types`` (names of the
+        registered nvmlEventType* bits) and ``xid_events_missing`` (why not, or None)."""
+        nv = self.nvml
+        names = (
+            (nv.nvmlEventTypeXidCriticalError, "xid_critical_error"),
+            (nv.nvmlEventTypeDoubleBitEccError, "double_bit_ecc_error"),
+        )
+        return [
+            {
+                "index": gpu.index,
+                "event_types": [name for bit, name in names if gpu.event_types & bit],
+                "xid_events_missing": self._xid_missing(gpu),
+            }
+            for gpu in self._gpus
+        ]
 
     # -- one GPU -------------------------------------------------------------------------
 
@@ -343,6 +361,7 @@ class NvmlProbe:
         mask = nv.nvmlEventTypeXidCriticalError | nv.nvmlEventTypeDoubleBitEccError
         for gpu in self._gpus:
             gpu.xid_events = False
+            gpu.event_types = 0
             gpu.xid_missing = None
         try:
             self._event_set = nv.nvmlEventSetCreate()
@@ -382,6 +401,7 @@ class NvmlProbe:
                 self._xid_setup_error = f"gpu{gpu.index} register: {type(exc).__name__}"
                 gpu.xid_missing = f"register: {type(exc).__name__}"
                 continue
+            gpu.event_types = offered
             gpu.xid_events = bool(offered & nv.nvmlEventTypeXidCriticalError)
         if without:
             self._xid_setup_error = self._xid_setup_error or (

@@ -249,8 +249,9 @@ class FakeNvml:
         self._enter("nvmlDeviceGetHandleByIndex")
         if not 0 <= index < len(self.gpus):
             raise pynvml.NVMLError_InvalidArgument()
-        if self.gpus[index].handle_error is not None:
-            raise self.gpus[index].handle_error()
+        handle_error = self.gpus[index].handle_error
+        if handle_error is not None:
+            raise handle_error()
         return self._handles[index]
 
     def nvmlDeviceGetName(self, handle: Any) -> str:
@@ -427,8 +428,8 @@ def install(fake: FakeNvml) -> None:
     import gridqueue.probes
     import gridqueue.probes.nvml
 
-    gridqueue.probes.pynvml = fake  # type: ignore[assignment]
-    gridqueue.probes.nvml.pynvml = fake  # type: ignore[assignment]
+    setattr(gridqueue.probes, "pynvml", fake)  # noqa: B010 (the module global make_probe reads)
+    setattr(gridqueue.probes.nvml, "pynvml", fake)  # noqa: B010
 
 
 def install_from_env() -> FakeNvml | None:
