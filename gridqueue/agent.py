@@ -40,7 +40,7 @@ from celery.worker import state as worker_state
 from redis.exceptions import RedisError
 
 from gridqueue.errors import GridQueueError, WorkerNameInUseError
-from gridqueue.health import HealthClassifier, HealthConfig, HealthLevel
+from gridqueue.health import HealthClassifier, HealthConfig, HealthLevel, monitoring_notices
 from gridqueue.keys import split_attempt_id
 from gridqueue.logs import get_logger
 from gridqueue.presence import Presence
@@ -73,6 +73,8 @@ class HealthMonitor:
             "note": self.runtime.probe_note,
             "verdict": verdict.level.value,
             "reasons": list(verdict.reasons),
+            # Monitoring gaps (a GPU whose Xid events are not watched): shown, not judged.
+            "notices": monitoring_notices(reading.gpus),
             "unresponsive": reading.unresponsive,
             "error": reading.error,
             "gpus": [gpu.to_dict() for gpu in reading.gpus],

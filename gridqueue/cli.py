@@ -408,6 +408,8 @@ def release(name: str, redis_url: RedisOption = None) -> None:
 def status(redis_url: RedisOption = None, as_json: JsonOption = False) -> None:
     """Workers (state, heartbeat age, running attempts) and job counts by state."""
     from gridqueue.client import GridQueue
+    from gridqueue.health import monitoring_notices
+    from gridqueue.probes import GpuReading
 
     overview = GridQueue(settings=load_settings(redis_url)).status()
     if as_json:
@@ -420,6 +422,9 @@ def status(redis_url: RedisOption = None, as_json: JsonOption = False) -> None:
         age = "-" if w["heartbeat_age_ms"] is None else f"{w['heartbeat_age_ms'] / 1000:.1f} s"
         gpus = "\n".join(_gpu_headline(g) for g in w["gpus"])
         reasons = ", ".join(w["reasons"])
+        notices = monitoring_notices(GpuReading.from_dict(g) for g in w["gpus"])
+        if notices:  # monitoring gaps, not faults
+            reasons = f"{reasons} (gap: {', '.join(notices)})".strip()
         if w["quarantine_reason"]:
             reasons = f"{reasons} [{w['quarantined_by']}: {w['quarantine_reason']}]".strip()
         table.add_row(

@@ -9,10 +9,16 @@ each degraded reason has lasted (a degraded sample counts only once it persisted
 UNHEALTHY quarantines the node and requeues its work now; DEGRADED drains it. Xid counts
 are cumulative for the probe's life, so an Xid verdict holds until the worker restarts,
 which is what the GPU reset that such an Xid calls for entails anyway.
+
+A GPU whose every call fails (``read_error``) is judged over time too: one failed read
+may be transient, but a GPU silent for ``gpu_unresponsive_after_s`` is UNHEALTHY
+(``gpu_unresponsive:gpuN``). A monitoring gap (a GPU whose Xid events are not watched)
+is no verdict at all: ``monitoring_notices`` names it for operators.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -31,6 +37,11 @@ THERMAL_CLOCK_EVENTS = (
     | CLOCK_EVENT_HW_THERMAL
     | CLOCK_EVENT_HW_POWER_BRAKE
 )
+
+# Xid 94: an uncorrectable ECC error the GPU contained (the application that touched the
+# memory was killed; the rest can run until the GPU is reset). It also raises the volatile
+# uncorrected ECC count, which must not turn the drain it calls for into a quarantine.
+XID_CONTAINED_ECC = 94
 
 # NVML_FI_DEV_GET_GPU_RECOVERY_ACTION values: (reason, is it unhealthy?). 0 is "none".
 RECOVERY_ACTIONS: dict[int, tuple[str, bool]] = {
@@ -61,6 +72,7 @@ class HealthConfig:
     temperature_limit_c: float = 87.0
     temperature_hysteresis_c: float = 5.0
     degraded_persist_s: float = 5.0
+    gpu_unresponsive_after_s: float = 3.0
 
     @classmethod
     def from_settings(cls, settings: Settings) -> HealthConfig:
@@ -71,6 +83,7 @@ class HealthConfig:
             temperature_limit_c=settings.health_temperature_limit_c,
             temperature_hysteresis_c=settings.health_temperature_hysteresis_c,
             degraded_persist_s=settings.health_degraded_persist_s,
+            gpu_unresponsive_after_s=settings.health_gpu_unresponsive_after_s,
         )
 
 
@@ -113,7 +126,11 @@ def _classify_gpu(
         unhealthy.append(f"gpu_lost:{where}")
     if gpu.reset_required:
         unhealthy.append(f"reset_required:{where}")
-    if gpu.ecc_uncorrected_volatile:
+    # An uncorrected error the GPU contained (Xid 94) is judged by the Xid table: it
+    # drains. One it could not contain comes with an Xid of its own (95, or 48 for a
+    # double-bit ECC event) that quarantines; a count with no contained Xid seen by this
+    # probe (before it started, or on a GPU without Xid events) quarantines too.
+    if gpu.ecc_uncorrected_volatile and not gpu.xid_counts.get(XID_CONTAINED_ECC, 0):
         unhealthy.append(f"ecc_dbe:{where}")
     if gpu.remap_failure:
         unhealthy.append(f"remap_failure:{where}")
@@ -142,6 +159,13 @@ def _classify_gpu(
         degraded.append(f"temperature_{gpu.temperature_c:.0f}C:{where}")
     if gpu.clock_event_reasons is not None and gpu.clock_event_reasons & THERMAL_CLOCK_EVENTS:
         degraded.append(f"thermal_slowdown:{where}")
+
+
+def monitoring_notices(gpus: Iterable[GpuReading]) -> list[str]:
+    """Monitoring gaps, for operators: ``no_xid_events:gpuN`` for a GPU whose Xid events
+    are not watched. Not a verdict: the GPU may be fine, but an Xid on it would go
+    unseen, and only its sampled fields (ECC, remapping, loss) still speak for it."""
+    return [f"no_xid_events:gpu{gpu.index}" for gpu in gpus if gpu.xid_events_missing]
 
 
 def _is_hot(temperature_c: float, already_hot: bool, config: HealthConfig) -> bool:
@@ -174,6 +198,7 @@ class HealthClassifier:
         self.config = config
         self._hot: set[int] = set()
         self._since_s: dict[str, float] = {}  # persistence key -> first seen (now_s clock)
+        self._silent_since_s: dict[int, float] = {}  # GPU -> first read where nothing answered
 
     @property
     def hot_gpus(self) -> frozenset[int]:
@@ -193,6 +218,14 @@ class HealthClassifier:
             gpu = _gpu_of(key)
             if key not in current and (gpu is None or gpu in present):
                 del self._since_s[key]
+        for sample in reading.gpus:
+            if sample.read_error is None:
+                self._silent_since_s.pop(sample.index, None)
+                continue
+            # One failed read may be a transient error; silence that lasts is a sick GPU.
+            silent_since_s = self._silent_since_s.setdefault(sample.index, now_s)
+            if now_s - silent_since_s >= self.config.gpu_unresponsive_after_s:
+                unhealthy.append(f"gpu_unresponsive:gpu{sample.index}")
         counted: list[str] = []
         for reason in degraded:
             since_s = self._since_s.setdefault(_persistence_key(reason), now_s)

@@ -82,6 +82,12 @@ class Settings(BaseSettings):
     health_degraded_persist_s: float = Field(
         5.0, ge=0, description="How long a degraded reading must last before it counts."
     )
+    health_gpu_unresponsive_after_s: float = Field(
+        3.0,
+        gt=0,
+        description="A GPU whose every NVML call fails (NVMLError_Unknown, NoPermission) "
+        "for this long is unhealthy; a single failed read is not.",
+    )
     health_temperature_limit_c: float = Field(87.0, description="Hotter than this is degraded.")
     health_temperature_hysteresis_c: float = Field(
         5.0, ge=0, description="A hot GPU is cool again only this far below the limit."

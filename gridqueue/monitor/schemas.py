@@ -65,6 +65,12 @@ class Gpu(_Open):
     temperature_c: float | None = None
     power_w: float | None = None
     lost: bool = False
+    read_error: str | None = Field(
+        None, description="Every NVML call on this GPU failed: the first error."
+    )
+    xid_events_missing: str | None = Field(
+        None, description="Why this GPU's Xid events are not watched; None while they are."
+    )
     xid_counts: dict[str, int] = Field(
         default_factory=dict, description="Xid code -> events since the probe started."
     )
@@ -75,6 +81,10 @@ class WorkerSummary(_Open):
     state: str = Field(description="ALIVE, PROBATION, QUARANTINED, DEAD or STOPPED.")
     verdict: str | None = Field(None, description="HEALTHY, DEGRADED or UNHEALTHY.")
     reasons: list[str] = Field(default_factory=list)
+    notices: list[str] = Field(
+        default_factory=list,
+        description="Monitoring gaps, not faults: no_xid_events:gpuN (an Xid there goes unseen).",
+    )
     probe: str | None = None
     models: list[str] = Field(default_factory=list)
     host: str | None = None

@@ -13,7 +13,8 @@ Shapes:
   (per-minute counters for the last ``window_s``, and requeues, failures and successes
   per minute over it), ``stats`` (every counter), ``watchdog`` (``leader``).
 - ``workers()``: a WorkerSummary per worker, live ones first: ``name``, ``state``,
-  ``verdict``, ``reasons``, ``probe``, ``models``, ``host``, ``pid``, ``epoch``,
+  ``verdict``, ``reasons``, ``notices`` (monitoring gaps, e.g. ``no_xid_events:gpu0``: not
+  a fault), ``probe``, ``models``, ``host``, ``pid``, ``epoch``,
   ``heartbeat_age_ms``, ``running`` (attempt ids), ``concurrency``, ``gpus`` (as the
   probe reported them: ``index``, ``name``, ``uuid``, ``memory_used_bytes``,
   ``memory_total_bytes``, ``utilization_ratio``, ``temperature_c``, ``power_w``,
@@ -242,6 +243,7 @@ class FleetView:
             "state": data["state"],
             "verdict": data.get("verdict") or None,
             "reasons": list(health.get("reasons") or []),
+            "notices": list(health.get("notices") or []),
             "probe": data.get("probe") or None,
             "models": [m for m in data.get("models", "").split(",") if m],
             "unfit_models": [m for m in data.get("unfit_models", "").split(",") if m],

@@ -35,6 +35,13 @@ class GpuReading:
     recovery_action: int | None = None  # NVML_GPU_RECOVERY_ACTION_*
     lost: bool = False  # fell off the bus
     reset_required: bool = False
+    # Every call on this GPU failed with an NVML error (not "not supported"): the first
+    # error, e.g. "NVMLError_Unknown: Unknown Error". A GPU that stays silent is unhealthy.
+    read_error: str | None = None
+    # Why this GPU's Xid events are not watched (it offers none, registration or the
+    # event wait failed); None while they are, or where the probe has no events. A
+    # monitoring gap, not a fault: shown to operators, never judged.
+    xid_events_missing: str | None = None
     # Cumulative per Xid code since the probe started: an Xid is an event, and a count
     # that only grows survives a reading that is missed or dropped.
     xid_counts: dict[int, int] = field(default_factory=dict)
@@ -58,6 +65,8 @@ class GpuReading:
             "recovery_action": self.recovery_action,
             "lost": self.lost,
             "reset_required": self.reset_required,
+            "read_error": self.read_error,
+            "xid_events_missing": self.xid_events_missing,
             # JSON object keys are strings.
             "xid_counts": {str(code): count for code, count in sorted(self.xid_counts.items())},
         }
@@ -95,6 +104,8 @@ class GpuReading:
             recovery_action=opt_int("recovery_action"),
             lost=bool(data.get("lost", False)),
             reset_required=bool(data.get("reset_required", False)),
+            read_error=data.get("read_error"),
+            xid_events_missing=data.get("xid_events_missing"),
             xid_counts={int(code): int(count) for code, count in xid_counts.items()},
         )
 

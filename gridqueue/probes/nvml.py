@@ -50,6 +50,9 @@ class _Gpu:
     uuid: str | None = None
     name: str | None = None
     xid_counts: dict[int, int] = field(default_factory=dict)
+    xid_events: bool = False  # registered in the event set
+    event_types: int = 0  # the nvmlEventType* mask registered for it
+    xid_missing: str | None = None  # why its Xid events are not watched
 
 
 def _handle_key(handle: object) -> object:
@@ -71,7 +74,11 @@ class NvmlProbe:
 
     def __init__(self, nvml: Any = None, xid_poll_ms: int = 500) -> None:
         self.nvml: Any = nvml if nvml is not None else pynvml
-        self.xid_poll_ms = xid_poll_ms
+        # pynvml passes the wait's timeout as a C unsigned int: a float would raise
+        # TypeError in the Xid thread, and a negative one would wait for 49 days.
+        if int(xid_poll_ms) <= 0:
+            raise ValueError(f"xid_poll_ms must be a positive number of ms, not {xid_poll_ms!r}")
+        self.xid_poll_ms = int(xid_poll_ms)
         nv = self.nvml
         # Fields a GPU or driver may simply not offer: None, not a fault.
         self._unavailable: tuple[type[BaseException], ...] = (
@@ -166,6 +173,23 @@ class NvmlProbe:
                     notes.append(f"xid events: {error}")
         return ProbeReading(probe=self.name, gpus=gpus, error="; ".join(notes) or None)
 
+    def event_registrations(self) -> list[dict[str, Any]]:
+        """Per GPU, what the Xid thread watches: ``index``, ``event_types`` (names of the
+        registered nvmlEventType* bits) and ``xid_events_missing`` (why not, or None)."""
+        nv = self.nvml
+        names = (
+            (nv.nvmlEventTypeXidCriticalError, "xid_critical_error"),
+            (nv.nvmlEventTypeDoubleBitEccError, "double_bit_ecc_error"),
+        )
+        return [
+            {
+                "index": gpu.index,
+                "event_types": [name for bit, name in names if gpu.event_types & bit],
+                "xid_events_missing": self._xid_missing(gpu),
+            }
+            for gpu in self._gpus
+        ]
+
     # -- one GPU -------------------------------------------------------------------------
 
     def _read_gpu(self, gpu: _Gpu, notes: list[str]) -> GpuReading:
@@ -177,12 +201,20 @@ class NvmlProbe:
             except nv.NVMLError as exc:
                 gpu.open_error = type(exc).__name__
                 notes.append(f"gpu{gpu.index} cannot be opened: {gpu.open_error}")
-                return GpuReading(index=gpu.index, lost=True, xid_counts=self._xid_counts(gpu))
+                return GpuReading(
+                    index=gpu.index,
+                    lost=True,
+                    xid_counts=self._xid_counts(gpu),
+                    xid_events_missing=self._xid_missing(gpu),
+                )
         h = gpu.handle
+        answered = 0  # calls that returned a value
+        failures: list[str] = []  # calls that failed with an error, not "not supported"
 
         def get(what: str, call: Callable[[], T]) -> T | None:
+            nonlocal answered
             try:
-                return call()
+                value = call()
             except self._unavailable:
                 return None
             except nv.NVMLError_GpuIsLost as exc:
@@ -191,7 +223,10 @@ class NvmlProbe:
                 raise _GpuGone(reset_required=True) from exc
             except nv.NVMLError as exc:
                 notes.append(f"gpu{gpu.index} {what}: {type(exc).__name__}")
+                failures.append(f"{type(exc).__name__}: {exc}")
                 return None
+            answered += 1
+            return value
 
         try:
             # Identity does not change: read it until we have it, then keep it, so a GPU
@@ -225,7 +260,11 @@ class NvmlProbe:
                 lost=gone.lost,
                 reset_required=gone.reset_required,
                 xid_counts=self._xid_counts(gpu),
+                xid_events_missing=self._xid_missing(gpu),
             )
+        # Nothing answered and something failed: the GPU is not answering (an error on
+        # one field beside answers, or fields it does not support, is not that).
+        read_error = failures[0] if failures and not answered else None
         return GpuReading(
             index=gpu.index,
             uuid=gpu.uuid,
@@ -243,6 +282,8 @@ class NvmlProbe:
             retired_pages_pending=None if retired is None else bool(retired),
             recovery_action=recovery_action,
             xid_counts=self._xid_counts(gpu),
+            read_error=read_error,
+            xid_events_missing=self._xid_missing(gpu),
         )
 
     def _temperature_c(self, handle: Any) -> Any:
@@ -307,21 +348,35 @@ class NvmlProbe:
         with self._lock:
             return dict(gpu.xid_counts)
 
+    def _xid_missing(self, gpu: _Gpu) -> str | None:
+        with self._lock:
+            if gpu.xid_events and self._xid_wait_error is not None:
+                return f"the event wait fails: {self._xid_wait_error}"
+            return gpu.xid_missing
+
     # -- Xid events ----------------------------------------------------------------------
 
     def _start_xid_events(self) -> None:
         nv = self.nvml
         mask = nv.nvmlEventTypeXidCriticalError | nv.nvmlEventTypeDoubleBitEccError
+        for gpu in self._gpus:
+            gpu.xid_events = False
+            gpu.event_types = 0
+            gpu.xid_missing = None
         try:
             self._event_set = nv.nvmlEventSetCreate()
         except nv.NVMLError as exc:
             self._xid_setup_error = f"cannot create event set: {type(exc).__name__}"
+            for gpu in self._gpus:
+                gpu.xid_missing = self._xid_setup_error
             return
         registered = 0
         without: list[str] = []
         for gpu in self._gpus:
             if gpu.handle is None:
-                continue  # not opened: read as lost
+                # Not opened: read as lost. Its events are not watched even once it opens.
+                gpu.xid_missing = f"not registered: the GPU could not be opened ({gpu.open_error})"
+                continue
             # Register only the types the GPU offers: asking for one it does not (the
             # double-bit ECC event with ECC off) registers none of them, Xid included.
             try:
@@ -330,11 +385,13 @@ class NvmlProbe:
                 offered = 0
             except nv.NVMLError as exc:
                 self._xid_setup_error = f"gpu{gpu.index} event types: {type(exc).__name__}"
+                gpu.xid_missing = f"event types: {type(exc).__name__}"
                 continue
             if not offered & nv.nvmlEventTypeXidCriticalError:
                 # Some GPUs (and vGPUs) offer no Xid events: their health comes from the
                 # sampled fields alone, and the reading says so.
                 without.append(f"gpu{gpu.index}")
+                gpu.xid_missing = "the GPU does not offer them"
             if not offered:
                 continue
             try:
@@ -342,6 +399,10 @@ class NvmlProbe:
                 registered += 1
             except nv.NVMLError as exc:
                 self._xid_setup_error = f"gpu{gpu.index} register: {type(exc).__name__}"
+                gpu.xid_missing = f"register: {type(exc).__name__}"
+                continue
+            gpu.event_types = offered
+            gpu.xid_events = bool(offered & nv.nvmlEventTypeXidCriticalError)
         if without:
             self._xid_setup_error = self._xid_setup_error or (
                 f"no Xid events on {', '.join(without)} (the GPU does not offer them)"
@@ -364,6 +425,13 @@ class NvmlProbe:
             except nv.NVMLError as exc:
                 self._set_wait_error(type(exc).__name__)
                 # Back off instead of spinning on an event set that keeps failing.
+                self._stop.wait(self.xid_poll_ms / 1000)
+                continue
+            except Exception as exc:
+                # Not an NVML answer (a bug, a bad argument): this thread must not end
+                # silently, or Xids go unwatched with nothing to say so.
+                log.error("nvml.xid_wait_failed", error=repr(exc))
+                self._set_wait_error(type(exc).__name__)
                 self._stop.wait(self.xid_poll_ms / 1000)
                 continue
             self._set_wait_error(None)

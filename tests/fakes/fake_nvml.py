@@ -3,14 +3,25 @@ structs and handles, and the genuine ``pynvml.NVMLError_*`` exceptions.
 
 Each GPU is a ``FakeGpu`` whose fields the test changes at will. A GPU can be lost (every
 call on it raises ``NVMLError_GpuIsLost``), need a reset, lack a function (raises
-``NVMLError_NotSupported``), or hang in a function (the call blocks on an Event until
-``release()``). Xid events queued with ``raise_xid`` come out of ``nvmlEventSetWait_v2``
-for event sets that registered that GPU, as a real ``c_nvmlEventData_t``.
+``NVMLError_NotSupported``), fail a function or every call with any NVML error
+(``NVMLError_Unknown``, ``NVMLError_NoPermission``: ``FakeGpu.errors``), or hang in a
+function (the call blocks on an Event until ``release()``). Xid events queued with
+``raise_xid`` come out of ``nvmlEventSetWait_v2`` for event sets that registered that GPU,
+as a real ``c_nvmlEventData_t``; ``wait_error`` makes the wait itself fail.
+
+What real ``pynvml`` rejects, the fake rejects the same way: its integer arguments go
+through the same ``ctypes`` conversions (a float timeout is a ``TypeError``, a negative
+one wraps to a wait of ~49 days), and without ``libnvidia-ml.so.1`` ``nvmlInit`` raises
+``NVMLError_LibraryNotFound`` and every other call ``NVMLError_Uninitialized``.
+``FakeNvml.from_spec`` builds one from JSON, so another process (a worker started by a
+test) can run on the same fake GPUs.
 """
 
 from __future__ import annotations
 
 import ctypes
+import json
+import os
 import queue
 import threading
 from dataclasses import dataclass, field
@@ -53,6 +64,9 @@ class FakeGpu:
     )
     # Function names (or "field:<id>") this GPU does not support.
     not_supported: set[str] = field(default_factory=set)
+    # Function name -> the NVML error that call raises on this GPU; "*" is every call on
+    # it (a GPU that answers nothing but NVMLError_Unknown, or a process without access).
+    errors: dict[str, type[pynvml.NVMLError]] = field(default_factory=dict)
 
 
 class _EventSet:
@@ -76,6 +90,8 @@ class FakeNvml:
     NVMLError_InvalidArgument = pynvml.NVMLError_InvalidArgument
     NVMLError_DriverNotLoaded = pynvml.NVMLError_DriverNotLoaded
     NVMLError_LibraryNotFound = pynvml.NVMLError_LibraryNotFound
+    NVMLError_NoPermission = pynvml.NVMLError_NoPermission
+    NVMLError_Unknown = pynvml.NVMLError_Unknown
 
     # The genuine constants.
     NVML_SUCCESS = pynvml.NVML_SUCCESS
@@ -97,13 +113,23 @@ class FakeNvml:
     nvmlEventTypeXidCriticalError = pynvml.nvmlEventTypeXidCriticalError
     nvmlEventTypeDoubleBitEccError = pynvml.nvmlEventTypeDoubleBitEccError
 
-    def __init__(self, gpus: int | list[FakeGpu] = 1, *, driver_loaded: bool = True) -> None:
+    def __init__(
+        self,
+        gpus: int | list[FakeGpu] = 1,
+        *,
+        driver_loaded: bool = True,
+        library_found: bool = True,
+    ) -> None:
         if isinstance(gpus, int):
             gpus = [
                 FakeGpu(uuid=f"GPU-00000000-0000-0000-0000-{index:012d}") for index in range(gpus)
             ]
         self.gpus = gpus
         self.driver_loaded = driver_loaded
+        # False: no libnvidia-ml.so.1 on the machine (no driver installed at all).
+        self.library_found = library_found
+        # What nvmlEventSetWait_v2 raises instead of waiting (GpuIsLost, Unknown); None waits.
+        self.wait_error: type[pynvml.NVMLError] | None = None
         self.init_count = 0
         # Opaque device handles, as NVML gives them: pointers never dereferenced.
         self._handles = [
@@ -158,12 +184,12 @@ class FakeNvml:
     def _enter(self, function: str) -> None:
         with self._lock:
             self.calls[function] = self.calls.get(function, 0) + 1
+        # pynvml looks the symbol up in a loaded library, and without nvmlInit the library
+        # answers "uninitialized" (with no library loaded at all, pynvml says the same).
+        if self.init_count <= 0 or not self.library_found:
+            raise pynvml.NVMLError_Uninitialized()
         if function in self.missing_functions:
             raise pynvml.NVMLError_FunctionNotFound()
-        if not self.driver_loaded:
-            raise pynvml.NVMLError_DriverNotLoaded()
-        if self.init_count <= 0:
-            raise pynvml.NVMLError_Uninitialized()
         if function in self._hanging:
             with self._lock:
                 self.hung_calls += 1
@@ -188,6 +214,9 @@ class FakeNvml:
             raise pynvml.NVMLError_GpuIsLost()
         if gpu.reset_required:
             raise pynvml.NVMLError_ResetRequired()
+        error = gpu.errors.get(function) or gpu.errors.get("*")
+        if error is not None:
+            raise error()
         if function in gpu.not_supported:
             raise pynvml.NVMLError_NotSupported()
         return gpu
@@ -197,6 +226,8 @@ class FakeNvml:
     def nvmlInit(self) -> None:
         with self._lock:
             self.calls["nvmlInit"] = self.calls.get("nvmlInit", 0) + 1
+        if not self.library_found:
+            raise pynvml.NVMLError_LibraryNotFound()
         if not self.driver_loaded:
             raise pynvml.NVMLError_DriverNotLoaded()
         self.init_count += 1
@@ -214,11 +245,13 @@ class FakeNvml:
         return len(self.gpus)
 
     def nvmlDeviceGetHandleByIndex(self, index: int) -> Any:
+        index = ctypes.c_uint(index).value  # as pynvml converts it: a float is a TypeError
         self._enter("nvmlDeviceGetHandleByIndex")
         if not 0 <= index < len(self.gpus):
             raise pynvml.NVMLError_InvalidArgument()
-        if self.gpus[index].handle_error is not None:
-            raise self.gpus[index].handle_error()
+        handle_error = self.gpus[index].handle_error
+        if handle_error is not None:
+            raise handle_error()
         return self._handles[index]
 
     def nvmlDeviceGetName(self, handle: Any) -> str:
@@ -311,6 +344,7 @@ class FakeNvml:
 
     def nvmlDeviceRegisterEvents(self, handle: Any, event_types: int, event_set: _EventSet) -> None:
         gpu = self._gpu("nvmlDeviceRegisterEvents", handle)
+        event_types = ctypes.c_ulonglong(event_types).value  # as pynvml converts it
         # NVML: a type the device does not support fails the call, and none of the
         # requested types is registered.
         if not gpu.events_supported or event_types & ~gpu.supported_event_types:
@@ -320,11 +354,89 @@ class FakeNvml:
 
     def nvmlEventSetWait_v2(self, event_set: _EventSet, timeout_ms: int) -> Any:
         self._enter("nvmlEventSetWait_v2")
+        # pynvml passes c_uint(timeoutms): a float is a TypeError before the driver is
+        # called, and a negative number wraps around to a wait of about 49 days.
+        timeout_ms = ctypes.c_uint(timeout_ms).value
+        if self.wait_error is not None:
+            raise self.wait_error()
         try:
             return event_set.events.get(timeout=timeout_ms / 1000)
         except queue.Empty:
             raise pynvml.NVMLError_Timeout() from None
 
+    def nvmlEventSetWait(self, event_set: _EventSet, timeout_ms: int) -> Any:
+        return self.nvmlEventSetWait_v2(event_set, timeout_ms)  # pynvml's alias
+
     def nvmlEventSetFree(self, event_set: _EventSet) -> None:
         self._enter("nvmlEventSetFree")
         self._event_sets.remove(event_set)
+
+
+# -- a fake described in JSON, for another process ----------------------------------------
+
+
+def _error_class(name: str) -> type[pynvml.NVMLError]:
+    """``"Unknown"`` or ``"NVMLError_Unknown"`` -> ``pynvml.NVMLError_Unknown``."""
+    full = name if name.startswith("NVMLError_") else f"NVMLError_{name}"
+    error = getattr(pynvml, full, None)
+    if not (isinstance(error, type) and issubclass(error, pynvml.NVMLError)):
+        raise ValueError(f"no pynvml error class {full!r}")
+    return error
+
+
+def fake_from_spec(spec: str | dict[str, Any]) -> FakeNvml:
+    """A fake from JSON: ``{"gpus": [<FakeGpu fields>...] | N, "driver_loaded": bool,
+    "library_found": bool, "wait_error": "GpuIsLost"}``. Error classes are named
+    (``"handle_error": "NoPermission"``, ``"errors": {"*": "Unknown"}``); sets are lists."""
+    data: dict[str, Any] = json.loads(spec) if isinstance(spec, str) else dict(spec)
+    raw_gpus = data.get("gpus", 1)
+    gpus: int | list[FakeGpu]
+    if isinstance(raw_gpus, int):
+        gpus = raw_gpus
+    else:
+        gpus = []
+        for index, raw in enumerate(raw_gpus):
+            fields = dict(raw)
+            fields.setdefault("uuid", f"GPU-00000000-0000-0000-0000-{index:012d}")
+            if fields.get("handle_error"):
+                fields["handle_error"] = _error_class(fields["handle_error"])
+            fields["errors"] = {
+                function: _error_class(name) for function, name in fields.get("errors", {}).items()
+            }
+            fields["not_supported"] = set(fields.get("not_supported", ()))
+            if "remapped_rows" in fields:
+                fields["remapped_rows"] = tuple(fields["remapped_rows"])
+            gpus.append(FakeGpu(**fields))
+    fake = FakeNvml(
+        gpus,
+        driver_loaded=bool(data.get("driver_loaded", True)),
+        library_found=bool(data.get("library_found", True)),
+    )
+    if data.get("wait_error"):
+        fake.wait_error = _error_class(data["wait_error"])
+    fake.missing_functions = set(data.get("missing_functions", ()))
+    return fake
+
+
+# The environment variable that carries a fake's JSON spec into another process.
+SPEC_ENV = "FAKE_NVML_SPEC"
+
+
+def install(fake: FakeNvml) -> None:
+    """Make this process's gridqueue probes open ``fake`` where they would open ``pynvml``:
+    ``make_probe`` (``--probe nvml``/``auto``) and a default ``NvmlProbe``."""
+    import gridqueue.probes
+    import gridqueue.probes.nvml
+
+    setattr(gridqueue.probes, "pynvml", fake)  # noqa: B010 (the module global make_probe reads)
+    setattr(gridqueue.probes.nvml, "pynvml", fake)  # noqa: B010
+
+
+def install_from_env() -> FakeNvml | None:
+    """Install the fake that ``$FAKE_NVML_SPEC`` describes, if it is set."""
+    spec = os.environ.get(SPEC_ENV)
+    if not spec:
+        return None
+    fake = fake_from_spec(spec)
+    install(fake)
+    return fake

@@ -13,6 +13,7 @@ from gridqueue.health import (
     HealthLevel,
     Verdict,
     classify,
+    monitoring_notices,
 )
 from gridqueue.probes import GpuReading, ProbeReading
 from gridqueue.settings import Settings
@@ -65,6 +66,7 @@ def test_config_from_settings_takes_every_field() -> None:
         health_temperature_limit_c=70.0,
         health_temperature_hysteresis_c=2.0,
         health_degraded_persist_s=0.5,
+        health_gpu_unresponsive_after_s=7.0,
     )
     assert HealthConfig.from_settings(settings) == HealthConfig(
         xid_unhealthy=frozenset({1}),
@@ -73,6 +75,7 @@ def test_config_from_settings_takes_every_field() -> None:
         temperature_limit_c=70.0,
         temperature_hysteresis_c=2.0,
         degraded_persist_s=0.5,
+        gpu_unresponsive_after_s=7.0,
     )
 
 
@@ -313,3 +316,81 @@ def test_verdict_round_trips_through_json() -> None:
     document = json.loads(json.dumps(verdict.to_dict()))
     assert document == {"level": "UNHEALTHY", "reasons": ["xid_79:gpu0", "remap_pending:gpu1"]}
     assert Verdict.from_dict(document) == verdict
+
+
+# -- a contained uncorrectable error (Xid 94) and the ECC counter ------------------------
+
+
+def test_a_contained_ecc_error_drains_though_it_raised_the_ecc_count() -> None:
+    # Decision: Xid 94 drains. The counter rule must not override it for the same error.
+    contained = gpu0(xid_counts={94: 1}, ecc_uncorrected_volatile=1)
+    assert verdict_at_once(contained) == Verdict(HealthLevel.DEGRADED, ("xid_94:gpu0",))
+
+
+def test_an_uncontained_ecc_error_quarantines() -> None:
+    uncontained = gpu0(xid_counts={95: 1}, ecc_uncorrected_volatile=1)
+    assert verdict_at_once(uncontained) == Verdict(
+        HealthLevel.UNHEALTHY, ("ecc_dbe:gpu0", "xid_95:gpu0")
+    )
+    # Contained and uncontained errors on one GPU: the uncontained one decides.
+    both = gpu0(xid_counts={94: 1, 95: 1}, ecc_uncorrected_volatile=2)
+    assert verdict_at_once(both).level is HealthLevel.UNHEALTHY
+
+
+def test_an_ecc_count_no_contained_xid_explains_quarantines() -> None:
+    # Raised before this probe started, or on a GPU whose Xid events are not watched.
+    assert verdict_at_once(gpu0(ecc_uncorrected_volatile=1)) == Verdict(
+        HealthLevel.UNHEALTHY, ("ecc_dbe:gpu0",)
+    )
+    # An Xid 94 on another GPU explains nothing here.
+    other = reading(
+        replace(healthy_gpu(0), ecc_uncorrected_volatile=1),
+        replace(healthy_gpu(1), xid_counts={94: 1}),
+    )
+    assert verdict_at_once(other) == Verdict(HealthLevel.UNHEALTHY, ("ecc_dbe:gpu0", "xid_94:gpu1"))
+
+
+# -- a GPU that stops answering ----------------------------------------------------------
+
+SILENT_S = CONFIG.gpu_unresponsive_after_s
+
+
+def silent_gpu(index: int = 0) -> GpuReading:
+    return GpuReading(
+        index=index, uuid=f"GPU-{index}", read_error="NVMLError_Unknown: Unknown Error"
+    )
+
+
+def test_a_silent_gpu_is_unhealthy_only_once_its_silence_lasted() -> None:
+    classifier = HealthClassifier(CONFIG)
+    silent = reading(healthy_gpu(0), silent_gpu(1))
+    assert classify(silent, CONFIG) == ([], [])  # one reading alone says nothing
+    assert classifier.update(silent, now_s=10.0) == Verdict(HealthLevel.HEALTHY, ())
+    assert classifier.update(silent, now_s=10.0 + SILENT_S - 0.1).level is HealthLevel.HEALTHY
+    assert classifier.update(silent, now_s=10.0 + SILENT_S) == Verdict(
+        HealthLevel.UNHEALTHY, ("gpu_unresponsive:gpu1",)
+    )
+    # A hung read (no GPUs in it) keeps the clock; an answer resets it.
+    hung = ProbeReading(probe="nvml", gpus=(), unresponsive=True, error="probe read exceeded 2 s")
+    classifier.update(hung, now_s=20.0)
+    assert classifier.update(silent, now_s=21.0).level is HealthLevel.UNHEALTHY
+    assert classifier.update(reading(healthy_gpu(0), healthy_gpu(1)), now_s=22.0) == Verdict(
+        HealthLevel.HEALTHY, ()
+    )
+    assert classifier.update(silent, now_s=23.0).level is HealthLevel.HEALTHY
+
+
+def test_the_silence_bound_is_configurable() -> None:
+    classifier = HealthClassifier(replace(CONFIG, gpu_unresponsive_after_s=60.0))
+    classifier.update(reading(silent_gpu()), now_s=0.0)
+    assert classifier.update(reading(silent_gpu()), now_s=59.0).level is HealthLevel.HEALTHY
+    assert classifier.update(reading(silent_gpu()), now_s=60.0).level is HealthLevel.UNHEALTHY
+
+
+# -- monitoring gaps -----------------------------------------------------------------------
+
+
+def test_a_gpu_without_xid_events_is_a_notice_not_a_verdict() -> None:
+    gap = replace(healthy_gpu(1), xid_events_missing="the GPU does not offer them")
+    assert monitoring_notices([healthy_gpu(0), gap]) == ["no_xid_events:gpu1"]
+    assert verdict_at_once(reading(healthy_gpu(0), gap)) == Verdict(HealthLevel.HEALTHY, ())

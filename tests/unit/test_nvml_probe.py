@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -419,3 +420,213 @@ def test_make_probe_auto_keeps_nvml_with_one_bad_gpu() -> None:
         assert probe.read().gpus[1].lost
     finally:
         probe.close()
+
+
+# -- a GPU that stops answering ------------------------------------------------------------
+
+# Far past any bound a GPU may stay silent for: the verdict no longer depends on timing.
+LONG_AFTER_S = 600.0
+
+
+@pytest.mark.parametrize("error", [pynvml.NVMLError_Unknown, pynvml.NVMLError_NoPermission])
+def test_a_gpu_whose_every_call_fails_is_unhealthy_once_that_lasts(
+    fake: FakeNvml, probe: NvmlProbe, error: type[pynvml.NVMLError]
+) -> None:
+    probe.read()  # its identity is known from before it stopped answering
+    fake.gpus[1].errors = {"*": error}
+    classifier = HealthClassifier(HealthConfig())
+    first = probe.read()
+    # One failed read is not a verdict: it may be a transient error.
+    assert classifier.update(first, now_s=0.0) == Verdict(HealthLevel.HEALTHY, ())
+    later = probe.read()
+    assert classifier.update(later, now_s=LONG_AFTER_S) == Verdict(
+        HealthLevel.UNHEALTHY, ("gpu_unresponsive:gpu1",)
+    )
+    # The reading names the error, on the GPU and in the probe's notes.
+    silent = later.gpus[1]
+    assert silent.uuid == fake.gpus[1].uuid
+    assert silent.read_error is not None and error.__name__ in silent.read_error
+    assert later.error is not None and f"gpu1 memory: {error.__name__}" in later.error
+    assert later.gpus[0].read_error is None
+    # It answers again: healthy at once.
+    fake.gpus[1].errors = {}
+    assert classifier.update(probe.read(), now_s=LONG_AFTER_S + 1) == Verdict(
+        HealthLevel.HEALTHY, ()
+    )
+
+
+def test_a_single_failed_read_does_not_quarantine(fake: FakeNvml, probe: NvmlProbe) -> None:
+    classifier = HealthClassifier(HealthConfig())
+    fake.gpus[0].errors = {"*": pynvml.NVMLError_Unknown}
+    assert classifier.update(probe.read(), now_s=0.0).level is HealthLevel.HEALTHY
+    fake.gpus[0].errors = {}
+    # The next read, however much later, answers: the failure was transient.
+    assert classifier.update(probe.read(), now_s=LONG_AFTER_S) == Verdict(HealthLevel.HEALTHY, ())
+    fake.gpus[0].errors = {"*": pynvml.NVMLError_Unknown}
+    # Failing again starts a new clock: the old failure does not count towards it.
+    assert classifier.update(probe.read(), now_s=LONG_AFTER_S + 1).level is HealthLevel.HEALTHY
+
+
+def test_fields_a_gpu_does_not_support_stay_harmless_however_long(fake: FakeNvml) -> None:
+    # A consumer GPU: no power reading, no ECC, no remapping, no recovery action field.
+    fake.gpus[0].not_supported = {
+        "nvmlDeviceGetPowerUsage",
+        "nvmlDeviceGetEnforcedPowerLimit",
+        "nvmlDeviceGetTotalEccErrors",
+        "nvmlDeviceGetRemappedRows",
+        "nvmlDeviceGetRetiredPagesPendingStatus",
+        "nvmlDeviceGetFieldValues",
+    }
+    # And a field this process may not read: one error among answers is a note, no more.
+    fake.gpus[1].errors = {"nvmlDeviceGetPowerUsage": pynvml.NVMLError_NoPermission}
+    probe = NvmlProbe(fake, xid_poll_ms=20)
+    probe.open()
+    try:
+        classifier = HealthClassifier(HealthConfig())
+        for now_s in (0.0, LONG_AFTER_S):
+            reading = probe.read()
+            assert classifier.update(reading, now_s=now_s) == Verdict(HealthLevel.HEALTHY, ())
+        assert [gpu.read_error for gpu in reading.gpus] == [None, None]
+        assert reading.error == "gpu1 power: NVMLError_NoPermission"
+    finally:
+        probe.close()
+
+
+def test_a_contained_ecc_error_drains_and_an_uncontained_one_quarantines(
+    fake: FakeNvml, probe: NvmlProbe
+) -> None:
+    # Xid 94: contained. The uncorrected error also raises the volatile ECC count.
+    fake.raise_xid(0, 94)
+    fake.gpus[0].ecc_uncorrected_volatile = 1
+    wait_for(lambda: probe.read().gpus[0].xid_counts == {94: 1})
+    assert verdict(probe.read()) == Verdict(HealthLevel.DEGRADED, ("xid_94:gpu0",))
+    # Xid 95 on the other GPU: uncontained, quarantine now.
+    fake.raise_xid(1, 95)
+    fake.gpus[1].ecc_uncorrected_volatile = 1
+    wait_for(lambda: probe.read().gpus[1].xid_counts == {95: 1})
+    assert verdict(probe.read()) == Verdict(
+        HealthLevel.UNHEALTHY, ("ecc_dbe:gpu1", "xid_95:gpu1", "xid_94:gpu0")
+    )
+
+
+# -- the fake fails the ways a driver fails, and the probe copes ---------------------------
+
+
+@pytest.mark.parametrize("timeout", [0.5, "500", None])
+def test_the_fake_rejects_a_timeout_that_pynvml_rejects(
+    monkeypatch: pytest.MonkeyPatch, timeout: object
+) -> None:
+    # Real pynvml over a stand-in for the driver's symbol: the argument never reaches it.
+    reached: list[int] = []
+
+    def driver_wait(event_set: object, data: object, timeout_ms: ctypes.c_uint) -> int:
+        reached.append(timeout_ms.value)
+        return pynvml.NVML_ERROR_TIMEOUT
+
+    monkeypatch.setattr(pynvml, "_nvmlGetFunctionPointer", lambda name: driver_wait)
+    with pytest.raises(TypeError):
+        pynvml.nvmlEventSetWait_v2(pynvml.c_nvmlEventSet_t(), timeout)
+    assert reached == []
+    with pytest.raises(pynvml.NVMLError_Timeout):
+        pynvml.nvmlEventSetWait_v2(pynvml.c_nvmlEventSet_t(), -1)
+    assert reached == [2**32 - 1]  # a negative timeout wraps: a wait of ~49 days
+
+    fake = FakeNvml(1)
+    fake.nvmlInit()
+    event_set = fake.nvmlEventSetCreate()
+    with pytest.raises(TypeError):
+        fake.nvmlEventSetWait_v2(event_set, timeout)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        fake.nvmlEventSetWait(event_set, timeout)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        fake.nvmlDeviceGetHandleByIndex(0.0)  # type: ignore[arg-type]
+
+
+def test_the_probe_passes_the_wait_an_unsigned_int(fake: FakeNvml) -> None:
+    # A poll given as a float would raise TypeError in the Xid thread on every wait.
+    probe = NvmlProbe(fake, xid_poll_ms=20.5)  # type: ignore[arg-type]
+    probe.open()
+    try:
+        fake.raise_xid(0, 79)
+        wait_for(lambda: probe.read().gpus[0].xid_counts == {79: 1})
+        assert probe.read().error is None
+    finally:
+        probe.close()
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match="xid_poll_ms must be a positive"):
+            NvmlProbe(fake, xid_poll_ms=bad)
+
+
+@pytest.mark.parametrize("error", [pynvml.NVMLError_GpuIsLost, pynvml.NVMLError_Unknown])
+def test_a_failing_event_wait_is_a_monitoring_gap_not_a_fault(
+    fake: FakeNvml, probe: NvmlProbe, error: type[pynvml.NVMLError]
+) -> None:
+    fake.wait_error = error
+    wait_for(lambda: (probe.read().error or "").endswith(f"xid events: {error.__name__}"))
+    reading = probe.read()
+    # The GPUs' own reads say whether one is lost; here they all answer.
+    assert verdict(reading) == Verdict(HealthLevel.HEALTHY, ())
+    assert [gpu.xid_events_missing for gpu in reading.gpus] == [
+        f"the event wait fails: {error.__name__}"
+    ] * 2
+    # It backs off instead of spinning on the failing set: one wait per poll, not thousands.
+    before = fake.calls["nvmlEventSetWait_v2"]
+    time.sleep(0.5)
+    assert fake.calls["nvmlEventSetWait_v2"] - before < 100
+    # The wait recovers: events are counted again and the gap closes.
+    fake.wait_error = None
+    fake.raise_xid(1, 79)
+    wait_for(lambda: probe.read().gpus[1].xid_counts == {79: 1})
+    recovered = probe.read()
+    assert recovered.error is None
+    assert [gpu.xid_events_missing for gpu in recovered.gpus] == [None, None]
+
+
+def test_a_gpu_that_answers_nothing_at_start_still_opens_the_probe() -> None:
+    fake = FakeNvml([FakeGpu(uuid="GPU-0"), FakeGpu(uuid="GPU-1")])
+    fake.gpus[1].errors = {"*": pynvml.NVMLError_Unknown}
+    probe = NvmlProbe(fake, xid_poll_ms=20)
+    probe.open()
+    try:
+        reading = probe.read()
+        assert reading.gpus[0].read_error is None
+        assert reading.gpus[1].read_error == "NVMLError_Unknown: Unknown Error"
+        assert reading.gpus[1].xid_events_missing == "event types: NVMLError_Unknown"
+        classifier = HealthClassifier(HealthConfig())
+        classifier.update(reading, now_s=0.0)
+        assert classifier.update(probe.read(), now_s=LONG_AFTER_S) == Verdict(
+            HealthLevel.UNHEALTHY, ("gpu_unresponsive:gpu1",)
+        )
+    finally:
+        probe.close()
+
+
+def test_make_probe_auto_without_the_nvml_library_falls_back_and_says_why() -> None:
+    fake = FakeNvml(2, library_found=False)
+    probe, note = make_probe("auto", sim_gpus=1, nvml=fake)
+    assert isinstance(probe, SimulatedProbe)
+    assert note == (
+        "auto: NVML unavailable (NVMLError_LibraryNotFound), using simulated GPUs "
+        "(1 x Simulated H100 80GB)"
+    )
+    assert fake.init_count == 0
+
+
+def test_make_probe_nvml_without_the_nvml_library_says_what_to_do() -> None:
+    with pytest.raises(ConfigError) as refused:
+        make_probe("nvml", nvml=FakeNvml(1, library_found=False))
+    assert str(refused.value) == (
+        "probe nvml: NVML unavailable (NVMLError_LibraryNotFound: NVML Shared Library Not "
+        "Found); install the NVIDIA driver, or use probe kind 'simulated' (or 'auto')"
+    )
+
+
+def test_without_the_library_every_other_call_is_uninitialized() -> None:
+    # As pynvml: with no library loaded, a function cannot even be looked up.
+    fake = FakeNvml(1, library_found=False)
+    with pytest.raises(pynvml.NVMLError_LibraryNotFound):
+        fake.nvmlInit()
+    with pytest.raises(pynvml.NVMLError_Uninitialized):
+        fake.nvmlDeviceGetCount()
+    with pytest.raises(pynvml.NVMLError_Uninitialized):
+        fake.nvmlShutdown()
