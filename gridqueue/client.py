@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import math
+import time
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 from celery import Celery
@@ -24,6 +26,8 @@ from gridqueue.errors import (
     JobEndedError,
     JobExpired,
     JobFailed,
+    JobNotFoundError,
+    JobTimeoutError,
     PayloadNotJSONError,
     PayloadTooLargeError,
     UnknownWorkloadError,
@@ -34,9 +38,13 @@ from gridqueue.ledger import Ledger, connect_redis, dumps, retry_redis
 from gridqueue.logs import get_logger
 from gridqueue.records import JobRecord
 from gridqueue.settings import Settings
-from gridqueue.states import JobState
+from gridqueue.states import TERMINAL_STATES, JobState
 
 _log = get_logger("gridqueue.client")
+
+# How long one blocking read of a stream waits before the reader looks at the job's state
+# (a job that never streams has no end marker to wake it).
+STREAM_SLICE_MS = 500
 
 _ENDED_ERRORS: dict[JobState, type[JobEndedError]] = {
     JobState.FAILED: JobFailed,
@@ -44,6 +52,14 @@ _ENDED_ERRORS: dict[JobState, type[JobEndedError]] = {
     JobState.CANCELLED: JobCancelled,
     JobState.DEAD_LETTERED: JobDeadLettered,
 }
+
+
+def outcome_of(record: JobRecord) -> Any:
+    """The result of an ended job, or the Job* error it ended with."""
+    if record.state is JobState.SUCCEEDED:
+        return record.result
+    error = _ENDED_ERRORS[record.state]
+    raise error(record.id, record.state.value, record.reason, record.error)
 
 
 class Job:
@@ -63,11 +79,47 @@ class Job:
     def result(self, timeout: float | None = 60.0) -> Any:
         """The job's one visible result. Raises JobFailed, JobExpired, JobCancelled,
         JobDeadLettered if it ended otherwise, JobTimeoutError if it is still running."""
-        record = self._client.ledger.wait(self.id, timeout)
-        if record.state is JobState.SUCCEEDED:
-            return record.result
-        error = _ENDED_ERRORS[record.state]
-        raise error(record.id, record.state.value, record.reason, record.error)
+        return outcome_of(self._client.ledger.wait(self.id, timeout))
+
+    def stream(self, timeout: float | None = 60.0) -> Iterator[Any]:
+        """Yield the job's output chunks (``ctx.emit()``) in order, each once, as they
+        arrive, across failovers; stop when the job ends. Raises what ``result()``
+        raises if it ended otherwise than SUCCEEDED, JobNotFoundError for an unknown job,
+        JobTimeoutError if it has not ended within ``timeout`` seconds (read again with
+        ``stream()``: it starts over from the first chunk)."""
+        ledger = self._client.ledger
+        give_up_at = None if timeout is None else time.monotonic() + timeout
+        if retry_redis(ledger.state_of)(self.id) is None:
+            raise JobNotFoundError(f"no job {self.id} in the ledger")
+        position = 0
+        while True:
+            block_ms = STREAM_SLICE_MS
+            if give_up_at is not None:
+                remaining = give_up_at - time.monotonic()
+                if remaining <= 0:
+                    raise JobTimeoutError(
+                        f"job {self.id} has not ended after {timeout} s ({position} chunks "
+                        "read); it is tracked, call stream() or result() again"
+                    )
+                block_ms = max(1, min(block_ms, int(remaining * 1000)))
+            read = retry_redis(ledger.read_stream)(self.id, position, block_ms)
+            yield from read.chunks
+            position = read.next_position
+            if read.ended is not None:
+                self.result(timeout=0)  # raises the Job* error of an unsuccessful end
+                return
+            if not read.chunks:
+                # A job that never streamed has no end marker: its state says it ended.
+                # One that did is read to its marker (written in the step that ended it).
+                state = retry_redis(ledger.state_of)(self.id)
+                if state is None or state in TERMINAL_STATES:
+                    tail = retry_redis(ledger.read_stream)(self.id, position)
+                    yield from tail.chunks
+                    position = tail.next_position
+                    if tail.ended is None and tail.chunks:
+                        continue
+                    self.result(timeout=0)
+                    return
 
     def cancel(self) -> bool:
         """Cancel the job; False if it had already ended. A running attempt is killed."""
