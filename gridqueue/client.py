@@ -13,6 +13,7 @@ import math
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from celery import Celery
@@ -52,6 +53,83 @@ _ENDED_ERRORS: dict[JobState, type[JobEndedError]] = {
     JobState.CANCELLED: JobCancelled,
     JobState.DEAD_LETTERED: JobDeadLettered,
 }
+
+
+@dataclass(frozen=True)
+class SubmitRequest:
+    """A validated submission: the ledger's submit arguments, the job id chosen before
+    the first try (a retry writes it once)."""
+
+    job_id: str
+    model: str
+    workload: str
+    body: str
+    deadline_in_ms: int
+    idempotency_key: str | None
+    wait_for_capacity: bool
+
+    @property
+    def args(self) -> tuple[Any, ...]:
+        return (
+            self.job_id,
+            self.model,
+            self.workload,
+            self.body,
+            self.deadline_in_ms,
+            self.idempotency_key,
+            self.wait_for_capacity,
+        )
+
+
+def prepare_submit(
+    ledger: Ledger,
+    model: str,
+    payload: Any,
+    workload: str,
+    deadline_s: float | None,
+    idempotency_key: str | None,
+) -> SubmitRequest:
+    """Validate a submission before anything is written (shared by the sync and async
+    clients); raises an InvalidJobError that says what to fix."""
+    check_model_name(model)
+    workload_class = ledger.workloads.get(workload)
+    if workload_class is None:
+        known = ", ".join(sorted(ledger.workloads))
+        raise UnknownWorkloadError(
+            f"unknown workload class {workload!r}; known classes: {known} "
+            "(defined in config/workloads.toml)"
+        )
+    try:
+        body = dumps(payload)
+    except (TypeError, ValueError) as exc:
+        raise PayloadNotJSONError(
+            f"payload is not JSON-serialisable ({exc}); send dicts, lists, str, "
+            "numbers, bools or None"
+        ) from exc
+    size = len(body.encode())
+    limit = ledger.settings.payload_max_bytes
+    if size > limit:
+        raise PayloadTooLargeError(
+            f"payload is {size} bytes, over the limit of {limit}"
+            " (GRIDQUEUE_PAYLOAD_MAX_BYTES); send a reference to the data instead"
+        )
+    if deadline_s is None:
+        deadline_s = workload_class.default_deadline_s
+    elif not math.isfinite(deadline_s) or deadline_s <= 0:
+        raise InvalidJobError(
+            f"deadline_s must be > 0 (or None for the class default), got {deadline_s}"
+        )
+    if idempotency_key is not None and not idempotency_key.strip():
+        raise InvalidJobError("idempotency_key must be a non-empty string (or None)")
+    return SubmitRequest(
+        uuid.uuid4().hex,
+        model,
+        workload,
+        body,
+        int(deadline_s * 1000) if deadline_s else 0,
+        idempotency_key,
+        workload_class.wait_for_capacity,
+    )
 
 
 def outcome_of(record: JobRecord) -> Any:
@@ -166,54 +244,17 @@ class GridQueue:
     ) -> Job:
         """Accept a job. Raises an InvalidJobError before writing anything if the input
         is wrong; otherwise the job is in the ledger and will reach a terminal state."""
-        check_model_name(model)
-        workload_class = self.ledger.workloads.get(workload)
-        if workload_class is None:
-            known = ", ".join(sorted(self.ledger.workloads))
-            raise UnknownWorkloadError(
-                f"unknown workload class {workload!r}; known classes: {known} "
-                "(defined in config/workloads.toml)"
-            )
-        try:
-            body = dumps(payload)
-        except (TypeError, ValueError) as exc:
-            raise PayloadNotJSONError(
-                f"payload is not JSON-serialisable ({exc}); send dicts, lists, str, "
-                "numbers, bools or None"
-            ) from exc
-        size = len(body.encode())
-        if size > self.settings.payload_max_bytes:
-            raise PayloadTooLargeError(
-                f"payload is {size} bytes, over the limit of {self.settings.payload_max_bytes}"
-                " (GRIDQUEUE_PAYLOAD_MAX_BYTES); send a reference to the data instead"
-            )
-        if deadline_s is None:
-            deadline_s = workload_class.default_deadline_s
-        elif not math.isfinite(deadline_s) or deadline_s <= 0:
-            raise InvalidJobError(
-                f"deadline_s must be > 0 (or None for the class default), got {deadline_s}"
-            )
-        if idempotency_key is not None and not idempotency_key.strip():
-            raise InvalidJobError("idempotency_key must be a non-empty string (or None)")
-        job_id = uuid.uuid4().hex  # chosen before the first try: a retry writes it once
-        submitted = retry_redis(self.ledger.submit)(
-            job_id,
-            model,
-            workload,
-            body,
-            int(deadline_s * 1000) if deadline_s else 0,
-            idempotency_key,
-            wait_for_capacity=workload_class.wait_for_capacity,
-        )
+        request = prepare_submit(self.ledger, model, payload, workload, deadline_s, idempotency_key)
+        submitted = retry_redis(self.ledger.submit)(*request.args)
         if submitted.created:
             # The job is in the ledger: from here on submit() returns its handle, whatever
             # the publish does. Raising now would tell the caller that a job that exists,
             # and will run, did not; a retry without an idempotency key would run it twice.
             # The dispatch entry covers a publish that fails: the watchdog sends it.
             try:
-                self.dispatcher.publish(attempt_id(job_id, 1), submitted.dispatch_lease)
+                self.dispatcher.publish(attempt_id(request.job_id, 1), submitted.dispatch_lease)
             except Exception as exc:  # redis and kombu errors alike
-                _log.warning("submit.publish_deferred", job=job_id, error=repr(exc))
+                _log.warning("submit.publish_deferred", job=request.job_id, error=repr(exc))
         return Job(self, submitted.job_id, submitted.created)
 
     def job(self, job_id: str) -> Job:

@@ -258,6 +258,30 @@ class Ledger:
         """
         reply = self._call(
             "submit",
+            *self.submit_args(
+                job_id,
+                model,
+                workload,
+                payload_json,
+                deadline_in_ms,
+                idempotency_key,
+                wait_for_capacity,
+            ),
+        )
+        return submitted_from_reply(model, reply)
+
+    def submit_args(
+        self,
+        job_id: str,
+        model: str,
+        workload: str,
+        payload_json: str,
+        deadline_in_ms: int,
+        idempotency_key: str | None,
+        wait_for_capacity: bool = True,
+    ) -> tuple[str | int, ...]:
+        """The submit script's own arguments (shared with the asyncio client)."""
+        return (
             job_id,
             model,
             workload,
@@ -269,13 +293,15 @@ class Ledger:
             "1" if wait_for_capacity else "0",
             *self._watch_ms(workload),
         )
-        if reply[0] == "does_not_fit":
-            raise DoesNotFitError(_does_not_fit_message(model, json.loads(reply[1])))
-        if reply[0] == "no_capacity":
-            raise NoCapacityError(_no_capacity_message(model, json.loads(reply[1])))
-        if reply[1] == "created":
-            return Submitted(str(reply[0]), True, str(reply[2]))
-        return Submitted(str(reply[0]), False)
+
+    def script_source(self, name: str) -> str:
+        """A script as the ledger loads it (prelude included), for another client."""
+        return lua_prelude() + _read_lua("_common") + _read_lua(name)
+
+    @property
+    def fixed_args(self) -> tuple[str | int, ...]:
+        """The arguments every script takes first (see ``_common.lua``)."""
+        return self._fixed
 
     def _watch_ms(self, workload: str) -> tuple[int, int]:
         """The liveness and stall timeouts a claim registers for jobs of this class."""
@@ -795,6 +821,17 @@ class Ledger:
 
     def running_attempts(self) -> list[str]:
         return cast(list[str], self.client.zrange(self.keys.running, 0, -1))
+
+
+def submitted_from_reply(model: str, reply: Any) -> Submitted:
+    """Decode the submit script's reply; raise the admission errors it names."""
+    if reply[0] == "does_not_fit":
+        raise DoesNotFitError(_does_not_fit_message(model, json.loads(reply[1])))
+    if reply[0] == "no_capacity":
+        raise NoCapacityError(_no_capacity_message(model, json.loads(reply[1])))
+    if reply[1] == "created":
+        return Submitted(str(reply[0]), True, str(reply[2]))
+    return Submitted(str(reply[0]), False)
 
 
 def parse_attempt(member: str) -> tuple[str, int]:
