@@ -168,6 +168,10 @@ class CheckpointTooLargeError(StreamError):
     """The resume state is over GRIDQUEUE_CHECKPOINT_MAX_BYTES; store a reference to it."""
 
 
+class ExtraNotInstalledError(ConfigError):
+    """This handler needs an optional extra; install it with pip install 'gridqueue[model]'."""
+
+
 class InvalidInput(GridQueueError):
     """Raised by a handler: the payload is wrong, so the job fails and is never retried."""
 
