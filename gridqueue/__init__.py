@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from gridqueue.async_client import AsyncGridQueue, AsyncJob
 from gridqueue.client import GridQueue, Job
 from gridqueue.errors import (
     GridQueueError,
@@ -11,13 +12,17 @@ from gridqueue.errors import (
     JobDeadLettered,
     JobExpired,
     JobFailed,
+    JobNotFoundError,
     JobTimeoutError,
+    StreamError,
     TransientError,
 )
-from gridqueue.handlers import Context, handler
+from gridqueue.handlers import Context, Resume, handler
 from gridqueue.states import JobState, Outcome
 
 __all__ = [
+    "AsyncGridQueue",
+    "AsyncJob",
     "Context",
     "GridQueue",
     "GridQueueError",
@@ -28,9 +33,12 @@ __all__ = [
     "JobDeadLettered",
     "JobExpired",
     "JobFailed",
+    "JobNotFoundError",
     "JobState",
     "JobTimeoutError",
     "Outcome",
+    "Resume",
+    "StreamError",
     "TransientError",
     "handler",
 ]

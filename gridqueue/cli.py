@@ -162,6 +162,9 @@ def submit(
     deadline_s: Annotated[float | None, typer.Option("--deadline")] = None,
     idempotency_key: Annotated[str | None, typer.Option("--idempotency-key")] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Wait for the result.")] = False,
+    stream: Annotated[
+        bool, typer.Option("--stream", help="Print the job's output chunks as they arrive.")
+    ] = False,
     timeout_s: Annotated[float, typer.Option("--timeout")] = 60.0,
     redis_url: RedisOption = None,
     as_json: JsonOption = False,
@@ -178,6 +181,13 @@ def submit(
         idempotency_key=idempotency_key,
     )
     out: dict[str, Any] = {"id": job.id, "created": job.created}
+    if stream:
+        # One JSON chunk a line, as it arrives; then the outcome, as --wait prints it.
+        print(json.dumps({"id": job.id}), flush=True)
+        with contextlib.suppress(JobEndedError):
+            for chunk in job.stream(timeout=timeout_s):
+                print(json.dumps(chunk), flush=True)
+        wait = True
     if wait:
         with contextlib.suppress(JobEndedError):
             out["result"] = job.result(timeout_s)

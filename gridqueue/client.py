@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import json
 import math
+import time
 import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from celery import Celery
@@ -24,6 +27,8 @@ from gridqueue.errors import (
     JobEndedError,
     JobExpired,
     JobFailed,
+    JobNotFoundError,
+    JobTimeoutError,
     PayloadNotJSONError,
     PayloadTooLargeError,
     UnknownWorkloadError,
@@ -34,9 +39,13 @@ from gridqueue.ledger import Ledger, connect_redis, dumps, retry_redis
 from gridqueue.logs import get_logger
 from gridqueue.records import JobRecord
 from gridqueue.settings import Settings
-from gridqueue.states import JobState
+from gridqueue.states import TERMINAL_STATES, JobState
 
 _log = get_logger("gridqueue.client")
+
+# How long one blocking read of a stream waits before the reader looks at the job's state
+# (a job that never streams has no end marker to wake it).
+STREAM_SLICE_MS = 500
 
 _ENDED_ERRORS: dict[JobState, type[JobEndedError]] = {
     JobState.FAILED: JobFailed,
@@ -44,6 +53,91 @@ _ENDED_ERRORS: dict[JobState, type[JobEndedError]] = {
     JobState.CANCELLED: JobCancelled,
     JobState.DEAD_LETTERED: JobDeadLettered,
 }
+
+
+@dataclass(frozen=True)
+class SubmitRequest:
+    """A validated submission: the ledger's submit arguments, the job id chosen before
+    the first try (a retry writes it once)."""
+
+    job_id: str
+    model: str
+    workload: str
+    body: str
+    deadline_in_ms: int
+    idempotency_key: str | None
+    wait_for_capacity: bool
+
+    @property
+    def args(self) -> tuple[Any, ...]:
+        return (
+            self.job_id,
+            self.model,
+            self.workload,
+            self.body,
+            self.deadline_in_ms,
+            self.idempotency_key,
+            self.wait_for_capacity,
+        )
+
+
+def prepare_submit(
+    ledger: Ledger,
+    model: str,
+    payload: Any,
+    workload: str,
+    deadline_s: float | None,
+    idempotency_key: str | None,
+) -> SubmitRequest:
+    """Validate a submission before anything is written (shared by the sync and async
+    clients); raises an InvalidJobError that says what to fix."""
+    check_model_name(model)
+    workload_class = ledger.workloads.get(workload)
+    if workload_class is None:
+        known = ", ".join(sorted(ledger.workloads))
+        raise UnknownWorkloadError(
+            f"unknown workload class {workload!r}; known classes: {known} "
+            "(defined in config/workloads.toml)"
+        )
+    try:
+        body = dumps(payload)
+    except (TypeError, ValueError) as exc:
+        raise PayloadNotJSONError(
+            f"payload is not JSON-serialisable ({exc}); send dicts, lists, str, "
+            "numbers, bools or None"
+        ) from exc
+    size = len(body.encode())
+    limit = ledger.settings.payload_max_bytes
+    if size > limit:
+        raise PayloadTooLargeError(
+            f"payload is {size} bytes, over the limit of {limit}"
+            " (GRIDQUEUE_PAYLOAD_MAX_BYTES); send a reference to the data instead"
+        )
+    if deadline_s is None:
+        deadline_s = workload_class.default_deadline_s
+    elif not math.isfinite(deadline_s) or deadline_s <= 0:
+        raise InvalidJobError(
+            f"deadline_s must be > 0 (or None for the class default), got {deadline_s}"
+        )
+    if idempotency_key is not None and not idempotency_key.strip():
+        raise InvalidJobError("idempotency_key must be a non-empty string (or None)")
+    return SubmitRequest(
+        uuid.uuid4().hex,
+        model,
+        workload,
+        body,
+        int(deadline_s * 1000) if deadline_s else 0,
+        idempotency_key,
+        workload_class.wait_for_capacity,
+    )
+
+
+def outcome_of(record: JobRecord) -> Any:
+    """The result of an ended job, or the Job* error it ended with."""
+    if record.state is JobState.SUCCEEDED:
+        return record.result
+    error = _ENDED_ERRORS[record.state]
+    raise error(record.id, record.state.value, record.reason, record.error)
 
 
 class Job:
@@ -63,11 +157,47 @@ class Job:
     def result(self, timeout: float | None = 60.0) -> Any:
         """The job's one visible result. Raises JobFailed, JobExpired, JobCancelled,
         JobDeadLettered if it ended otherwise, JobTimeoutError if it is still running."""
-        record = self._client.ledger.wait(self.id, timeout)
-        if record.state is JobState.SUCCEEDED:
-            return record.result
-        error = _ENDED_ERRORS[record.state]
-        raise error(record.id, record.state.value, record.reason, record.error)
+        return outcome_of(self._client.ledger.wait(self.id, timeout))
+
+    def stream(self, timeout: float | None = 60.0) -> Iterator[Any]:
+        """Yield the job's output chunks (``ctx.emit()``) in order, each once, as they
+        arrive, across failovers; stop when the job ends. Raises what ``result()``
+        raises if it ended otherwise than SUCCEEDED, JobNotFoundError for an unknown job,
+        JobTimeoutError if it has not ended within ``timeout`` seconds (read again with
+        ``stream()``: it starts over from the first chunk)."""
+        ledger = self._client.ledger
+        give_up_at = None if timeout is None else time.monotonic() + timeout
+        if retry_redis(ledger.state_of)(self.id) is None:
+            raise JobNotFoundError(f"no job {self.id} in the ledger")
+        position = 0
+        while True:
+            block_ms = STREAM_SLICE_MS
+            if give_up_at is not None:
+                remaining = give_up_at - time.monotonic()
+                if remaining <= 0:
+                    raise JobTimeoutError(
+                        f"job {self.id} has not ended after {timeout} s ({position} chunks "
+                        "read); it is tracked, call stream() or result() again"
+                    )
+                block_ms = max(1, min(block_ms, int(remaining * 1000)))
+            read = retry_redis(ledger.read_stream)(self.id, position, block_ms)
+            yield from read.chunks
+            position = read.next_position
+            if read.ended is not None:
+                self.result(timeout=0)  # raises the Job* error of an unsuccessful end
+                return
+            if not read.chunks:
+                # A job that never streamed has no end marker: its state says it ended.
+                # One that did is read to its marker (written in the step that ended it).
+                state = retry_redis(ledger.state_of)(self.id)
+                if state is None or state in TERMINAL_STATES:
+                    tail = retry_redis(ledger.read_stream)(self.id, position)
+                    yield from tail.chunks
+                    position = tail.next_position
+                    if tail.ended is None and tail.chunks:
+                        continue
+                    self.result(timeout=0)
+                    return
 
     def cancel(self) -> bool:
         """Cancel the job; False if it had already ended. A running attempt is killed."""
@@ -114,54 +244,17 @@ class GridQueue:
     ) -> Job:
         """Accept a job. Raises an InvalidJobError before writing anything if the input
         is wrong; otherwise the job is in the ledger and will reach a terminal state."""
-        check_model_name(model)
-        workload_class = self.ledger.workloads.get(workload)
-        if workload_class is None:
-            known = ", ".join(sorted(self.ledger.workloads))
-            raise UnknownWorkloadError(
-                f"unknown workload class {workload!r}; known classes: {known} "
-                "(defined in config/workloads.toml)"
-            )
-        try:
-            body = dumps(payload)
-        except (TypeError, ValueError) as exc:
-            raise PayloadNotJSONError(
-                f"payload is not JSON-serialisable ({exc}); send dicts, lists, str, "
-                "numbers, bools or None"
-            ) from exc
-        size = len(body.encode())
-        if size > self.settings.payload_max_bytes:
-            raise PayloadTooLargeError(
-                f"payload is {size} bytes, over the limit of {self.settings.payload_max_bytes}"
-                " (GRIDQUEUE_PAYLOAD_MAX_BYTES); send a reference to the data instead"
-            )
-        if deadline_s is None:
-            deadline_s = workload_class.default_deadline_s
-        elif not math.isfinite(deadline_s) or deadline_s <= 0:
-            raise InvalidJobError(
-                f"deadline_s must be > 0 (or None for the class default), got {deadline_s}"
-            )
-        if idempotency_key is not None and not idempotency_key.strip():
-            raise InvalidJobError("idempotency_key must be a non-empty string (or None)")
-        job_id = uuid.uuid4().hex  # chosen before the first try: a retry writes it once
-        submitted = retry_redis(self.ledger.submit)(
-            job_id,
-            model,
-            workload,
-            body,
-            int(deadline_s * 1000) if deadline_s else 0,
-            idempotency_key,
-            wait_for_capacity=workload_class.wait_for_capacity,
-        )
+        request = prepare_submit(self.ledger, model, payload, workload, deadline_s, idempotency_key)
+        submitted = retry_redis(self.ledger.submit)(*request.args)
         if submitted.created:
             # The job is in the ledger: from here on submit() returns its handle, whatever
             # the publish does. Raising now would tell the caller that a job that exists,
             # and will run, did not; a retry without an idempotency key would run it twice.
             # The dispatch entry covers a publish that fails: the watchdog sends it.
             try:
-                self.dispatcher.publish(attempt_id(job_id, 1), submitted.dispatch_lease)
+                self.dispatcher.publish(attempt_id(request.job_id, 1), submitted.dispatch_lease)
             except Exception as exc:  # redis and kombu errors alike
-                _log.warning("submit.publish_deferred", job=job_id, error=repr(exc))
+                _log.warning("submit.publish_deferred", job=request.job_id, error=repr(exc))
         return Job(self, submitted.job_id, submitted.created)
 
     def job(self, job_id: str) -> Job:

@@ -157,6 +157,40 @@ class JobDeadLettered(JobEndedError):
     """The job was dead-lettered as poison; inspect it, then replay it by hand."""
 
 
+class StreamError(GridQueueError):
+    """A handler's ctx.emit() or ctx.checkpoint() was refused; the message says why."""
+
+
+class ChunkNotJSONError(StreamError):
+    """ctx.emit() takes JSON values only: dicts, lists, strings, numbers, booleans, None."""
+
+
+class ChunkTooLargeError(StreamError):
+    """The chunk is over GRIDQUEUE_STREAM_CHUNK_MAX_BYTES; emit smaller pieces."""
+
+
+class StreamFullError(StreamError):
+    """The job's output stream is at its bound (GRIDQUEUE_STREAM_MAX_CHUNKS or
+    GRIDQUEUE_STREAM_MAX_BYTES); emit fewer, larger chunks or raise the bound."""
+
+
+class StreamGapError(StreamError):
+    """A chunk would leave a gap in the stream: ctx.seek() went past the stream's end;
+    seek only to ctx.resume.position."""
+
+
+class CheckpointNotJSONError(StreamError):
+    """ctx.checkpoint() takes JSON values only: dicts, lists, strings, numbers, booleans."""
+
+
+class CheckpointTooLargeError(StreamError):
+    """The resume state is over GRIDQUEUE_CHECKPOINT_MAX_BYTES; store a reference to it."""
+
+
+class ExtraNotInstalledError(ConfigError):
+    """This handler needs an optional extra; install it with pip install 'gridqueue[model]'."""
+
+
 class InvalidInput(GridQueueError):
     """Raised by a handler: the payload is wrong, so the job fails and is never retried."""
 

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 from redis.exceptions import RedisError
 
 from gridqueue.errors import InvalidModelError
+from gridqueue.ledger import retry_redis
 
 # A model's name is part of its queue's name ('gq.model.<model>') and of its ledger keys
 # ('gq:model:<model>', 'gq:model:<model>:unfit'). kombu names the queue's priority lists
@@ -75,6 +76,25 @@ class ProgressSink(Protocol):
     ) -> bool: ...
 
 
+class StreamSink(Protocol):
+    def emit(
+        self, job_id: str, attempt: int, worker: str, seq: int, chunk: Any, stall_ms: int = 60_000
+    ) -> bool: ...
+
+    def checkpoint(
+        self, job_id: str, attempt: int, worker: str, position: int, state: Any
+    ) -> bool: ...
+
+
+@dataclass(frozen=True)
+class Resume:
+    """What an attempt resumes from: the last checkpoint's state, and the stream position
+    it was taken at (the next chunk to emit after it)."""
+
+    state: Any
+    position: int
+
+
 class Confirmation:
     """When the ledger last confirmed that an attempt is still current. Past ``within_s``
     without one (``stale_after_s``: a Redis partition, say), the attempt may belong to
@@ -108,11 +128,16 @@ class Context:
         sink: ProgressSink,
         stall_ms: int = 60_000,
         confirm_within_s: float = 1.0,
+        stream: StreamSink | None = None,
+        resume: Resume | None = None,
     ) -> None:
         self.job_id = job_id
         self.attempt = attempt
         self.worker = worker
+        self.resume = resume
         self._sink = sink
+        self._stream = stream
+        self._position = 0  # the next chunk this attempt emits
         self._stall_ms = stall_ms
         self._last_write = 0.0
         self._confirmed = Confirmation(confirm_within_s)
@@ -132,3 +157,55 @@ class Context:
                 )
                 self.superseded = not self._confirmed.record(current)
         return not self.superseded and self._confirmed.recent()
+
+    # -- output stream ---------------------------------------------------------------------
+
+    @property
+    def position(self) -> int:
+        """The stream position of the next chunk this attempt emits."""
+        return self._position
+
+    def seek(self, position: int) -> None:
+        """Continue the stream from ``position`` (``ctx.resume.position`` when resuming).
+
+        An attempt numbers its chunks from 0 unless it seeks: a handler that ignores
+        ``ctx.resume`` starts over, and the chunks the reader already has are dropped."""
+        if not isinstance(position, int) or isinstance(position, bool) or position < 0:
+            raise ValueError(f"seek() needs a stream position >= 0, got {position!r}")
+        self._position = position
+
+    def emit(self, chunk: Any) -> bool:
+        """Append a JSON chunk to the job's output stream, as chunk ``ctx.position``.
+
+        Returns False once this attempt is superseded (the chunk is refused). Raises
+        ChunkNotJSONError, ChunkTooLargeError or StreamFullError (a StreamError): the
+        attempt then fails with outcome ``error``, and nothing of the chunk is written.
+        A Redis blip is waited out: a retried append never duplicates a chunk."""
+        if self._stream is None:
+            raise RuntimeError("this context has no output stream (not run by a worker)")
+        if self.superseded:
+            return False
+        appended = retry_redis(self._stream.emit)(
+            self.job_id, self.attempt, self.worker, self._position, chunk, self._stall_ms
+        )
+        if not appended:
+            self.superseded = True
+            return False
+        self._position += 1
+        self._confirmed.record(True)
+        return True
+
+    def checkpoint(self, state: Any) -> bool:
+        """Store a small JSON resume state, tied to the stream position now: the next
+        attempt gets it as ``ctx.resume``. Returns False once this attempt is superseded.
+        Raises CheckpointNotJSONError or CheckpointTooLargeError (nothing is written)."""
+        if self._stream is None:
+            raise RuntimeError("this context has no output stream (not run by a worker)")
+        if self.superseded:
+            return False
+        stored = retry_redis(self._stream.checkpoint)(
+            self.job_id, self.attempt, self.worker, self._position, state
+        )
+        if not stored:
+            self.superseded = True
+        return bool(stored)

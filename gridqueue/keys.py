@@ -4,6 +4,9 @@ Layout (``ns`` is ``GRIDQUEUE_NAMESPACE``, ``gq`` by default; an attempt is ``<j
 
     {ns}:job:{job}             hash    the job record; attempt n lives in field ``a:{n}`` (JSON)
     {ns}:job:{job}:done        list    one token, pushed when the job ends (result() waits on it)
+    {ns}:job:{job}:stream      stream  the job's output chunks: chunk i has id ``0-{i+1}``,
+                                       then one end marker; created by the first chunk, it
+                                       expires with the job record
     {ns}:idem:{key}            string  idempotency key -> job id
     {ns}:deadlines             zset    job -> deadline (ms, Redis server time)
     {ns}:dispatch              zset    attempt -> when it must be (re)published (ms)
@@ -69,6 +72,7 @@ from dataclasses import dataclass
 _TEMPLATES: dict[str, tuple[str, tuple[str, ...]]] = {
     "job": ("{ns}:job:{job}", ("job",)),
     "job_done": ("{ns}:job:{job}:done", ("job",)),
+    "job_stream": ("{ns}:job:{job}:stream", ("job",)),
     "idempotency": ("{ns}:idem:{key}", ("key",)),
     "deadlines": ("{ns}:deadlines", ()),
     "dispatch": ("{ns}:dispatch", ()),
@@ -140,6 +144,9 @@ class Keys:
 
     def job_done(self, job_id: str) -> str:
         return self._render("job_done", job=job_id)
+
+    def job_stream(self, job_id: str) -> str:
+        return self._render("job_stream", job=job_id)
 
     def idempotency(self, key: str) -> str:
         return self._render("idempotency", key=key)

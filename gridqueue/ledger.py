@@ -26,12 +26,18 @@ from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_expo
 from gridqueue.celeryapp import PRIORITY_STEPS, QUEUE_SEP
 from gridqueue.connection import RedisTarget
 from gridqueue.errors import (
+    CheckpointNotJSONError,
+    CheckpointTooLargeError,
+    ChunkNotJSONError,
+    ChunkTooLargeError,
     DoesNotFitError,
     InvalidJobError,
     JobNotFoundError,
     JobTimeoutError,
     NoCapacityError,
     ReplicationTimeoutError,
+    StreamFullError,
+    StreamGapError,
     WorkerNameInUseError,
     WorkerNotFoundError,
 )
@@ -73,6 +79,8 @@ _SCRIPTS = (
     "sweep_deliveries",
     "forget",
     "find_lost_messages",
+    "emit",
+    "checkpoint",
 )
 
 
@@ -126,6 +134,43 @@ class Claim:
     model: str | None = None
     workload: str | None = None
     detail: str | None = None
+    checkpoint: str | None = None  # the job's last resume state (JSON), if any
+    checkpoint_position: int | None = None  # the stream position it was taken at
+
+
+@dataclass(frozen=True)
+class StreamRead:
+    """What a read of a job's output stream found: chunks from ``position`` on (decoded
+    JSON), and the job's end state if the end marker was among them."""
+
+    position: int  # the position of chunks[0]
+    chunks: list[Any]
+    ended: str | None = None
+
+    @property
+    def next_position(self) -> int:
+        return self.position + len(self.chunks)
+
+
+def stream_after(position: int) -> str:
+    """The stream id to read after, to get chunk ``position`` on (chunk i is ``0-(i+1)``)."""
+    return f"0-{position}"
+
+
+def parse_stream(position: int, entries: list[tuple[str, dict[str, str]]]) -> StreamRead:
+    """Decode stream entries read from ``position`` on. Shared by the sync and async
+    readers; the ids are checked, so a reader never skips or repeats a chunk silently."""
+    chunks: list[Any] = []
+    for entry_id, fields in entries:
+        expected = f"0-{position + len(chunks) + 1}"
+        if entry_id != expected:
+            raise StreamGapError(
+                f"stream entry {entry_id} where {expected} was expected; report this as a bug"
+            )
+        if "end" in fields:
+            return StreamRead(position, chunks, fields["end"])
+        chunks.append(json.loads(fields["c"]))
+    return StreamRead(position, chunks)
 
 
 @dataclass(frozen=True)
@@ -250,6 +295,45 @@ class Ledger:
         call = self._call_replicated if self.settings.redis_min_replicas else self._call_plain
         reply, replicated = call(
             "submit",
+            *self.submit_args(
+                job_id,
+                model,
+                workload,
+                payload_json,
+                deadline_in_ms,
+                idempotency_key,
+                wait_for_capacity,
+            ),
+        )
+        submitted = submitted_from_reply(model, reply)
+        if not replicated:
+            raise self.unreplicated_submit(submitted.job_id)
+        return submitted
+
+    def unreplicated_submit(self, job_id: str) -> ReplicationTimeoutError:
+        """The error of a durable submit that no replica confirmed in time."""
+        return ReplicationTimeoutError(
+            f"job {job_id} is written on the Redis primary, but fewer than "
+            f"{self.settings.redis_min_replicas} replica(s) confirmed it within "
+            f"{self.settings.redis_replica_timeout_s:g} s, so a failover now could lose "
+            "it: it will run unless that happens. Check the replicas (INFO "
+            "replication); submit again with the same idempotency_key to get its "
+            "handle, or follow it with gq.job(job_id).",
+            job_id=job_id,
+        )
+
+    def submit_args(
+        self,
+        job_id: str,
+        model: str,
+        workload: str,
+        payload_json: str,
+        deadline_in_ms: int,
+        idempotency_key: str | None,
+        wait_for_capacity: bool = True,
+    ) -> tuple[str | int, ...]:
+        """The submit script's own arguments (shared with the asyncio client)."""
+        return (
             job_id,
             model,
             workload,
@@ -261,23 +345,15 @@ class Ledger:
             "1" if wait_for_capacity else "0",
             *self._watch_ms(workload),
         )
-        if reply[0] == "does_not_fit":
-            raise DoesNotFitError(_does_not_fit_message(model, json.loads(reply[1])))
-        if reply[0] == "no_capacity":
-            raise NoCapacityError(_no_capacity_message(model, json.loads(reply[1])))
-        if not replicated:
-            raise ReplicationTimeoutError(
-                f"job {reply[0]} is written on the Redis primary, but fewer than "
-                f"{self.settings.redis_min_replicas} replica(s) confirmed it within "
-                f"{self.settings.redis_replica_timeout_s:g} s, so a failover now could lose "
-                "it: it will run unless that happens. Check the replicas (INFO "
-                "replication); submit again with the same idempotency_key to get its "
-                "handle, or follow it with gq.job(job_id).",
-                job_id=str(reply[0]),
-            )
-        if reply[1] == "created":
-            return Submitted(str(reply[0]), True, str(reply[2]))
-        return Submitted(str(reply[0]), False)
+
+    def script_source(self, name: str) -> str:
+        """A script as the ledger loads it (prelude included), for another client."""
+        return lua_prelude() + _read_lua("_common") + _read_lua(name)
+
+    @property
+    def fixed_args(self) -> tuple[str | int, ...]:
+        """The arguments every script takes first (see ``_common.lua``)."""
+        return self._fixed
 
     def _call_plain(self, name: str, *args: str | int | float) -> tuple[Any, bool]:
         return self._scripts[name](keys=[], args=[*self._fixed, *args]), True
@@ -302,7 +378,16 @@ class Ledger:
             int(self.settings.stale_after_s * 1000),
         )
         if reply[0] == "ok":
-            return Claim("ok", payload=reply[1], model=reply[2], workload=reply[3])
+            checkpoint = reply[4] if len(reply) > 4 and reply[4] else None
+            position = int(reply[5]) if len(reply) > 5 and reply[5] else None
+            return Claim(
+                "ok",
+                payload=reply[1],
+                model=reply[2],
+                workload=reply[3],
+                checkpoint=checkpoint,
+                checkpoint_position=position,
+            )
         return Claim(reply[0], detail=reply[1] if len(reply) > 1 else None)
 
     def progress(
@@ -310,6 +395,95 @@ class Ledger:
     ) -> bool:
         """Move the attempt's progress mark; False once the attempt is superseded."""
         return bool(self._call("progress", job_id, attempt, worker, info, stall_ms))
+
+    # -- output streams ----------------------------------------------------------------
+
+    def emit(
+        self, job_id: str, attempt: int, worker: str, seq: int, chunk: Any, stall_ms: int = 60_000
+    ) -> bool:
+        """Append chunk ``seq`` of the attempt to the job's stream (see ``emit.lua``).
+
+        True if the stream has it now (appended, or already there: a repeat is dropped
+        and counted); False if the attempt is superseded (refused and counted). Raises
+        ChunkNotJSONError or ChunkTooLargeError before writing anything, StreamFullError
+        at the stream's bound, StreamGapError if ``seq`` is past the stream's end. Safe to
+        retry: a retried append of a chunk that landed is a repeat.
+        """
+        try:
+            body = dumps(chunk)
+        except (TypeError, ValueError) as exc:
+            raise ChunkNotJSONError(
+                f"ctx.emit() got a chunk that is not JSON ({exc}); emit dicts, lists, str, "
+                "numbers, bools or None"
+            ) from exc
+        size = len(body.encode())
+        if size > self.settings.stream_chunk_max_bytes:
+            raise ChunkTooLargeError(
+                f"chunk is {size} bytes, over the limit of {self.settings.stream_chunk_max_bytes}"
+                " (GRIDQUEUE_STREAM_CHUNK_MAX_BYTES); emit smaller pieces"
+            )
+        reply = self._call(
+            "emit",
+            job_id,
+            attempt,
+            worker,
+            seq,
+            body,
+            self.settings.stream_max_chunks,
+            self.settings.stream_max_bytes,
+            stall_ms,
+        )
+        if reply[0] in ("ok", "repeat"):
+            return True
+        if reply[0] == "full":
+            raise StreamFullError(
+                f"job {job_id}'s stream holds {reply[1]} chunks and is at its bound "
+                f"({self.settings.stream_max_chunks} chunks, "
+                f"{self.settings.stream_max_bytes} bytes: GRIDQUEUE_STREAM_MAX_CHUNKS, "
+                "GRIDQUEUE_STREAM_MAX_BYTES); emit fewer, larger chunks or raise the bound"
+            )
+        if reply[0] == "gap":
+            raise StreamGapError(
+                f"chunk {seq} would leave a gap: job {job_id}'s stream has {reply[1]} chunks; "
+                "ctx.seek() only to ctx.resume.position"
+            )
+        return False
+
+    def checkpoint(self, job_id: str, attempt: int, worker: str, position: int, state: Any) -> bool:
+        """Store the job's resume state, taken at stream ``position``. False if the attempt
+        is superseded. Raises CheckpointNotJSONError or CheckpointTooLargeError before
+        writing anything."""
+        try:
+            body = dumps(state)
+        except (TypeError, ValueError) as exc:
+            raise CheckpointNotJSONError(
+                f"ctx.checkpoint() got a state that is not JSON ({exc}); store dicts, lists, "
+                "str, numbers, bools or None"
+            ) from exc
+        size = len(body.encode())
+        if size > self.settings.checkpoint_max_bytes:
+            raise CheckpointTooLargeError(
+                f"resume state is {size} bytes, over the limit of "
+                f"{self.settings.checkpoint_max_bytes} (GRIDQUEUE_CHECKPOINT_MAX_BYTES); "
+                "store a reference to it instead"
+            )
+        reply = self._call("checkpoint", job_id, attempt, worker, position, body)
+        if reply[0] == "ahead":
+            raise StreamGapError(
+                f"checkpoint at position {position} is past the end of job {job_id}'s stream "
+                f"({reply[1]} chunks); checkpoint after the chunks it covers are emitted"
+            )
+        return bool(reply[0] == "ok")
+
+    def read_stream(self, job_id: str, position: int, block_ms: int | None = None) -> StreamRead:
+        """Chunks of the job's stream from ``position`` on (at most 1,000), waiting up to
+        ``block_ms`` for the first one if there is none yet."""
+        key = self.keys.job_stream(job_id)
+        reply = self.client.xread({key: stream_after(position)}, count=1000, block=block_ms)
+        entries: list[tuple[str, dict[str, str]]] = []
+        for _, rows in cast(list[tuple[str, list[tuple[str, dict[str, str]]]]], reply or []):
+            entries.extend(rows)
+        return parse_stream(position, entries)
 
     def beat(self, job_id: str, attempt: int, worker: str, liveness_ms: int) -> bool:
         """The running attempt's own liveness beat; False once it is superseded."""
@@ -461,6 +635,11 @@ class Ledger:
                 f"{self.settings.job_retention_s} s)"
             )
         return JobRecord.from_hash(data)
+
+    def state_of(self, job_id: str) -> JobState | None:
+        """The job's state, in one cheap read; None if the ledger has no such job."""
+        state = self.client.hget(self.keys.job(job_id), "state")
+        return JobState(str(state)) if state else None
 
     def wait(self, job_id: str, timeout_s: float | None) -> JobRecord:
         """Block until the job is terminal; JobTimeoutError after ``timeout_s``."""
@@ -720,6 +899,17 @@ class Ledger:
 
     def running_attempts(self) -> list[str]:
         return cast(list[str], self.client.zrange(self.keys.running, 0, -1))
+
+
+def submitted_from_reply(model: str, reply: Any) -> Submitted:
+    """Decode the submit script's reply; raise the admission errors it names."""
+    if reply[0] == "does_not_fit":
+        raise DoesNotFitError(_does_not_fit_message(model, json.loads(reply[1])))
+    if reply[0] == "no_capacity":
+        raise NoCapacityError(_no_capacity_message(model, json.loads(reply[1])))
+    if reply[1] == "created":
+        return Submitted(str(reply[0]), True, str(reply[2]))
+    return Submitted(str(reply[0]), False)
 
 
 def parse_attempt(member: str) -> tuple[str, int]:

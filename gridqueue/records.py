@@ -13,6 +13,10 @@ def _int(value: str | None) -> int | None:
     return int(value) if value not in (None, "") else None
 
 
+def _per_attempt(data: dict[str, str], prefix: str) -> dict[int, int]:
+    return {int(k[len(prefix) :]): int(v) for k, v in data.items() if k.startswith(prefix)}
+
+
 @dataclass(frozen=True)
 class AttemptRecord:
     """One try of a job on one worker. Times are Redis server time in ms."""
@@ -62,6 +66,11 @@ class JobRecord:
     attempts: list[AttemptRecord] = field(default_factory=list)
     chain_start: int = 1  # first attempt of the current chain (a replay starts a new one)
     replays: int = 0
+    # Output stream, per attempt: chunks emitted (appended or repeats dropped), and the
+    # stream position the attempt started emitting from (a resumed attempt: its checkpoint).
+    stream_emits: dict[int, int] = field(default_factory=dict)
+    stream_starts: dict[int, int] = field(default_factory=dict)
+    checkpoint_position: int | None = None
 
     @property
     def terminal(self) -> bool:
@@ -94,6 +103,9 @@ class JobRecord:
             attempts=attempts,
             chain_start=int(data.get("chain_start") or 1),
             replays=int(data.get("replays") or 0),
+            stream_emits=_per_attempt(data, "emits:"),
+            stream_starts=_per_attempt(data, "emit_from:"),
+            checkpoint_position=_int(data.get("checkpoint_position")),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -113,6 +125,9 @@ class JobRecord:
             "progress": self.progress,
             "chain_start": self.chain_start,
             "replays": self.replays,
+            "stream_emits": self.stream_emits,
+            "stream_starts": self.stream_starts,
+            "checkpoint_position": self.checkpoint_position,
             "attempts": [a.__dict__ for a in self.attempts],
         }
 

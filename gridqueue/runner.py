@@ -35,7 +35,7 @@ from gridqueue.celerystate import (
 )
 from gridqueue.dispatch import Dispatcher
 from gridqueue.errors import InvalidInput, JobNotFoundError
-from gridqueue.handlers import Confirmation, Context, HandlerFn, get_handler
+from gridqueue.handlers import Confirmation, Context, HandlerFn, Resume, get_handler
 from gridqueue.keys import attempt_id, split_attempt_id
 from gridqueue.ledger import AttemptEnd, Ledger, dumps, retry_redis
 from gridqueue.logs import get_logger
@@ -240,7 +240,11 @@ def run_attempt(task: Task, job_id: str, attempt: int) -> dict[str, Any]:
     workload = ledger.workloads.get(claim.workload or "")
     liveness_s = workload.liveness_timeout_s if workload else 5.0
     stall_ms = int((workload.stall_timeout_s if workload else 300.0) * 1000)
-    # The claim started the stall clock and the liveness watch.
+    # The claim started the stall clock and the liveness watch, and brought the job's last
+    # checkpoint: a class that resumes hands it to the handler.
+    resume = None
+    if workload is not None and workload.resume and claim.checkpoint is not None:
+        resume = Resume(json.loads(claim.checkpoint), claim.checkpoint_position or 0)
     ctx = Context(
         job_id,
         attempt,
@@ -248,6 +252,8 @@ def run_attempt(task: Task, job_id: str, attempt: int) -> dict[str, Any]:
         ledger,
         stall_ms=stall_ms,
         confirm_within_s=runtime.settings.stale_after_s,
+        stream=ledger,
+        resume=resume,
     )
     liveness = AttemptLiveness(runtime, job_id, attempt, liveness_s)
     liveness.start()

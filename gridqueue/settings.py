@@ -68,6 +68,18 @@ class Settings(BaseSettings):
         2.0, gt=0, description="How long a publish may take before the watchdog re-sends it."
     )
     payload_max_bytes: int = Field(1_048_576, gt=0, description="Largest JSON payload accepted.")
+    stream_max_chunks: int = Field(
+        100_000, gt=0, description="Most chunks one job's output stream holds (ctx.emit)."
+    )
+    stream_max_bytes: int = Field(
+        16 * 1_048_576, gt=0, description="Most bytes (encoded JSON) one job's stream holds."
+    )
+    stream_chunk_max_bytes: int = Field(
+        65_536, gt=0, description="Largest chunk ctx.emit() takes, as encoded JSON."
+    )
+    checkpoint_max_bytes: int = Field(
+        65_536, gt=0, description="Largest resume state ctx.checkpoint() takes, as JSON."
+    )
     events_max_len: int = Field(100_000, gt=0, description="Approximate cap of the event stream.")
     job_retention_s: int = Field(7 * 86_400, gt=0, description="How long ended jobs are kept.")
     workloads_file: Path = Field(

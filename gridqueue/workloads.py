@@ -54,6 +54,7 @@ class WorkloadClass:
     stall_timeout_s: float = 60.0  # no ctx.progress() for this long = stalled
     priority: int = 6  # kombu Redis priority step of fresh work: lower runs first
     requeue_priority: int = 0  # a failover goes ahead of fresh work
+    resume: bool = False  # the next attempt gets the last checkpoint (ctx.resume)
 
     @property
     def liveness_interval_s(self) -> float:
@@ -83,6 +84,11 @@ class WorkloadClass:
             raise ConfigError(f"{where}: default_deadline_s must be > 0 (or left out)")
         if self.liveness_timeout_s <= 0 or self.stall_timeout_s <= 0:
             raise ConfigError(f"{where}: liveness_timeout_s and stall_timeout_s must be > 0")
+        if self.resume and not self.idempotent:
+            raise ConfigError(
+                f"{where}: resume = true needs idempotent = true (a non-idempotent job is "
+                "never run again, so there is nothing to resume); set resume = false"
+            )
         if self.poison_after_workers < 1:
             raise ConfigError(f"{where}: poison_after_workers must be >= 1")
         for name in ("priority", "requeue_priority"):

@@ -11,6 +11,11 @@ the prompt. Drill knobs:
 - ``"hang": true`` stops calling ``ctx.progress()`` half-way and blocks forever, like a
   kernel that never returns; ``"hang": N`` only on attempts 1..N.
 
+Streaming: payload ``{"tokens": N, "ms_per_token": M}`` generates ``N`` tokens ``"tok0"``,
+``"tok1"``... one every ``M`` ms, each sent with ``ctx.emit()``, and checkpoints every
+``"checkpoint_every"`` tokens (default 5). An attempt that gets ``ctx.resume`` continues
+from its checkpoint instead of starting over. The result is the whole text.
+
 Every run is counted in Redis before it does anything else (``{ns}:sim:runs``, job id ->
 runs started), and again when it returns (``{ns}:sim:returns``): a run killed half-way
 still counts, so the audit can tell how many times a job really ran, whatever the ledger
@@ -77,6 +82,8 @@ def _count(ctx: Context, token: str, returned: bool) -> None:
 def sim_llm(payload: Any, ctx: Context) -> dict[str, Any]:
     run = uuid.uuid4().hex
     _count(ctx, run, returned=False)  # first: a run killed at any later point still counts
+    if isinstance(payload, dict) and "tokens" in payload:
+        return _generate(payload, ctx, run)
     if not isinstance(payload, dict) or not isinstance(payload.get("prompt"), str):
         raise InvalidInput('sim-llm needs a payload {"prompt": str, "ms": int}')
     ms = payload.get("ms", 100)
@@ -103,3 +110,42 @@ def sim_llm(payload: Any, ctx: Context) -> dict[str, Any]:
     with contextlib.suppress(RedisError):  # informative only: the result matters more
         _count(ctx, run, returned=True)
     return {"text": complete_text(payload["prompt"]), "worker": ctx.worker, "attempt": ctx.attempt}
+
+
+MAX_TOKENS = 100_000
+
+
+def _knob(payload: dict[str, Any], name: str, default: int, low: int, high: int) -> int:
+    value = payload.get(name, default)
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise InvalidInput(f"sim-llm: {name!r} must be an integer within {low}..{high}")
+    return value
+
+
+def _generate(payload: dict[str, Any], ctx: Context, run: str) -> dict[str, Any]:
+    """Stream ``tokens`` tokens, checkpointing every few; resume from the checkpoint."""
+    tokens = _knob(payload, "tokens", 0, 0, MAX_TOKENS)
+    ms_per_token = _knob(payload, "ms_per_token", 10, 0, 60_000)
+    every = _knob(payload, "checkpoint_every", 5, 1, MAX_TOKENS)
+    bad = payload.get("bad")  # drill knob: a chunk or a state the stream must refuse
+    if bad == "chunk_not_json":
+        ctx.emit({"set": {1, 2}})
+    if bad == "chunk_too_large":
+        ctx.emit("x" * 10_000_000)
+    if bad == "checkpoint_not_json":
+        ctx.checkpoint(float("nan"))
+    start = 0
+    if ctx.resume is not None and isinstance(ctx.resume.state, dict):
+        start = int(ctx.resume.state.get("next", 0))
+        ctx.seek(ctx.resume.position)
+    for i in range(start, tokens):
+        time.sleep(ms_per_token / 1000)
+        if not ctx.emit(f"tok{i}"):
+            break  # superseded: another attempt carries the job now
+        if (i + 1) % every == 0:
+            ctx.checkpoint({"next": i + 1})
+        ctx.progress(f"{i + 1}/{tokens} tokens")
+    with contextlib.suppress(RedisError):
+        _count(ctx, run, returned=True)
+    text = " ".join(f"tok{i}" for i in range(tokens))
+    return {"text": text, "tokens": tokens, "resumed_from": start, "attempt": ctx.attempt}

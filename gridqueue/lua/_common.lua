@@ -242,6 +242,13 @@ local function end_job(id, from, to, reason, err)
     redis.call('ZADD', key_dead_letters(NS), NOW, id)
     bump('dead_lettered')
   end
+  -- A job that streamed gets its end marker in the same step, so a reader blocked on the
+  -- stream wakes at once; the stream expires with the record.
+  local stream = key_job_stream(NS, id)
+  if redis.call('EXISTS', stream) == 1 then
+    redis.call('XADD', stream, '0-' .. (redis.call('XLEN', stream) + 1), 'end', to)
+    redis.call('EXPIRE', stream, RETENTION_S)
+  end
   local done = key_job_done(NS, id)
   redis.call('RPUSH', done, to)
   redis.call('EXPIRE', done, RETENTION_S)

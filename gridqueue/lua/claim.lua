@@ -1,13 +1,14 @@
 -- claim(id, n, worker, pid, delivery_tag, stale_after_ms)
---   -> {'ok', payload, model, workload} | {'fenced', worker_state} | {'stale', state}
+--   -> {'ok', payload, model, workload, checkpoint, checkpoint_position} | {'fenced', worker_state} | {'stale', state}
 --      | {'duplicate'} | {'avoid', other_worker} | {'not_served', model} | {'unknown'}
 local id, n, worker, pid, tag = ARGV[7], tonumber(ARGV[8]), ARGV[9], ARGV[10], ARGV[11]
 local stale_after_ms = tonumber(ARGV[12])
 local member = id .. '.' .. n
 local job = key_job(NS, id)
-local state, current, payload, model, workload, liveness_ms, stall_ms = unpack(
-  redis.call('HMGET', job, 'state', 'attempt', 'payload', 'model', 'workload', 'liveness_ms',
-             'stall_ms'))
+-- The job's last checkpoint comes with the claim: resuming costs no extra round trip.
+local state, current, payload, model, workload, liveness_ms, stall_ms, checkpoint, position =
+  unpack(redis.call('HMGET', job, 'state', 'attempt', 'payload', 'model', 'workload',
+                    'liveness_ms', 'stall_ms', 'checkpoint', 'checkpoint_position'))
 if not state then return {'unknown'} end
 
 -- Placement fence: a worker that is not ALIVE (declared dead, stopped, unknown) never
@@ -33,7 +34,7 @@ if state == 'RUNNING' then
   local held = attempt_get(id, n)
   if held and held.worker == worker and held.pid == tonumber(pid)
      and held.epoch == tonumber(epoch) then
-    return {'ok', payload, model, workload}  -- our own claim, retried after a lost reply
+    return {'ok', payload, model, workload, checkpoint or '', position or ''}  -- our own claim, retried after a lost reply
   end
   bump('duplicate_deliveries')
   return {'duplicate'}
@@ -106,4 +107,4 @@ observe('queue_wait', wl, NOW - math.max(a.queued_ms or NOW, a.not_before_ms or 
 -- The successor of an attempt a failover moved: the time from the fault to running again.
 if previous and previous.fault_ms then observe('recovery', wl, NOW - previous.fault_ms) end
 emit('claimed', {'job', id, 'attempt', n, 'worker', worker, 'pid', pid})
-return {'ok', payload, model, workload}
+return {'ok', payload, model, workload, checkpoint or '', position or ''}

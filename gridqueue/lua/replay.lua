@@ -9,6 +9,10 @@ if state ~= 'DEAD_LETTERED' then return {'not_dead_lettered', state} end
 local n = tonumber(current) + 1
 redis.call('PERSIST', job)
 redis.call('DEL', key_job_done(NS, id))
+-- A fresh chain streams afresh: the old stream ended (its reader saw the end marker), and
+-- its checkpoint belongs to the chain that was given up.
+redis.call('DEL', key_job_stream(NS, id))
+redis.call('HDEL', job, 'checkpoint', 'checkpoint_position', 'checkpoint_attempt', 'stream_bytes')
 redis.call('ZREM', key_dead_letters(NS), id)
 redis.call('HDEL', job, 'reason', 'error', 'ended_ms', 'result')
 redis.call('HSET', job, 'attempt', n, 'chain_start', n, 'worker', '')

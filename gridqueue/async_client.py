@@ -1,0 +1,234 @@
+"""The asyncio producer: ``AsyncGridQueue``, for producers that are async web servers.
+
+The same verbs as :class:`gridqueue.client.GridQueue`, on redis-py's asyncio client:
+``job = await gq.submit(...)``, ``await job.result()``, ``async for chunk in
+job.stream()``. The validation, the ledger's submit script and the parsing of what it
+reads are the sync client's own (:func:`gridqueue.client.prepare_submit`,
+:func:`gridqueue.ledger.submitted_from_reply`, :func:`gridqueue.ledger.parse_stream`);
+only the I/O differs.
+
+Publishing attempt 1 is kombu's work, and kombu is synchronous: it runs in a worker
+thread (``asyncio.to_thread``) through the sync :class:`~gridqueue.dispatch.Dispatcher`,
+so the event loop never blocks on the broker. As with the sync client, a publish that
+fails is not an error: the job is in the ledger, and the watchdog publishes it once the
+dispatch grace has passed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any, cast
+
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from gridqueue.client import STREAM_SLICE_MS, GridQueue, outcome_of, prepare_submit
+from gridqueue.errors import JobNotFoundError, JobTimeoutError
+from gridqueue.keys import attempt_id
+from gridqueue.ledger import StreamRead, parse_stream, stream_after, submitted_from_reply
+from gridqueue.logs import get_logger
+from gridqueue.records import JobRecord
+from gridqueue.settings import Settings
+from gridqueue.states import TERMINAL_STATES, JobState
+
+_log = get_logger("gridqueue.async_client")
+
+# Redis blips are waited out, as the sync client's retry_redis does: every read is safe to
+# repeat, and submit is keyed by a job id chosen before the first try.
+_RETRY_FOR_S = 30.0
+
+
+async def _retrying(call: Any, *args: Any) -> Any:
+    give_up_at = time.monotonic() + _RETRY_FOR_S
+    delay = 0.05
+    while True:
+        try:
+            return await call(*args)
+        except (RedisConnectionError, RedisTimeoutError):
+            if time.monotonic() + delay > give_up_at:
+                raise
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+
+class AsyncJob:
+    """A handle on one submitted job, for asyncio code."""
+
+    def __init__(self, client: AsyncGridQueue, job_id: str, created: bool = True) -> None:
+        self._client = client
+        self.id = job_id
+        self.created = created
+
+    async def status(self) -> JobState:
+        return (await self._client.get(self.id)).state
+
+    async def result(self, timeout: float | None = 60.0) -> Any:
+        """As :meth:`gridqueue.client.Job.result`: the result, or the Job* error."""
+        return outcome_of(await self._client.wait(self.id, timeout))
+
+    async def stream(self, timeout: float | None = 60.0) -> AsyncIterator[Any]:
+        """As :meth:`gridqueue.client.Job.stream`: each chunk once, in order, then the end
+        (or the Job* error of an unsuccessful end)."""
+        client = self._client
+        give_up_at = None if timeout is None else time.monotonic() + timeout
+        if await _retrying(client.state_of, self.id) is None:
+            raise JobNotFoundError(f"no job {self.id} in the ledger")
+        position = 0
+        while True:
+            block_ms = STREAM_SLICE_MS
+            if give_up_at is not None:
+                remaining = give_up_at - time.monotonic()
+                if remaining <= 0:
+                    raise JobTimeoutError(
+                        f"job {self.id} has not ended after {timeout} s ({position} chunks "
+                        "read); it is tracked, call stream() or result() again"
+                    )
+                block_ms = max(1, min(block_ms, int(remaining * 1000)))
+            read = await _retrying(client.read_stream, self.id, position, block_ms)
+            for chunk in read.chunks:
+                yield chunk
+            position = read.next_position
+            if read.ended is not None:
+                await self.result(timeout=0)
+                return
+            if not read.chunks:
+                state = await _retrying(client.state_of, self.id)
+                if state is None or state in TERMINAL_STATES:
+                    tail = await _retrying(client.read_stream, self.id, position, None)
+                    for chunk in tail.chunks:
+                        yield chunk
+                    position = tail.next_position
+                    if tail.ended is None and tail.chunks:
+                        continue
+                    await self.result(timeout=0)
+                    return
+
+    async def cancel(self) -> bool:
+        return await asyncio.to_thread(self._client.sync.ledger.cancel, self.id)
+
+    def __repr__(self) -> str:
+        return f"AsyncJob({self.id!r})"
+
+
+class AsyncGridQueue:
+    """Submit jobs and follow them from asyncio code; see the module docstring."""
+
+    def __init__(self, redis_url: str | None = None, settings: Settings | None = None) -> None:
+        # The sync client holds what is not I/O (settings, workload classes, key names)
+        # and publishes attempts, in a thread.
+        self.sync = GridQueue(redis_url, settings)
+        self.settings = self.sync.settings
+        self.keys = self.sync.ledger.keys
+        self.redis = self.settings.redis_target.async_client(
+            decode_responses=True,
+            socket_timeout=5.0,
+            socket_connect_timeout=5.0,
+            health_check_interval=10,
+        )
+        self._submit_script = self.redis.register_script(self.sync.ledger.script_source("submit"))
+
+    @classmethod
+    def from_env(cls) -> AsyncGridQueue:
+        return cls(settings=Settings())
+
+    async def submit(
+        self,
+        model: str,
+        payload: Any,
+        workload: str = "realtime",
+        deadline_s: float | None = None,
+        idempotency_key: str | None = None,
+    ) -> AsyncJob:
+        """As :meth:`gridqueue.client.GridQueue.submit`."""
+        ledger = self.sync.ledger
+        request = prepare_submit(ledger, model, payload, workload, deadline_s, idempotency_key)
+        args = [*ledger.fixed_args, *ledger.submit_args(*request.args)]
+
+        need = self.settings.redis_min_replicas
+        replicated = True
+
+        async def run_script() -> Any:
+            nonlocal replicated
+            if not need:
+                return await self._submit_script(keys=[], args=args)
+            # Durable mode: the script and WAIT in one round trip, as the sync client.
+            pipe = self.redis.pipeline(transaction=False)
+            await self._submit_script(keys=[], args=args, client=pipe)
+            pipe.wait(need, int(self.settings.redis_replica_timeout_s * 1000))
+            reply, confirmed = await pipe.execute()
+            replicated = int(confirmed) >= need
+            return reply
+
+        submitted = submitted_from_reply(model, await _retrying(run_script))
+        if not replicated:
+            raise ledger.unreplicated_submit(submitted.job_id)
+        if submitted.created:
+            member = attempt_id(request.job_id, 1)
+            try:
+                await asyncio.to_thread(
+                    self.sync.dispatcher.publish, member, submitted.dispatch_lease
+                )
+            except Exception as exc:  # the watchdog publishes it after the grace
+                _log.warning("submit.publish_deferred", job=request.job_id, error=repr(exc))
+        return AsyncJob(self, submitted.job_id, submitted.created)
+
+    async def job(self, job_id: str) -> AsyncJob:
+        """A handle on an existing job; JobNotFoundError if there is none."""
+        await self.get(job_id)
+        return AsyncJob(self, job_id, created=False)
+
+    async def get(self, job_id: str) -> JobRecord:
+        data = cast(dict[str, str], await self.redis.hgetall(self.keys.job(job_id)))
+        if not data or "state" not in data:
+            raise JobNotFoundError(
+                f"no job {job_id} in the ledger (ended jobs are kept "
+                f"{self.settings.job_retention_s} s)"
+            )
+        return JobRecord.from_hash(data)
+
+    async def state_of(self, job_id: str) -> JobState | None:
+        state = await self.redis.hget(self.keys.job(job_id), "state")
+        return JobState(str(state)) if state else None
+
+    async def read_stream(self, job_id: str, position: int, block_ms: int | None) -> StreamRead:
+        key = self.keys.job_stream(job_id)
+        reply = await self.redis.xread({key: stream_after(position)}, count=1000, block=block_ms)
+        entries: list[tuple[str, dict[str, str]]] = []
+        for _, rows in cast(list[tuple[str, list[tuple[str, dict[str, str]]]]], reply or []):
+            entries.extend(rows)
+        return parse_stream(position, entries)
+
+    async def wait(self, job_id: str, timeout_s: float | None) -> JobRecord:
+        """As :meth:`gridqueue.ledger.Ledger.wait`, without blocking the loop."""
+        give_up_at = None if timeout_s is None else time.monotonic() + timeout_s
+        done_key = self.keys.job_done(job_id)
+        while True:
+            record: JobRecord = await _retrying(self.get, job_id)
+            if record.terminal:
+                return record
+            slice_s = 1.0
+            if give_up_at is not None:
+                remaining = give_up_at - time.monotonic()
+                if remaining <= 0:
+                    raise JobTimeoutError(
+                        f"job {job_id} is still {record.state.value} after {timeout_s} s; "
+                        "it is tracked, call result() again or check get(job_id)"
+                    )
+                slice_s = min(slice_s, remaining)
+            try:
+                timeout = cast(int, max(slice_s, 0.01))  # Redis takes a float
+                await self.redis.blmove(done_key, done_key, timeout, "RIGHT", "LEFT")
+            except (RedisConnectionError, RedisTimeoutError):
+                await asyncio.sleep(min(slice_s, 0.2))
+
+    async def aclose(self) -> None:
+        await self.redis.aclose()
+        await asyncio.to_thread(self.sync.close)
+
+    async def __aenter__(self) -> AsyncGridQueue:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
