@@ -85,8 +85,9 @@ def one_round(durable: bool, log_dir: Path) -> dict[str, Any]:
             for thread in threads:
                 thread.start()
             time.sleep(LOAD_BEFORE_KILL_S)
-            killed_at = time.time()
             old = ha.kill_primary()
+            # After the kill returned (the process is reaped): nothing starts on it past here.
+            killed_at = time.time()
             new = ha.wait_promoted(old)
             promoted_s = time.time() - killed_at
             ha.restart(old, new)
