@@ -24,7 +24,7 @@ from typing import Any, cast
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from gridqueue.client import STREAM_SLICE_MS, GridQueue, outcome_of, prepare_submit
+from gridqueue.client import GridQueue, outcome_of, prepare_submit, stream_slice_ms
 from gridqueue.errors import JobNotFoundError, JobTimeoutError
 from gridqueue.keys import attempt_id
 from gridqueue.ledger import StreamRead, parse_stream, stream_after, submitted_from_reply
@@ -77,15 +77,7 @@ class AsyncJob:
             raise JobNotFoundError(f"no job {self.id} in the ledger")
         position = 0
         while True:
-            block_ms = STREAM_SLICE_MS
-            if give_up_at is not None:
-                remaining = give_up_at - time.monotonic()
-                if remaining <= 0:
-                    raise JobTimeoutError(
-                        f"job {self.id} has not ended after {timeout} s ({position} chunks "
-                        "read); it is tracked, call stream() or result() again"
-                    )
-                block_ms = max(1, min(block_ms, int(remaining * 1000)))
+            block_ms = stream_slice_ms(self.id, give_up_at, timeout, position)
             read = await _retrying(client.read_stream, self.id, position, block_ms)
             for chunk in read.chunks:
                 yield chunk

@@ -47,6 +47,23 @@ _log = get_logger("gridqueue.client")
 # (a job that never streams has no end marker to wake it).
 STREAM_SLICE_MS = 500
 
+
+def stream_slice_ms(
+    job_id: str, give_up_at: float | None, timeout: float | None, position: int
+) -> int:
+    """How long the next blocking stream read may wait (sync and async readers alike);
+    JobTimeoutError once ``give_up_at`` (monotonic) has passed."""
+    if give_up_at is None:
+        return STREAM_SLICE_MS
+    remaining = give_up_at - time.monotonic()
+    if remaining <= 0:
+        raise JobTimeoutError(
+            f"job {job_id} has not ended after {timeout} s ({position} chunks read); it is "
+            "tracked, call stream() or result() again"
+        )
+    return max(1, min(STREAM_SLICE_MS, int(remaining * 1000)))
+
+
 _ENDED_ERRORS: dict[JobState, type[JobEndedError]] = {
     JobState.FAILED: JobFailed,
     JobState.EXPIRED: JobExpired,
@@ -171,15 +188,7 @@ class Job:
             raise JobNotFoundError(f"no job {self.id} in the ledger")
         position = 0
         while True:
-            block_ms = STREAM_SLICE_MS
-            if give_up_at is not None:
-                remaining = give_up_at - time.monotonic()
-                if remaining <= 0:
-                    raise JobTimeoutError(
-                        f"job {self.id} has not ended after {timeout} s ({position} chunks "
-                        "read); it is tracked, call stream() or result() again"
-                    )
-                block_ms = max(1, min(block_ms, int(remaining * 1000)))
+            block_ms = stream_slice_ms(self.id, give_up_at, timeout, position)
             read = retry_redis(ledger.read_stream)(self.id, position, block_ms)
             yield from read.chunks
             position = read.next_position
