@@ -10,6 +10,8 @@
   bindings and priority lists as gridqueue does.
 - Celery task events and event heartbeats (``events``, ``GRIDQUEUE_CELERY_EVENTS``), so
   Flower and ``celery events`` see every worker and every attempt; JSON, never pickle.
+- In a worker, every broker connection carries the worker's name (``CLIENT SETNAME``,
+  :func:`broker_client_name`), so the watchdog can cut a frozen node's connections.
 """
 
 from __future__ import annotations
@@ -36,12 +38,24 @@ def priority_lists(queue: str) -> list[str]:
     return [queue, *(f"{queue}{QUEUE_SEP}{step}" for step in PRIORITY_STEPS if step)]
 
 
-def make_celery(redis: str | RedisTarget, events: bool = True) -> Celery:
+def broker_client_name(worker: str) -> str:
+    """The ``CLIENT SETNAME`` of a worker's broker connections (no spaces allowed there).
+
+    The watchdog kills the connections of this name when it declares the worker dead on
+    its heartbeat: a frozen consumer's pending ``BRPOP`` is still a blocked client to
+    Redis, and would pop the requeued attempts into a socket that no one reads."""
+    return "gridqueue-broker:" + "".join(c if c.isprintable() and c != " " else "_" for c in worker)
+
+
+def make_celery(
+    redis: str | RedisTarget, events: bool = True, client_name: str | None = None
+) -> Celery:
     """The app every gridqueue process uses. ``events`` (``Settings.celery_events``) turns
     on Celery's task events in workers (and their event heartbeats, see
     :mod:`gridqueue.worker`) and the ``task-sent`` event in producers, for Flower.
     A Sentinel target uses kombu's ``sentinel`` transport, which asks the Sentinels for
-    the primary on every (re)connect."""
+    the primary on every (re)connect. ``client_name`` names every broker connection
+    (a worker's: :func:`broker_client_name`)."""
     target = RedisTarget(redis) if isinstance(redis, str) else redis
     app = Celery("gridqueue", broker=target.url, set_as_current=False)
     transport: dict[str, Any] = {
@@ -49,6 +63,8 @@ def make_celery(redis: str | RedisTarget, events: bool = True) -> Celery:
         "priority_steps": PRIORITY_STEPS,
         **target.broker_options(),
     }
+    if client_name:
+        transport["client_name"] = client_name
     app.conf.update(
         broker_transport_options=transport,
         broker_connection_retry_on_startup=True,

@@ -842,18 +842,30 @@ class Ledger:
         )
         return [str(member) for member in reply[1:]] if reply[0] == "ok" else []
 
-    def find_lost_messages(self, token: str, batch: int = 1000) -> list[str]:
+    def find_lost_messages(
+        self,
+        token: str,
+        batch: int = 1000,
+        *,
+        models: list[str] | None = None,
+        published_before_ms: int | None = None,
+    ) -> list[str]:
         """Publish again the unclaimed attempts whose message is nowhere any more (see
-        ``find_lost_messages.lua``); returns those attempts, due for dispatch now."""
-        before_ms = self.time_ms() - int(self.settings.dispatch_grace_s * 1000)
+        ``find_lost_messages.lua``); returns those attempts, due for dispatch now.
+
+        By default it looks at attempts published one dispatch grace ago or earlier, of
+        every model; ``models`` and ``published_before_ms`` narrow or widen the look."""
+        if published_before_ms is None:
+            published_before_ms = self.time_ms() - int(self.settings.dispatch_grace_s * 1000)
         suffixes = ",".join(f"{QUEUE_SEP}{step}" for step in PRIORITY_STEPS if step)
         reply = self._call(
             "find_lost_messages",
-            before_ms,
+            published_before_ms,
             queue_for_model(self.settings.namespace, ""),
             suffixes,
             batch,
             token,
+            ",".join(models or ()),
         )
         return [str(member) for member in reply[1:]] if reply[0] == "ok" else []
 

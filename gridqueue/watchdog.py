@@ -6,7 +6,9 @@ deposed leader's writes are refused), then:
 1. declares DEAD each worker silent for ``stale_after_s``, and sooner each worker whose
    process is gone: its heartbeat is late by one interval and its presence subscription
    has closed, on two looks at least a quarter interval apart (the connection signal).
-   Its running attempts move to the ``lost`` hash in the same atomic step;
+   Its running attempts move to the ``lost`` hash in the same atomic step. A worker
+   dead on its silence may be frozen, not gone: its broker connections are killed
+   before anything is published again, and what its consumer took is published again;
 2. applies the workload policy to every lost attempt: requeue (published at once, ahead
    of fresh work) or fail explicitly;
 3. expires jobs past their deadline, killing their running attempt;
@@ -47,7 +49,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from gridqueue.celeryapp import make_celery
+from gridqueue.celeryapp import broker_client_name, make_celery
 from gridqueue.celerystate import NodeLostAnnouncer
 from gridqueue.dispatch import Dispatcher
 from gridqueue.keys import attempt_id, split_attempt_id
@@ -180,12 +182,18 @@ class Watchdog:
             )  # fmt: skip
         moved = False
         judging = now >= self._blind_until
+        silent: list[str] = []
         for name in scan.stale_workers if judging else ():
             count = self._item(report, self.ledger.declare_dead, name, value)
             if count is not None:
                 report.workers_declared_dead += 1
                 moved = True
+                silent.append(name)
                 log.warning("worker.declared_dead", worker=name, attempts=count, signal="heartbeat")
+        if silent:
+            # Before anything of theirs is published again (below): a silent node may be
+            # frozen with a BRPOP pending, which would pop the requeued attempts.
+            self._cut_off(silent, value, report)
         confirmed = self._confirmed_unreachable(scan, now)
         for name in confirmed if judging else ():
             count = self._item(report, self.ledger.declare_dead, name, value, "connection")
@@ -248,6 +256,55 @@ class Watchdog:
         self._last_ok = time.monotonic()
         report.duration_s = time.perf_counter() - started
         return report
+
+    def _cut_off(self, names: list[str], token: str, report: TickReport) -> None:
+        """Kill the broker connections of workers just declared dead on their heartbeat,
+        then publish again at once what their consumers took but never recorded.
+
+        A frozen consumer (SIGSTOP, a hung host, a partition that closes no socket) with a
+        ``BRPOP`` pending is still a blocked client to Redis: a message published to its
+        queue may be popped into a socket that no one reads, and it is then in neither the
+        queue nor kombu's ``unacked``. Killing the connection ends the ``BRPOP``, so the
+        requeued attempts reach live consumers. What it popped before the kill (fresh work
+        published while it was silent) is found by ``find_lost_messages`` on the dead
+        workers' models, now rather than on its 30 s round; a message caught in flight by
+        a live consumer at that moment is published twice, which the claim refuses.
+        The presence connection has a name of its own and is left alone; when the node
+        thaws, its heartbeat is refused and it reconnects and registers again."""
+        killed = self._item(report, self._kill_broker_connections, names)
+        models: set[str] = set()
+        for name in names:
+            record = self._item(report, self.ledger.worker, name)
+            models.update(record.models if record else ())
+        log.warning("worker.connections_cut", workers=names, connections=killed)
+        if not models:
+            return
+        found = self._item(report, self._lost_messages_of, sorted(models), token)
+        for member in found or ():
+            report.deliveries_recovered += 1
+            log.warning("attempt.message_lost", attempt=member, cut_off=names)
+            report.dispatched += bool(self._item(report, self.dispatcher.publish, member))
+
+    def _lost_messages_of(self, models: list[str], token: str) -> list[str]:
+        """Every published attempt of these models whose message is nowhere, up to now."""
+        now_ms = self.ledger.time_ms()
+        return self.ledger.find_lost_messages(token, models=models, published_before_ms=now_ms)
+
+    def _kill_broker_connections(self, names: list[str]) -> int:
+        """``CLIENT KILL`` every connection named as one of these workers' broker
+        connections; returns how many. One ``CLIENT LIST`` per tick, however many died:
+        it costs in proportion to the clients connected, and only silent deaths pay it."""
+        wanted = {broker_client_name(name) for name in names}
+        client = self.ledger.client
+        ids = [c["id"] for c in client.client_list() if c.get("name") in wanted]
+        if not ids:
+            return 0
+        pipe = client.pipeline(transaction=False)
+        for client_id in ids:
+            pipe.client_kill_filter(_id=client_id)
+        # A connection that closed meanwhile answers an error: it is gone all the same.
+        replies = pipe.execute(raise_on_error=False)
+        return sum(1 for reply in replies if not isinstance(reply, Exception))
 
     def _confirmed_unreachable(self, scan: Scan, now: float) -> list[str]:
         """Workers found late with their subscription gone on this look and on one at least

@@ -1,4 +1,5 @@
--- find_lost_messages(published_before_ms, queue_prefix, priority_suffixes_csv, batch, token)
+-- find_lost_messages(published_before_ms, queue_prefix, priority_suffixes_csv, batch, token,
+--                    models_csv)
 --   -> {'ok', republished_member...} | {'not_leader'}
 -- The last owner check, for a message that vanished inside kombu: its consumer BRPOPs the
 -- message and then, in a second command, records it in unacked. A consumer killed between
@@ -9,8 +10,17 @@
 -- queues' length, so the watchdog runs this seldom (and soon after Redis came back).
 -- A message caught in flight between BRPOP and its unacked write is counted missing and
 -- published again: a harmless duplicate, which the claim refuses.
+--
+-- models_csv (optional) limits the search to those models' attempts and queues: the
+-- watchdog's look right after it cut a frozen node's broker connections, for what that
+-- node's pending BRPOP popped into a socket that no one reads.
 local before_ms, prefix, suffixes = tonumber(ARGV[7]), ARGV[8], ARGV[9]
 local batch, token = tonumber(ARGV[10]), ARGV[11]
+local only = nil
+if ARGV[12] and ARGV[12] ~= '' then
+  only = {}
+  for model in string.gmatch(ARGV[12], '[^,]+') do only[model] = true end
+end
 if not leader_is(token) then return {'not_leader'} end
 local members = redis.call('ZRANGEBYSCORE', key_published(NS), '-inf', before_ms,
                            'LIMIT', 0, batch)
@@ -38,6 +48,8 @@ for _, member in ipairs(members) do
   if state ~= 'QUEUED' or tonumber(current) ~= n
      or redis.call('ZSCORE', key_dispatch(NS), member) then
     redis.call('ZREM', key_published(NS), member)  -- claimed, ended, or to be published anyway
+  elseif only and not only[model] then
+    -- another model's attempt: not this look's business
   else
     if not scanned[model] then
       scanned[model] = true
