@@ -894,7 +894,11 @@ class LedgerModel:
     def freeze_node(self, worker: str) -> None:
         """SIGSTOP of the node (or a partition that closes no socket): its heartbeat
         stops and its children stop with it, but its connections stay open, so only its
-        silence tells."""
+        silence tells. Its consumer takes nothing here. In the system a pending ``BRPOP``
+        can still pop a message into its unread socket; like a message lost between
+        ``BRPOP`` and the ``unacked`` write, the model leaves that out: the watchdog finds
+        both with ``find_lost_messages.lua`` (at the heartbeat verdict, after it killed the
+        node's broker connections, for the frozen one)."""
         known = self.workers[worker]
         known.up = False
         for child in self.children.values():
