@@ -97,7 +97,10 @@ def gridqueue_run(url: str, kills: int, log_dir: Path, mode: str = "kill") -> di
             names = [n for n in names if n != victim] + [replacement]
             fleet.wait_alive(gq.ledger, names)
         result = audit(gq.ledger, all_jobs)
+        events = gq.ledger.events(count=1_000_000)
         return {
+            # Published attempts found nowhere (popped by a frozen consumer) and sent again.
+            "messages_lost": sum(1 for e in events if e["type"] == "message_lost"),
             "mode": mode,
             "kills": kills,
             "signals": dict(Counter(signals)),
@@ -217,6 +220,7 @@ def main() -> None:
         f"p99 {ours['p99_ms']:.0f} ms, max {ours['max_ms']:.0f} ms"
     )
     print(f"  verdicts by signal: {ours['signals']}")
+    print(f"  messages found nowhere and published again: {ours['messages_lost']}")
     print(
         f"  jobs {ours['submitted']}, lost {ours['lost']}, duplicate visible results "
         f"{ours['duplicates']}, stale results discarded {ours['stale_results_discarded']}"
