@@ -47,7 +47,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from gridqueue.celeryapp import make_celery
+from gridqueue.celeryapp import celery_for
 from gridqueue.celerystate import NodeLostAnnouncer
 from gridqueue.dispatch import Dispatcher
 from gridqueue.keys import attempt_id, split_attempt_id
@@ -124,7 +124,8 @@ class Watchdog:
     def __init__(self, settings: Settings, owner: str | None = None) -> None:
         self.settings = settings
         self.ledger = Ledger(connect_redis(settings.redis_target), settings)
-        app = make_celery(settings.redis_target, events=settings.celery_events)
+        app = celery_for(settings)
+        self.broker = settings.broker
         self.dispatcher = Dispatcher(self.ledger, app)
         # Flower hears of an attempt whose node died from us: that node cannot speak.
         self.announcer = NodeLostAnnouncer(app, self.ledger, settings.celery_events)
@@ -227,14 +228,14 @@ class Watchdog:
                 report.jobs_expired += 1
                 log.info("job.expired", job=job_id)
         due = list(scan.due_dispatches)
-        for member in self.ledger.sweep_deliveries(value):
+        for member in self.broker.recover_stranded(self.ledger, value):
             report.deliveries_recovered += 1
             log.warning("attempt.delivery_stranded", attempt=member)
             if member not in due:
                 due.append(member)
         if now >= self._next_message_check:
             self._next_message_check = now + _MESSAGE_CHECK_EVERY_S
-            for member in self._item(report, self.ledger.find_lost_messages, value) or ():
+            for member in self._item(report, self.broker.find_lost, self.ledger, value) or ():
                 report.deliveries_recovered += 1
                 log.warning("attempt.message_lost", attempt=member)
                 if member not in due:

@@ -14,7 +14,7 @@ from celery import Celery
 
 from gridqueue import revoke
 from gridqueue.agent import GridQueueAgent
-from gridqueue.celeryapp import make_celery, own_redelivery_in_this_worker
+from gridqueue.celeryapp import celery_for
 from gridqueue.errors import ConfigError, RedisUnavailableError
 from gridqueue.handlers import check_model_name, get_handler, registered
 from gridqueue.keys import Keys, queue_for_model
@@ -122,8 +122,8 @@ def run_worker(
         )
     log.info("worker.probe", probe=probe.name, note=note, gpus=len(first.gpus))
     queues = [queue_for_model(settings.namespace, m) for m in fitting]
-    own_redelivery_in_this_worker()  # or a Redis restart would stop the whole fleet
-    app = make_celery(settings.redis_target, events=settings.celery_events)
+    settings.broker.prepare_worker()  # Redis: or a Redis restart would stop the whole fleet
+    app = celery_for(settings)
     register_task(app)
     runtime = WorkerRuntime(
         name,
