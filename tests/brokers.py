@@ -9,12 +9,16 @@ answers, those cases skip and say how to run them; with ``GRIDQUEUE_TEST_REQUIRE
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
@@ -55,16 +59,20 @@ class AmqpVhost:
         listed = _rabbitmqctl("list_queues", "-p", self.name, "name", "-q", "--no-table-headers")
         return [line.strip() for line in listed.stdout.splitlines() if line.strip()]
 
-    def delete_queues(self) -> None:
-        """Empty the vhost between tests (the Redis cases flush their server)."""
+    def purge_queues(self) -> None:
+        """Empty the vhost's queues between tests (the Redis cases flush their server).
+        Purged, not deleted: a producer caches the queues it declared, and a message
+        published to an exchange whose queue was deleted is routed nowhere."""
         names = self.queues()
         if not names:
             return
         k: Any = kombu
         with k.Connection(self.url, connect_timeout=5) as connection:
-            channel = connection.channel()
             for name in names:
-                channel.queue_delete(name)
+                # a channel per queue: a refused purge (another client's exclusive queue)
+                # closes its channel
+                with contextlib.suppress(Exception), connection.channel() as channel:
+                    channel.queue_purge(name)
 
     def close_connections(self, reason: str) -> int:
         """Close every client connection of this vhost (and only this vhost)."""
@@ -113,11 +121,90 @@ def broker_url(request: pytest.FixtureRequest) -> Iterator[str | None]:
         yield None
         return
     vhost: AmqpVhost = request.getfixturevalue("amqp_vhost")
-    vhost.delete_queues()
+    vhost.purge_queues()
     yield vhost.url
-    vhost.delete_queues()
+    vhost.purge_queues()
 
 
 def broker_env(broker_url: str | None) -> dict[str, str]:
     """The environment that points a gridqueue process at this broker."""
     return {} if broker_url is None else {"GRIDQUEUE_BROKER_URL": broker_url}
+
+
+class PrivateRabbitMQ:
+    """A RabbitMQ node of its own (name, ports, data and log directories in ``base``), so a
+    test can kill -9 and restart a broker without touching the machine's shared one.
+    ``rabbitmq-server`` drops to the ``rabbitmq`` user when started as root, so ``base``
+    is handed to that user."""
+
+    def __init__(self, base: Path) -> None:
+        from gridqueue.embedded import free_port
+
+        self.base = base
+        self.port = free_port()
+        self.dist_port = free_port()
+        self.node = f"gqtest{uuid.uuid4().hex[:8]}@localhost"
+        self.url = f"amqp://guest:guest@127.0.0.1:{self.port}//"
+        self.pid_file = base / "node.pid"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def prepare(self) -> None:
+        for folder in ("mnesia", "log"):
+            (self.base / folder).mkdir(parents=True, exist_ok=True)
+        (self.base / "rabbitmq.conf").write_text(f"listeners.tcp.default = 127.0.0.1:{self.port}\n")
+        (self.base / "enabled_plugins").write_text("[].\n")
+        if os.geteuid() == 0:
+            subprocess.run(["chown", "-R", "rabbitmq:rabbitmq", str(self.base)], check=True)
+            self.base.chmod(0o755)
+
+    def start(self, timeout_s: float = 60.0) -> None:
+        env = {
+            **os.environ,
+            "RABBITMQ_NODENAME": self.node,
+            "RABBITMQ_NODE_PORT": str(self.port),
+            "RABBITMQ_DIST_PORT": str(self.dist_port),
+            "RABBITMQ_MNESIA_BASE": str(self.base / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(self.base / "log"),
+            "RABBITMQ_CONFIG_FILE": str(self.base / "rabbitmq.conf"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.base / "enabled_plugins"),
+            "RABBITMQ_PID_FILE": str(self.pid_file),
+        }
+        with open(self.base / "server.out", "ab") as out:
+            self.process = subprocess.Popen(
+                ["rabbitmq-server"], env=env, stdout=out, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, start_new_session=True,
+            )  # fmt: skip
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.answers():
+                return
+            time.sleep(0.3)
+        raise RuntimeError(f"private RabbitMQ did not start: see {self.base / 'server.out'}")
+
+    def answers(self) -> bool:
+        k: Any = kombu
+        try:
+            with k.Connection(self.url, connect_timeout=1) as connection:
+                connection.connect()
+        except Exception:  # refused: nothing listens
+            return False
+        return True
+
+    def beam_pid(self) -> int | None:
+        try:
+            return int(self.pid_file.read_text().strip())
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def kill(self) -> None:
+        """SIGKILL the node's Erlang VM: a crash, not a shutdown."""
+        pid = self.beam_pid()
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if self.process is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=30)
+        with contextlib.suppress(FileNotFoundError):
+            self.pid_file.unlink()
