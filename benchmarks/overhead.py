@@ -43,9 +43,12 @@ WORKERS = 2
 CONCURRENCY = 2
 
 
-def gridqueue_jobs_per_s(url: str, jobs: int, log_dir: Path, events: bool = True) -> float:
-    fleet = LocalFleet(url, log_dir, env={"GRIDQUEUE_CELERY_EVENTS": str(events).lower()})
-    gq = GridQueue(settings=Settings(redis_url=url, celery_events=events))
+def gridqueue_jobs_per_s(
+    url: str, jobs: int, log_dir: Path, events: bool = True, broker: str | None = None
+) -> float:
+    env = {"GRIDQUEUE_CELERY_EVENTS": str(events).lower()}
+    fleet = LocalFleet(url, log_dir, env={**env, "GRIDQUEUE_BROKER_URL": broker or ""})
+    gq = GridQueue(settings=Settings(redis_url=url, celery_events=events, broker_url=broker))
     try:
         names = [f"w{i}" for i in range(WORKERS)]
         for name in names:
@@ -131,6 +134,9 @@ def main() -> None:
         help="run gridqueue with Celery events on, off, or both (default)",
     )
     parser.add_argument("--rounds", type=int, default=1, help="runs of each kind; median")
+    parser.add_argument(
+        "--broker", help="gridqueue's broker URL (amqp://...); default the ledger's Redis"
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     kinds = {"both": [True, False], "on": [True], "off": [False]}[args.events]
@@ -142,7 +148,9 @@ def main() -> None:
             # On and off take turns going first: neither always runs on a warmer machine.
             for events in kinds if round_ % 2 == 0 else kinds[::-1]:
                 with EmbeddedRedis() as url:
-                    rate = gridqueue_jobs_per_s(url, args.jobs, Path(tmp) / str(round_), events)
+                    rate = gridqueue_jobs_per_s(
+                        url, args.jobs, Path(tmp) / str(round_), events, args.broker
+                    )
                 runs["on" if events else "off"].append(rate)
     bare = statistics.median(runs["bare"])
     report: dict[str, Any] = {

@@ -18,6 +18,10 @@ What differs from the Redis broker, and why:
   (``confirm_publish``) only once the broker has the durable, persistent message, so the
   lost-message check is skipped. A publish that fails or is never confirmed leaves its
   dispatch lease in the ledger, and the watchdog publishes again when the lease lapses.
+- **A frozen node.** A stopped process keeps its connection, and RabbitMQ may push a
+  requeued attempt into its free prefetch slots, where nobody claims it. The AMQP
+  heartbeat is 10 s (Celery's default is 120 s), so RabbitMQ closes such a connection and
+  returns its messages within about two heartbeats.
 - **Consumer timeout.** RabbitMQ closes the channel of a consumer that holds an unacked
   message longer than ``consumer_timeout`` (30 min by default), which would cut long
   inference attempts. Queues are declared with ``x-consumer-timeout``
@@ -45,6 +49,9 @@ if TYPE_CHECKING:
 # The first RabbitMQ release that honours the x-consumer-timeout queue argument.
 CONSUMER_TIMEOUT_ARGUMENT_SINCE = (3, 12)
 DEFAULT_CONSUMER_TIMEOUT_S = 86_400
+# The AMQP heartbeat a connection negotiates: RabbitMQ closes a connection that sent nothing
+# for about this long, and returns what it held to its queues.
+AMQP_HEARTBEAT_S = 10
 
 log = get_logger("gridqueue.brokers.amqp")
 
@@ -88,6 +95,11 @@ class AmqpBroker:
             # message): a lost publish is a failed one, and its dispatch lease lapses
             broker_transport_options={"confirm_publish": True},
             task_queue_max_priority=LOWEST_PRIORITY,
+            # A frozen node (SIGSTOP, a hung host) keeps its connection open, and RabbitMQ
+            # pushes into its free prefetch slots: a requeued attempt can sit there, never
+            # claimed, until RabbitMQ sees the connection's heartbeats stop and returns the
+            # messages. Celery's 120 s default would hold such an attempt for minutes.
+            broker_heartbeat=AMQP_HEARTBEAT_S,
         )
         queues = _queues_with_consumer_timeout(self.consumer_timeout_s * 1000)
 

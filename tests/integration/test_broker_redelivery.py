@@ -131,6 +131,41 @@ def test_a_redelivered_copy_of_a_superseded_attempt_is_refused_and_acked(
         assert ready_messages(broker_url, queue) == 0
 
 
+def test_a_child_killed_before_its_claim_runs_its_job_once_and_leaves_no_copy(
+    fleet: LocalFleet, gq: GridQueue, broker_url: str | None
+) -> None:
+    """A pool child dies after Celery handed it the attempt and before its claim. Celery
+    hands the message back to the broker (RabbitMQ redelivers it at once) and the worker
+    agent publishes the attempt again: two copies, one run; the other copy is refused and
+    acked, so nothing is left in the queue."""
+    fleet.start_worker("w1", concurrency=1, handlers="tests.integration.die_before_claim")
+    fleet.wait_alive(gq.ledger, ["w1"])
+    job_id = "1" * 32
+    gq.ledger.client.sadd(f"{gq.settings.namespace}:test:die_before_claim", job_id)
+    submitted = gq.ledger.submit(
+        job_id, "sim-llm", "batch", '{"prompt":"orphaned","ms":50}', 60_000, None
+    )
+    assert gq.dispatcher.publish(attempt_id(job_id, 1), submitted.dispatch_lease)
+
+    assert gq.job(job_id).result(timeout=60)["text"] == complete_text("orphaned")
+    assert [(a.n, a.outcome) for a in gq.get(job_id).attempts] == [(1, "succeeded")]
+    assert run_counts(gq.ledger.client, gq.settings.namespace, [job_id])[job_id] == 1
+    assert gq.ledger.stats()["redeliveries"] == 1
+    queue = queue_for_model(gq.settings.namespace, "sim-llm")
+    if broker_url is None:
+        wait_for(lambda: gq.ledger.client.hlen("unacked") == 0)
+    else:
+
+        def refused() -> int:
+            stats = gq.ledger.stats()
+            return stats.get("stale_deliveries", 0) + stats.get("duplicate_deliveries", 0)
+
+        # Celery's requeue and the agent's publish: the copy that did not run was refused.
+        wait_for(lambda: refused() == 1)
+        fleet.stop("w1")  # hands back anything it still held unacked
+        assert ready_messages(broker_url, queue) == 0
+
+
 @pytest.mark.parametrize("broker_url", ["amqp"], indirect=True)
 def test_rabbitmq_queues_carry_priorities_and_the_consumer_timeout(
     fleet: LocalFleet, gq: GridQueue, amqp_vhost: AmqpVhost
