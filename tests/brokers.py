@@ -74,18 +74,6 @@ class AmqpVhost:
                 with contextlib.suppress(Exception), connection.channel() as channel:
                     channel.queue_purge(name)
 
-    def close_connections(self, reason: str) -> int:
-        """Close every client connection of this vhost (and only this vhost)."""
-        listed = _rabbitmqctl("list_connections", "-q", "--no-table-headers", "vhost", "pid")
-        closed = 0
-        for line in listed.stdout.splitlines():
-            vhost, _, pid = line.strip().partition("\t")
-            if vhost != self.name or not pid:
-                continue
-            if _rabbitmqctl("close_connection", pid.strip(), reason).returncode == 0:
-                closed += 1
-        return closed
-
 
 @pytest.fixture(scope="session")
 def amqp_vhost() -> Iterator[AmqpVhost]:
