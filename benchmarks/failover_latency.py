@@ -48,9 +48,11 @@ JOBS_PER_ROUND = 4
 JOB_MS = 2500
 
 
-def gridqueue_run(url: str, kills: int, log_dir: Path, mode: str = "kill") -> dict[str, Any]:
-    fleet = LocalFleet(url, log_dir)
-    gq = GridQueue(settings=Settings(redis_url=url))
+def gridqueue_run(
+    url: str, kills: int, log_dir: Path, mode: str = "kill", broker: str | None = None
+) -> dict[str, Any]:
+    fleet = LocalFleet(url, log_dir, env={"GRIDQUEUE_BROKER_URL": broker} if broker else None)
+    gq = GridQueue(settings=Settings(redis_url=url, broker_url=broker))
     try:
         names = [f"gpu-{i}" for i in range(WORKERS)]
         for name in names:
@@ -197,12 +199,15 @@ def main() -> None:
     parser.add_argument("--kills", type=int, default=30)
     parser.add_argument("--baseline-window-s", type=float, default=20.0)
     parser.add_argument("--no-baseline", action="store_true", help="skip plain Celery")
+    parser.add_argument(
+        "--broker", help="gridqueue's broker URL (amqp://...); default the ledger's Redis"
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     bare: dict[str, Any] = {"window_s": args.baseline_window_s, "rerun_after_s": None}
     with tempfile.TemporaryDirectory(prefix="gridqueue-bench-") as tmp:
         with EmbeddedRedis() as url:
-            ours = gridqueue_run(url, args.kills, Path(tmp), args.mode)
+            ours = gridqueue_run(url, args.kills, Path(tmp), args.mode, args.broker)
         if not args.no_baseline:
             with EmbeddedRedis() as url:
                 bare = bare_celery_run(url, args.baseline_window_s, Path(tmp))

@@ -293,10 +293,19 @@ def celery_with_results(url: str, jobs: int, latency_jobs: int, log_dir: Path) -
 
 
 def gridqueue_run(
-    url: str, jobs: int, latency_jobs: int, profile_jobs: int, log_dir: Path, events: bool
+    url: str,
+    jobs: int,
+    latency_jobs: int,
+    profile_jobs: int,
+    log_dir: Path,
+    events: bool,
+    broker: str | None = None,
 ) -> dict[str, Any]:
-    fleet = LocalFleet(url, log_dir, env={"GRIDQUEUE_CELERY_EVENTS": str(events).lower()})
-    gq = GridQueue(settings=Settings(redis_url=url, celery_events=events))
+    """``broker``: gridqueue's broker URL (amqp://...); None, the ledger's Redis. Only
+    gridqueue's messages move: the baselines stay on Redis."""
+    env = {"GRIDQUEUE_CELERY_EVENTS": str(events).lower(), "GRIDQUEUE_BROKER_URL": broker or ""}
+    fleet = LocalFleet(url, log_dir, env=env)
+    gq = GridQueue(settings=Settings(redis_url=url, celery_events=events, broker_url=broker))
     try:
         names = [f"w{i}" for i in range(WORKERS)]
         for name in names:
@@ -353,6 +362,9 @@ def main() -> None:
     parser.add_argument(
         "--profile-jobs", type=int, default=50, help="gridqueue jobs under MONITOR; 0: skip"
     )
+    parser.add_argument(
+        "--broker", help="gridqueue's broker URL (amqp://...); default the ledger's Redis"
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     if args.jobs < 1 or args.rounds < 1 or args.latency_jobs < 0 or args.profile_jobs < 0:
@@ -374,7 +386,7 @@ def main() -> None:
                 with EmbeddedRedis() as url:
                     run = gridqueue_run(
                         url, args.jobs, args.latency_jobs, args.profile_jobs,
-                        log_dir / f"gq-{events}", events,
+                        log_dir / f"gq-{events}", events, args.broker,
                     )  # fmt: skip
                 runs["on" if events else "off"].append(run)
     labels = {

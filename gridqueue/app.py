@@ -17,10 +17,10 @@ Importing this module reads the environment and builds the app; it connects to n
 
 from __future__ import annotations
 
-from gridqueue.celeryapp import make_celery
+from gridqueue.celeryapp import celery_for
 from gridqueue.settings import Settings
 
 settings = Settings()
-app = make_celery(settings.redis_target, events=settings.celery_events)
+app = celery_for(settings)
 
 __all__ = ["app", "settings"]

@@ -5,7 +5,8 @@
 - ``visibility_timeout`` is ten years in every gridqueue process, so kombu never
   redelivers behind the ledger's back; the watchdog requeues instead.
 - JSON only; no result backend (the ledger holds the visible result).
-- Redis priority steps: a requeued attempt (priority 0) goes ahead of fresh work.
+- Priority steps: a requeued attempt (step 0) goes ahead of fresh work; the broker
+  (:mod:`gridqueue.brokers`: the ledger's Redis, or RabbitMQ) writes the step its way.
 - kombu's own queue separator, so stock Celery tools and Flower read the fleet's
   bindings and priority lists as gridqueue does.
 - Celery task events and event heartbeats (``events``, ``GRIDQUEUE_CELERY_EVENTS``), so
@@ -16,12 +17,16 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from celery import Celery
 from kombu.transport import redis as kombu_redis
 
 from gridqueue.connection import RedisTarget
+
+if TYPE_CHECKING:
+    from gridqueue.brokers import Broker
+    from gridqueue.settings import Settings
 
 TASK_NAME = "gridqueue.attempt"
 NEVER_REDELIVER_S = 10 * 365 * 86_400
@@ -48,25 +53,25 @@ def broker_client_name(worker: str) -> str:
 
 
 def make_celery(
-    redis: str | RedisTarget, events: bool = True, client_name: str | None = None
+    redis: str | RedisTarget,
+    events: bool = True,
+    broker: Broker | None = None,
+    client_name: str | None = None,
 ) -> Celery:
     """The app every gridqueue process uses. ``events`` (``Settings.celery_events``) turns
     on Celery's task events in workers (and their event heartbeats, see
     :mod:`gridqueue.worker`) and the ``task-sent`` event in producers, for Flower.
-    A Sentinel target uses kombu's ``sentinel`` transport, which asks the Sentinels for
-    the primary on every (re)connect. ``client_name`` names every broker connection
-    (a worker's: :func:`broker_client_name`)."""
+    ``broker`` (``Settings.broker``) carries the attempts' messages; by default the
+    ledger's Redis. A Sentinel target uses kombu's ``sentinel`` transport, which asks the
+    Sentinels for the primary on every (re)connect. ``client_name`` names every Redis
+    broker connection (a worker's: :func:`broker_client_name`)."""
     target = RedisTarget(redis) if isinstance(redis, str) else redis
-    app = Celery("gridqueue", broker=target.url, set_as_current=False)
-    transport: dict[str, Any] = {
-        "visibility_timeout": NEVER_REDELIVER_S,
-        "priority_steps": PRIORITY_STEPS,
-        **target.broker_options(),
-    }
-    if client_name:
-        transport["client_name"] = client_name
+    if broker is None:
+        from gridqueue.brokers import broker_of
+
+        broker = broker_of(target)
+    app = Celery("gridqueue", broker=broker.url, set_as_current=False)
     app.conf.update(
-        broker_transport_options=transport,
         broker_connection_retry_on_startup=True,
         result_backend=None,
         task_ignore_result=True,
@@ -83,13 +88,25 @@ def make_celery(
         # the claim (stale or duplicate), so nothing runs twice and nothing loops.
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
-        worker_disable_prefetch=True,
         worker_send_task_events=events,
         task_send_sent_event=events,
         worker_hijack_root_logger=False,
         task_default_queue="gq.default",
     )
+    broker.configure(app)
+    if client_name and broker.name == "redis":
+        app.conf.broker_transport_options = {
+            **(app.conf.broker_transport_options or {}),
+            "client_name": client_name,
+        }
     return app
+
+
+def celery_for(settings: Settings, client_name: str | None = None) -> Celery:
+    """The app for these settings: their ledger, their broker, their events switch."""
+    return make_celery(
+        settings.redis_target, settings.celery_events, settings.broker, client_name=client_name
+    )
 
 
 def own_redelivery_in_this_worker() -> None:

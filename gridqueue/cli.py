@@ -63,6 +63,7 @@ def load_settings(redis_url: str | None = None) -> Settings:
         ) from exc
     configure_logging(settings.log_level, settings.log_format)
     require_redis(settings.redis_target)
+    require_broker(settings)
     return settings
 
 
@@ -99,6 +100,13 @@ def require_redis(target: str | RedisTarget) -> None:
         raise RedisUnavailableError(url, exc) from exc
     finally:
         client.close()
+
+
+def require_broker(settings: Settings) -> None:
+    """Fail fast, before anything is written, when the broker (RabbitMQ, with
+    ``GRIDQUEUE_BROKER_URL``) does not answer or refuses the login; the ledger's Redis as
+    the broker is covered by :func:`require_redis`."""
+    settings.broker.check(REDIS_PING_TIMEOUT_S)
 
 
 def _print_json(value: Any) -> None:

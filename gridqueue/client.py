@@ -18,7 +18,7 @@ from typing import Any
 
 from celery import Celery
 
-from gridqueue.celeryapp import make_celery
+from gridqueue.celeryapp import celery_for
 from gridqueue.dispatch import Dispatcher
 from gridqueue.errors import (
     InvalidJobError,
@@ -236,7 +236,7 @@ class GridQueue:
     @property
     def app(self) -> Celery:
         if self._app is None:
-            self._app = make_celery(self.settings.redis_target, events=self.settings.celery_events)
+            self._app = celery_for(self.settings)
         return self._app
 
     @property

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from celery import Celery
 
+from gridqueue.brokers import Broker
 from gridqueue.celeryapp import TASK_NAME
 from gridqueue.keys import queue_for_model, split_attempt_id
 from gridqueue.ledger import Ledger
@@ -19,9 +20,10 @@ log = get_logger("gridqueue.dispatch")
 
 
 class Dispatcher:
-    def __init__(self, ledger: Ledger, app: Celery) -> None:
+    def __init__(self, ledger: Ledger, app: Celery, broker: Broker | None = None) -> None:
         self.ledger = ledger
         self.app = app
+        self.broker = broker or ledger.settings.broker
 
     def publish(self, member: str, own_lease: str = "") -> bool:
         """Publish attempt ``member`` if it is still the job's queued attempt and its
@@ -41,7 +43,7 @@ class Dispatcher:
                 args=[job_id, attempt],
                 task_id=member,
                 queue=queue_for_model(self.ledger.settings.namespace, lease.model),
-                priority=priority,
+                priority=self.broker.message_priority(priority),
             )
         except Exception as exc:  # kombu and redis errors alike
             # The lease stays in the dispatch index: once it lapses, the watchdog

@@ -102,6 +102,21 @@ class RedisUnavailableError(GridQueueError):
         return text or type(cause).__name__
 
 
+class BrokerUnavailableError(GridQueueError):
+    """Cannot reach the broker, or it refused the login; check GRIDQUEUE_BROKER_URL (user,
+    password, vhost) and that RabbitMQ is running, or unset it to use the ledger's Redis."""
+
+    def __init__(self, url: str, cause: BaseException | str | None = None) -> None:
+        self.url = RedisUnavailableError.mask(url)
+        reason = RedisUnavailableError._reason(cause)
+        # py-amqp prefixes the server's reply with its (class, method) ids: "(0, 0): "
+        self.reason = None if reason is None else re.sub(r"^\(\d+, \d+\): ", "", reason)
+        head, _, advice = (self.__doc__ or "").strip().partition("; ")
+        why = f" ({self.reason})" if self.reason else ""
+        advice = " ".join(advice.split()).rstrip(".")
+        super().__init__(f"{head[:1].lower()}{head[1:]} at {self.url}{why}; {advice}")
+
+
 class ReplicationTimeoutError(GridQueueError):
     """The write reached the Redis primary, but fewer replicas than
     GRIDQUEUE_REDIS_MIN_REPLICAS confirmed it in time, so a failover now could lose it;

@@ -69,11 +69,14 @@ def take_one_message(redis_url: str, queue: str, timeout_s: float = 15.0) -> Non
 
     import kombu
 
-    from gridqueue.celeryapp import make_celery
+    from gridqueue.celeryapp import celery_for
+    from gridqueue.settings import Settings
 
     k: Any = kombu  # kombu's annotations are partial
 
-    app = make_celery(redis_url)
+    # The broker of every gridqueue process (GRIDQUEUE_BROKER_URL, else Redis), with its
+    # queue arguments (RabbitMQ's x-max-priority must match the workers' declaration).
+    app = celery_for(Settings(redis_url=redis_url, celery_events=False))
     taken: dict[str, str] = {}
 
     def on_message(body: Any, message: Any) -> None:
@@ -82,7 +85,7 @@ def take_one_message(redis_url: str, queue: str, timeout_s: float = 15.0) -> Non
         taken["delivery_tag"] = str(message.delivery_tag)
 
     # The queue exactly as a worker's ``--queues`` declares it.
-    declared = k.Queue(queue, k.Exchange(queue, type="direct"), routing_key=queue)
+    declared = app.amqp.queues[queue]
     with app.connection_for_read() as connection:
         channel = connection.channel()
         consumer = k.Consumer(

@@ -7,13 +7,16 @@ dead after 1 s of silence, the watchdog ticks every 100 ms under a 2 s leader le
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from gridqueue.connection import RedisTarget
 from gridqueue.workloads import DEFAULT_WORKLOADS_FILE
+
+if TYPE_CHECKING:
+    from gridqueue.brokers import Broker
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -51,6 +54,19 @@ class Settings(BaseSettings):
         gt=0,
         description="Durable mode: how long a write waits for its replicas before the "
         "call fails with ReplicationTimeoutError.",
+    )
+    broker_url: str | None = Field(
+        None,
+        description="Celery's broker for the attempts' messages. Unset: the ledger's Redis "
+        "(GRIDQUEUE_REDIS_URL). amqp://user:password@host:5672/vhost: RabbitMQ (the "
+        "ledger stays on Redis).",
+    )
+    broker_consumer_timeout_s: int = Field(
+        86_400,
+        gt=0,
+        description="RabbitMQ only: the per-queue consumer timeout (x-consumer-timeout, "
+        "RabbitMQ 3.12+); keep it above the longest attempt. Older servers ignore it: "
+        "raise consumer_timeout in rabbitmq.conf instead.",
     )
     namespace: str = Field("gq", pattern=r"^[A-Za-z0-9_.-]+$", description="Ledger key prefix.")
     heartbeat_interval_s: float = Field(0.2, gt=0, description="Worker heartbeat period.")
@@ -154,6 +170,22 @@ class Settings(BaseSettings):
             if self.redis_sentinel_password is None
             else self.redis_sentinel_password.get_secret_value(),
         )
+
+    @property
+    def broker(self) -> Broker:
+        """What carries the attempts' Celery messages (validated with the settings)."""
+        from gridqueue.brokers import broker_for
+
+        return broker_for(self)
+
+    @model_validator(mode="after")
+    def _broker_url_is_known(self) -> Settings:
+        from gridqueue.brokers import broker_url_problem
+
+        problem = broker_url_problem(self.broker_url)
+        if problem is not None:
+            raise ValueError(problem)
+        return self
 
     @model_validator(mode="after")
     def _redis_target_is_complete(self) -> Settings:

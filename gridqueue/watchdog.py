@@ -49,7 +49,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from gridqueue.celeryapp import broker_client_name, make_celery
+from gridqueue.celeryapp import celery_for
 from gridqueue.celerystate import NodeLostAnnouncer
 from gridqueue.dispatch import Dispatcher
 from gridqueue.keys import attempt_id, split_attempt_id
@@ -126,7 +126,8 @@ class Watchdog:
     def __init__(self, settings: Settings, owner: str | None = None) -> None:
         self.settings = settings
         self.ledger = Ledger(connect_redis(settings.redis_target), settings)
-        app = make_celery(settings.redis_target, events=settings.celery_events)
+        app = celery_for(settings)
+        self.broker = settings.broker
         self.dispatcher = Dispatcher(self.ledger, app)
         # Flower hears of an attempt whose node died from us: that node cannot speak.
         self.announcer = NodeLostAnnouncer(app, self.ledger, settings.celery_events)
@@ -235,14 +236,14 @@ class Watchdog:
                 report.jobs_expired += 1
                 log.info("job.expired", job=job_id)
         due = list(scan.due_dispatches)
-        for member in self.ledger.sweep_deliveries(value):
+        for member in self.broker.recover_stranded(self.ledger, value):
             report.deliveries_recovered += 1
             log.warning("attempt.delivery_stranded", attempt=member)
             if member not in due:
                 due.append(member)
         if now >= self._next_message_check:
             self._next_message_check = now + _MESSAGE_CHECK_EVERY_S
-            for member in self._item(report, self.ledger.find_lost_messages, value) or ():
+            for member in self._item(report, self.broker.find_lost, self.ledger, value) or ():
                 report.deliveries_recovered += 1
                 log.warning("attempt.message_lost", attempt=member)
                 if member not in due:
@@ -271,7 +272,7 @@ class Watchdog:
         a live consumer at that moment is published twice, which the claim refuses.
         The presence connection has a name of its own and is left alone; when the node
         thaws, its heartbeat is refused and it reconnects and registers again."""
-        killed = self._item(report, self._kill_broker_connections, names)
+        killed = self._item(report, self.broker.cut_off, self.ledger, names)
         models: set[str] = set()
         for name in names:
             record = self._item(report, self.ledger.worker, name)
@@ -279,32 +280,11 @@ class Watchdog:
         log.warning("worker.connections_cut", workers=names, connections=killed)
         if not models:
             return
-        found = self._item(report, self._lost_messages_of, sorted(models), token)
+        found = self._item(report, self.broker.find_lost_of, self.ledger, token, sorted(models))
         for member in found or ():
             report.deliveries_recovered += 1
             log.warning("attempt.message_lost", attempt=member, cut_off=names)
             report.dispatched += bool(self._item(report, self.dispatcher.publish, member))
-
-    def _lost_messages_of(self, models: list[str], token: str) -> list[str]:
-        """Every published attempt of these models whose message is nowhere, up to now."""
-        now_ms = self.ledger.time_ms()
-        return self.ledger.find_lost_messages(token, models=models, published_before_ms=now_ms)
-
-    def _kill_broker_connections(self, names: list[str]) -> int:
-        """``CLIENT KILL`` every connection named as one of these workers' broker
-        connections; returns how many. One ``CLIENT LIST`` per tick, however many died:
-        it costs in proportion to the clients connected, and only silent deaths pay it."""
-        wanted = {broker_client_name(name) for name in names}
-        client = self.ledger.client
-        ids = [c["id"] for c in client.client_list() if c.get("name") in wanted]
-        if not ids:
-            return 0
-        pipe = client.pipeline(transaction=False)
-        for client_id in ids:
-            pipe.client_kill_filter(_id=client_id)
-        # A connection that closed meanwhile answers an error: it is gone all the same.
-        replies = pipe.execute(raise_on_error=False)
-        return sum(1 for reply in replies if not isinstance(reply, Exception))
 
     def _confirmed_unreachable(self, scan: Scan, now: float) -> list[str]:
         """Workers found late with their subscription gone on this look and on one at least

@@ -14,7 +14,7 @@ from celery import Celery
 
 from gridqueue import revoke
 from gridqueue.agent import GridQueueAgent
-from gridqueue.celeryapp import broker_client_name, make_celery, own_redelivery_in_this_worker
+from gridqueue.celeryapp import broker_client_name, celery_for
 from gridqueue.errors import ConfigError, RedisUnavailableError
 from gridqueue.handlers import check_model_name, get_handler, registered
 from gridqueue.keys import Keys, queue_for_model
@@ -122,12 +122,10 @@ def run_worker(
         )
     log.info("worker.probe", probe=probe.name, note=note, gpus=len(first.gpus))
     queues = [queue_for_model(settings.namespace, m) for m in fitting]
-    own_redelivery_in_this_worker()  # or a Redis restart would stop the whole fleet
+    settings.broker.prepare_worker()  # Redis: or a Redis restart would stop the whole fleet
     # Named broker connections: the watchdog cuts them if this node freezes (see
     # broker_client_name).
-    app = make_celery(
-        settings.redis_target, events=settings.celery_events, client_name=broker_client_name(name)
-    )
+    app = celery_for(settings, client_name=broker_client_name(name))
     register_task(app)
     runtime = WorkerRuntime(
         name,

@@ -22,6 +22,7 @@ from gridqueue.embedded import EmbeddedRedis
 from gridqueue.fleet import LocalFleet
 from gridqueue.ledger import Ledger, connect_redis
 from gridqueue.settings import Settings
+from tests.brokers import amqp_vhost, broker_url  # noqa: F401 - fixtures, by name
 
 hypothesis_settings.register_profile(
     "gridqueue",

@@ -34,7 +34,7 @@ from redis.retry import Retry
 from starlette.responses import StreamingResponse
 
 from gridqueue import __version__
-from gridqueue.celeryapp import make_celery
+from gridqueue.celeryapp import celery_for
 from gridqueue.dispatch import Dispatcher
 from gridqueue.errors import (
     InvalidJobError,
@@ -86,7 +86,7 @@ class Dashboard:
         publishes it (its dispatch is due)."""
         try:
             if self.dispatcher is None:
-                app = make_celery(self.settings.redis_target, events=self.settings.celery_events)
+                app = celery_for(self.settings)
                 self.dispatcher = Dispatcher(self.ledger, app)
             return self.dispatcher.publish(attempt_id(job_id, attempt))
         except Exception as exc:  # the replay is committed; the watchdog publishes it

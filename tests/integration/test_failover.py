@@ -8,6 +8,8 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -16,11 +18,26 @@ from gridqueue.audit import run_counts
 from gridqueue.fleet import LocalFleet
 from gridqueue.keys import attempt_id
 from gridqueue.ledger import Ledger
+from gridqueue.settings import Settings
 from gridqueue.states import JobState, WorkerState
+from tests.brokers import broker_env
 from tests.helpers import wait_for, wait_until_watchdog_judges
 from workers.simulated import complete_text
 
 pytestmark = pytest.mark.integration
+
+
+# Every test here runs on both brokers: the ledger's Redis, and RabbitMQ (tests/brokers.py).
+@pytest.fixture
+def settings(redis_url: str, broker_url: str | None) -> Settings:
+    return Settings(redis_url=redis_url, broker_url=broker_url)
+
+
+@pytest.fixture
+def fleet(redis_url: str, broker_url: str | None, tmp_path: Path) -> Iterator[LocalFleet]:
+    fleet = LocalFleet(redis_url, tmp_path / "logs", env=broker_env(broker_url))
+    yield fleet
+    fleet.stop_all()
 
 
 def running_on(ledger: Ledger, job_ids: list[str]) -> dict[str, str]:
