@@ -10,6 +10,7 @@ attempt stalled because of the jump, and every acknowledged job ends, once.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -133,8 +134,12 @@ def test_a_failover_to_a_replica_with_another_clock_declares_no_one_dead(
         assert all(s.state == "SUCCEEDED" for s in seen.values()), report.to_dict()
         # The guard saw the jump, in its direction, and held its verdicts.
         watchdog_log = fleet.processes["watchdog-1"].log_path.read_text()
-        jump = '"jump_ms": ' + ("-" if skew_ms < 0 else "")
-        assert "watchdog.clock_jump" in watchdog_log and jump in watchdog_log, watchdog_log
+        jumps = [
+            json.loads(line)["jump_ms"]
+            for line in watchdog_log.splitlines()
+            if '"watchdog.clock_jump"' in line
+        ]
+        assert any(abs(j - skew_ms) < 1500 for j in jumps), (jumps, watchdog_log[-3000:])
     finally:
         stop.set()
         fleet.stop_all()
