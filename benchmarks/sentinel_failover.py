@@ -121,15 +121,17 @@ def one_round(
                 time.sleep(max(0.0, killed_at + restart_after_s - time.time()))
                 ha.restart(old, None)
                 restarted_s = time.time() - killed_at
+                promoted_s: float | None
                 try:
                     new = ha.wait_promoted(old, timeout_s=15)
+                    promoted_s = time.time() - killed_at
                 except GridQueueError:
-                    new = old  # the Sentinels never saw it down: no failover
+                    new, promoted_s = old, None  # the Sentinels never saw it down: no failover
             else:
                 new = ha.wait_promoted(old)
-                restarted_s = time.time() - killed_at
+                promoted_s = time.time() - killed_at
                 ha.restart(old, None if restart_as == "primary" else new)
-            promoted_s = time.time() - killed_at
+                restarted_s = time.time() - killed_at
             ha.wait_replicas(1)
             time.sleep(LOAD_AFTER_PROMOTION_S)
             stop.set()
@@ -168,7 +170,7 @@ def one_round(
                 "acknowledged_before_kill": sum(t < killed_at for t, _ in acknowledged),
                 "lost_acknowledged": len(lost_acknowledged),
                 "refused": refused,
-                "promoted_s": round(promoted_s, 2),
+                "promoted_s": None if promoted_s is None else round(promoted_s, 2),
                 "running_again_s": None if running_again_s is None else round(running_again_s, 2),
                 "audit_lost": len(report.lost),
                 "audit_duplicates": len(report.duplicates),
@@ -235,11 +237,13 @@ def main() -> None:
     for mode in modes:
         mine = [r for r in rounds if r["mode"] == mode]
         again = [r["running_again_s"] for r in mine if r["running_again_s"] is not None]
+        promoted = [r["promoted_s"] for r in mine if r["promoted_s"] is not None]
         summary[mode] = {
             "rounds": len(mine),
             "acknowledged": sum(r["acknowledged"] for r in mine),
             "lost_acknowledged": sum(r["lost_acknowledged"] for r in mine),
-            "promoted_s_p50": percentile([r["promoted_s"] for r in mine], 50),
+            "failovers": len(promoted),
+            "promoted_s_p50": percentile(promoted, 50) if promoted else None,
             "running_again_s_p50": percentile(again, 50) if again else None,
             "running_again_s_max": max(again) if again else None,
             "audit_lost": sum(r["audit_lost"] for r in mine),
@@ -257,9 +261,12 @@ def main() -> None:
             if s["running_again_s_p50"] is not None
             else "-"
         )
+        promoted_p50 = (
+            f"{s['promoted_s_p50']:.2f} s" if s["promoted_s_p50"] is not None else "no failover"
+        )
         print(
             f"{mode:8} {s['acknowledged']:>7} {s['lost_acknowledged']:>10} "
-            f"{s['promoted_s_p50']:>11.2f} s {again:>22} "
+            f"{promoted_p50:>13} {again:>22} "
             f"{s['audit_lost']:>7}/{s['audit_duplicates']}"
         )
 
