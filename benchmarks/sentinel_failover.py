@@ -13,7 +13,18 @@ old primary comes back as its replica. It reports, per mode:
 - kill -> running again: the first attempt that starts on the promoted primary;
 - every acknowledged job that survived ends (lost = 0, duplicates = 0 from the audit).
 
+``--restart-as replica`` (the default) restarts the killed old primary as an operator
+should: ``--replicaof`` the promoted one. ``--restart-as primary`` restarts it the careless
+way, with no ``--replicaof``: it comes back empty and as a primary until the Sentinels
+convert it, and ``--restart-after-s`` says when, counted from the kill (default: once the
+replica is promoted). Restarted within ``down-after-milliseconds`` the Sentinels never see
+the primary down, and its replica resyncs from the empty server.
+
+SIGTERM and SIGINT end the run through its ``finally`` blocks: no worker, watchdog or
+Redis server outlives an interrupted run (``timeout 60 python ...`` is safe).
+
     python benchmarks/sentinel_failover.py [--rounds 3] [--modes async,durable] [--json]
+        [--restart-as replica|primary] [--restart-after-s S] [--rate SUBMITS_PER_S]
 """
 
 from __future__ import annotations
@@ -21,11 +32,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import signal
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,7 +57,21 @@ LOAD_BEFORE_KILL_S = 4.0
 LOAD_AFTER_PROMOTION_S = 4.0
 
 
-def one_round(durable: bool, log_dir: Path) -> dict[str, Any]:
+def exit_on_signal(signum: int, frame: FrameType | None) -> None:
+    """SIGTERM/SIGINT: leave through the ``finally`` blocks, which stop the fleet and the
+    Redis servers; a second signal during that clean-up is ignored, not obeyed."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise SystemExit(128 + signum)
+
+
+def one_round(
+    durable: bool,
+    log_dir: Path,
+    restart_as: str = "replica",
+    restart_after_s: float | None = None,
+    rate: float = 0.0,
+) -> dict[str, Any]:
     min_replicas = 1 if durable else 0
     with EmbeddedSentinelSet(replicas=1, sentinels=3, down_after_ms=1000) as ha:
         settings = Settings(
@@ -72,6 +99,8 @@ def one_round(durable: bool, log_dir: Path) -> dict[str, Any]:
                 else:
                     with lock:
                         acknowledged.append((time.time(), job.id))
+                    if rate:
+                        time.sleep(PRODUCERS / rate)
 
         try:
             for name in WORKERS:
@@ -88,9 +117,21 @@ def one_round(durable: bool, log_dir: Path) -> dict[str, Any]:
             old = ha.kill_primary()
             # After the kill returned (the process is reaped): nothing starts on it past here.
             killed_at = time.time()
-            new = ha.wait_promoted(old)
-            promoted_s = time.time() - killed_at
-            ha.restart(old, new)
+            if restart_after_s is not None:
+                time.sleep(max(0.0, killed_at + restart_after_s - time.time()))
+                ha.restart(old, None)
+                restarted_s = time.time() - killed_at
+                promoted_s: float | None
+                try:
+                    new = ha.wait_promoted(old, timeout_s=15)
+                    promoted_s = time.time() - killed_at
+                except GridQueueError:
+                    new, promoted_s = old, None  # the Sentinels never saw it down: no failover
+            else:
+                new = ha.wait_promoted(old)
+                promoted_s = time.time() - killed_at
+                ha.restart(old, None if restart_as == "primary" else new)
+                restarted_s = time.time() - killed_at
             ha.wait_replicas(1)
             time.sleep(LOAD_AFTER_PROMOTION_S)
             stop.set()
@@ -122,12 +163,14 @@ def one_round(durable: bool, log_dir: Path) -> dict[str, Any]:
             running_again_s = (min(restarts) - killed_ms) / 1000 if restarts else None
             return {
                 "mode": "durable" if durable else "async",
+                "restart_as": restart_as,
+                "restarted_s": round(restarted_s, 2),
                 "primary_changes": [old, new, ha.primary_port()],
                 "acknowledged": len(ids),
                 "acknowledged_before_kill": sum(t < killed_at for t, _ in acknowledged),
                 "lost_acknowledged": len(lost_acknowledged),
                 "refused": refused,
-                "promoted_s": round(promoted_s, 2),
+                "promoted_s": None if promoted_s is None else round(promoted_s, 2),
                 "running_again_s": None if running_again_s is None else round(running_again_s, 2),
                 "audit_lost": len(report.lost),
                 "audit_duplicates": len(report.duplicates),
@@ -145,7 +188,34 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="primary kills per mode")
     parser.add_argument("--modes", default="async,durable", help="async, durable or both")
     parser.add_argument("--json", action="store_true", help="print one JSON document")
+    parser.add_argument(
+        "--restart-as",
+        choices=("replica", "primary"),
+        default="replica",
+        help="restart the killed primary with --replicaof (replica) or without (primary)",
+    )
+    parser.add_argument(
+        "--restart-after-s",
+        type=float,
+        default=None,
+        help="restart the killed primary this long after the kill (default: once promoted)",
+    )
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=0.0,
+        help="submits per second, all producers together (default 0: as fast as they can; "
+        "the backlog then takes minutes to drain)",
+    )
     args = parser.parse_args()
+    if args.rate < 0:
+        parser.error("--rate takes submits per second >= 0")
+    if args.restart_after_s is not None and args.restart_after_s < 0:
+        parser.error("--restart-after-s takes a number of seconds >= 0")
+    if args.restart_after_s is not None and args.restart_as != "primary":
+        parser.error("--restart-after-s goes with --restart-as primary (a replica needs a primary)")
+    signal.signal(signal.SIGTERM, exit_on_signal)
+    signal.signal(signal.SIGINT, exit_on_signal)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if not modes or set(modes) - {"async", "durable"}:
         parser.error("--modes takes async, durable or both, comma-separated")
@@ -153,7 +223,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="gridqueue-sentinel-bench-") as tmp:
         for mode in modes:
             for n in range(args.rounds):
-                result = one_round(mode == "durable", Path(tmp) / f"{mode}-{n}")
+                result = one_round(
+                    mode == "durable",
+                    Path(tmp) / f"{mode}-{n}",
+                    args.restart_as,
+                    args.restart_after_s,
+                    args.rate,
+                )
                 rounds.append(result)
                 if not args.json:
                     print(json.dumps(result), flush=True)
@@ -161,11 +237,13 @@ def main() -> None:
     for mode in modes:
         mine = [r for r in rounds if r["mode"] == mode]
         again = [r["running_again_s"] for r in mine if r["running_again_s"] is not None]
+        promoted = [r["promoted_s"] for r in mine if r["promoted_s"] is not None]
         summary[mode] = {
             "rounds": len(mine),
             "acknowledged": sum(r["acknowledged"] for r in mine),
             "lost_acknowledged": sum(r["lost_acknowledged"] for r in mine),
-            "promoted_s_p50": percentile([r["promoted_s"] for r in mine], 50),
+            "failovers": len(promoted),
+            "promoted_s_p50": percentile(promoted, 50) if promoted else None,
             "running_again_s_p50": percentile(again, 50) if again else None,
             "running_again_s_max": max(again) if again else None,
             "audit_lost": sum(r["audit_lost"] for r in mine),
@@ -183,9 +261,12 @@ def main() -> None:
             if s["running_again_s_p50"] is not None
             else "-"
         )
+        promoted_p50 = (
+            f"{s['promoted_s_p50']:.2f} s" if s["promoted_s_p50"] is not None else "no failover"
+        )
         print(
             f"{mode:8} {s['acknowledged']:>7} {s['lost_acknowledged']:>10} "
-            f"{s['promoted_s_p50']:>11.2f} s {again:>22} "
+            f"{promoted_p50:>13} {again:>22} "
             f"{s['audit_lost']:>7}/{s['audit_duplicates']}"
         )
 

@@ -7,13 +7,19 @@ bound to 127.0.0.1 on free ports in one temporary directory; the Sentinels are
 topology changes. ``kill_primary()`` is a kill -9 of whichever server the Sentinels name
 as primary now; ``restart(port)`` brings a killed server back on its port and directory,
 and the Sentinels turn a returning old primary into a replica of the new one.
+
+``replica_env`` gives the replicas environment variables of their own (the HA tests run a
+replica under libfaketime, so that the promoted server's clock differs from the old
+primary's); a restarted server keeps the environment it was first started with.
 """
 
 from __future__ import annotations
 
+import os
 import subprocess
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 
@@ -37,6 +43,7 @@ class EmbeddedSentinelSet:
         failover_timeout_ms: int = 10_000,
         master_name: str = MASTER_NAME,
         binary: str | None = None,
+        replica_env: Mapping[str, str] | None = None,
     ) -> None:
         self.master_name = master_name
         self.down_after_ms = down_after_ms
@@ -48,6 +55,10 @@ class EmbeddedSentinelSet:
         self.sentinel_ports = [free_port() for _ in range(sentinels)]
         self.first_primary = self.data_ports[0]
         self.processes: dict[int, subprocess.Popen[bytes]] = {}
+        # Extra environment per data server, kept across restarts.
+        self.server_env: dict[int, dict[str, str]] = {
+            port: dict(replica_env or {}) for port in self.data_ports[1:]
+        }
 
     # -- the URL every gridqueue process is given ---------------------------------------
 
@@ -123,11 +134,11 @@ class EmbeddedSentinelSet:
             time.sleep(0.05)
         raise GridQueueError(f"no replica was promoted within {timeout_s} s")
 
-    def restart(self, port: int, primary: int) -> None:
+    def restart(self, port: int, primary: int | None) -> None:
         """Bring a killed data server back as a replica of ``primary``, as an operator's
-        restart would (the Sentinels would convert a returning old primary themselves, but
-        only on their next 10 s INFO round, and it would come back empty as a primary
-        first)."""
+        restart would. ``primary=None`` is the careless restart: the server comes back
+        empty and as a primary, until the Sentinels notice and convert it (the failover
+        benchmark's ``--restart-as primary`` measures what that costs)."""
         if port == primary:
             raise ValueError("a restarted server comes back as a replica of another one")
         self._start_data(port, primary)
@@ -184,7 +195,7 @@ class EmbeddedSentinelSet:
         ]  # fmt: skip
         if replica_of is not None:
             args += ["--replicaof", "127.0.0.1", str(replica_of)]
-        self.processes[port] = self._spawn(args)
+        self.processes[port] = self._spawn(args, self.server_env.get(port))
         self._wait_ping(port, home / "redis.log")
 
     def _start_sentinel(self, port: int) -> None:
@@ -205,9 +216,15 @@ class EmbeddedSentinelSet:
         self.processes[port] = self._spawn([self.binary, str(home / "sentinel.conf"), "--sentinel"])
         self._wait_ping(port, home / "sentinel.log")
 
-    def _spawn(self, args: list[str]) -> subprocess.Popen[bytes]:
+    def _spawn(
+        self, args: list[str], env: Mapping[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
         return subprocess.Popen(
-            args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            args,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env={**os.environ, **env} if env else None,
         )
 
     def _wait_ping(self, port: int, log: Path, timeout_s: float = 10.0) -> None:
