@@ -13,10 +13,12 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from starlette.exceptions import StarletteDeprecationWarning
 
 from gridqueue import GridQueue
 from gridqueue.audit import Seen, audit
@@ -166,3 +168,39 @@ def test_cli_reaches_the_ledger_through_the_sentinels(sentinels: EmbeddedSentine
     done = _cli("status", "--json", env=env)
     assert done.returncode == 0, done.stderr
     assert '"workers"' in done.stdout
+
+
+def test_the_dashboard_follows_a_promoted_replica(sentinels: EmbeddedSentinelSet) -> None:
+    """The dashboard's pages, API and readiness read the new primary after a failover,
+    without a restart: a 503 while no primary answers, never a 500."""
+    with warnings.catch_warnings():
+        # Starlette's TestClient warns on import when it finds httpx (our dev extras).
+        warnings.filterwarnings("ignore", "Using `httpx`", StarletteDeprecationWarning)
+        from fastapi.testclient import TestClient
+
+    from gridqueue.monitor.web import create_app
+
+    settings = Settings(redis_url=sentinels.url, redis_sentinel_master=sentinels.master_name)
+    gq = GridQueue(settings=settings)
+    try:
+        job = gq.submit("sim-llm", {"prompt": "before", "ms": 0}, workload="batch")
+        assert gq.ledger.client.wait(1, 5000) == 1  # the replica has it before the kill
+        with TestClient(create_app(settings)) as client:
+            assert client.get("/readyz").status_code == 200
+            assert client.get(f"/api/jobs/{job.id}").json()["state"] == "QUEUED"
+            old = sentinels.kill_primary()
+            new = sentinels.wait_promoted(old)
+            assert new != old
+
+            def ready_again() -> bool:
+                status = client.get("/readyz").status_code
+                assert status in (200, 503), status  # never a 500
+                return status == 200
+
+            wait_for(ready_again, timeout_s=60, interval_s=0.2)
+            # The job was replicated before the kill: the promoted primary has it.
+            assert client.get(f"/api/jobs/{job.id}").json()["state"] == "QUEUED"
+            assert client.get("/").status_code == 200
+            assert client.get("/api/workers").status_code == 200
+    finally:
+        gq.close()
