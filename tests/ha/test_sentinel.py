@@ -149,6 +149,10 @@ def test_durable_submit_fails_clearly_without_a_replica(
         assert raised.value.job_id
         assert "replica" in str(raised.value)
         assert gq.ledger.get(raised.value.job_id).state.value == "QUEUED"
+        # It still has an owner that will move it: its dispatch promise, which the watchdog
+        # publishes once the grace is over (the producer never published it).
+        member = f"{raised.value.job_id}.1"
+        assert gq.ledger.client.zscore(gq.ledger.keys.dispatch, member) is not None
     finally:
         gq.close()
 
