@@ -21,12 +21,14 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -49,10 +51,20 @@ JOB_MS = 2500
 
 
 def gridqueue_run(
-    url: str, kills: int, log_dir: Path, mode: str = "kill", broker: str | None = None
+    url: str,
+    kills: int,
+    log_dir: Path,
+    mode: str = "kill",
+    broker: str | None = None,
+    management: str | None = None,
 ) -> dict[str, Any]:
-    fleet = LocalFleet(url, log_dir, env={"GRIDQUEUE_BROKER_URL": broker} if broker else None)
-    gq = GridQueue(settings=Settings(redis_url=url, broker_url=broker))
+    env = {"GRIDQUEUE_BROKER_URL": broker} if broker else {}
+    if management:
+        env["GRIDQUEUE_BROKER_MANAGEMENT_URL"] = management
+    fleet = LocalFleet(url, log_dir, env=env or None)
+    gq = GridQueue(
+        settings=Settings(redis_url=url, broker_url=broker, broker_management_url=management)
+    )
     try:
         names = [f"gpu-{i}" for i in range(WORKERS)]
         for name in names:
@@ -185,6 +197,25 @@ def bare_celery_run(url: str, window_s: float, log_dir: Path) -> dict[str, Any]:
             p.wait(timeout=10)
 
 
+@contextlib.contextmanager
+def _broker(name: str | None) -> Iterator[tuple[str | None, str | None]]:
+    """The broker URL and management API URL for ``--broker``."""
+    if name != "private-rabbitmq":
+        yield name, None
+        return
+    from tests.brokers import PrivateRabbitMQ
+
+    base = Path(tempfile.mkdtemp(prefix="gridqueue-rabbitmq-"))
+    node = PrivateRabbitMQ(base, management=True)
+    try:
+        node.prepare()
+        node.start(timeout_s=120)
+        yield node.url, node.management_url
+    finally:
+        node.kill()
+        shutil.rmtree(base, ignore_errors=True)
+
+
 def _is_child(pid: int, parent: int) -> bool:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -200,14 +231,17 @@ def main() -> None:
     parser.add_argument("--baseline-window-s", type=float, default=20.0)
     parser.add_argument("--no-baseline", action="store_true", help="skip plain Celery")
     parser.add_argument(
-        "--broker", help="gridqueue's broker URL (amqp://...); default the ledger's Redis"
+        "--broker",
+        help="gridqueue's broker URL (amqp://...); 'private-rabbitmq' starts a RabbitMQ node "
+        "of its own with the management plugin (needs rabbitmq-server); default the "
+        "ledger's Redis",
     )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     bare: dict[str, Any] = {"window_s": args.baseline_window_s, "rerun_after_s": None}
     with tempfile.TemporaryDirectory(prefix="gridqueue-bench-") as tmp:
-        with EmbeddedRedis() as url:
-            ours = gridqueue_run(url, args.kills, Path(tmp), args.mode, args.broker)
+        with EmbeddedRedis() as url, _broker(args.broker) as (broker, management):
+            ours = gridqueue_run(url, args.kills, Path(tmp), args.mode, broker, management)
         if not args.no_baseline:
             with EmbeddedRedis() as url:
                 bare = bare_celery_run(url, args.baseline_window_s, Path(tmp))

@@ -64,7 +64,7 @@ def make_celery(
     ``broker`` (``Settings.broker``) carries the attempts' messages; by default the
     ledger's Redis. A Sentinel target uses kombu's ``sentinel`` transport, which asks the
     Sentinels for the primary on every (re)connect. ``client_name`` names every Redis
-    broker connection (a worker's: :func:`broker_client_name`)."""
+    broker connection, Redis or RabbitMQ (a worker's: :func:`broker_client_name`)."""
     target = RedisTarget(redis) if isinstance(redis, str) else redis
     if broker is None:
         from gridqueue.brokers import broker_of
@@ -94,11 +94,8 @@ def make_celery(
         task_default_queue="gq.default",
     )
     broker.configure(app)
-    if client_name and broker.name == "redis":
-        app.conf.broker_transport_options = {
-            **(app.conf.broker_transport_options or {}),
-            "client_name": client_name,
-        }
+    if client_name:
+        broker.name_connections(app, client_name)
     return app
 
 

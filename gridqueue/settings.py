@@ -68,6 +68,14 @@ class Settings(BaseSettings):
         "RabbitMQ 3.12+); keep it above the longest attempt. Older servers ignore it: "
         "raise consumer_timeout in rabbitmq.conf instead.",
     )
+    broker_management_url: str | None = Field(
+        None,
+        description="RabbitMQ only: its management API (http://user:password@host:15672), "
+        "through which the watchdog closes the broker connections of a worker it declares "
+        "dead on its heartbeat (a frozen node would hold requeued attempts in its prefetch "
+        "until the AMQP heartbeat lapses). Unset: the broker URL's host and login on port "
+        "15672 (https for amqps). 'off': never close connections.",
+    )
     namespace: str = Field("gq", pattern=r"^[A-Za-z0-9_.-]+$", description="Ledger key prefix.")
     heartbeat_interval_s: float = Field(0.2, gt=0, description="Worker heartbeat period.")
     stale_after_s: float = Field(1.0, gt=0, description="Silence after which a worker is dead.")
@@ -180,9 +188,11 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _broker_url_is_known(self) -> Settings:
-        from gridqueue.brokers import broker_url_problem
+        from gridqueue.brokers import broker_url_problem, management_url_problem
 
-        problem = broker_url_problem(self.broker_url)
+        problem = broker_url_problem(self.broker_url) or management_url_problem(
+            self.broker_management_url
+        )
         if problem is not None:
             raise ValueError(problem)
         return self

@@ -195,6 +195,8 @@ class Watchdog:
             # Before anything of theirs is published again (below): a silent node may be
             # frozen with a BRPOP pending, which would pop the requeued attempts.
             self._cut_off(silent, value, report)
+        else:
+            self._item(report, self.broker.retry_cut_off, self.ledger)
         confirmed = self._confirmed_unreachable(scan, now)
         for name in confirmed if judging else ():
             count = self._item(report, self.ledger.declare_dead, name, value, "connection")

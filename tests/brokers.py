@@ -125,12 +125,14 @@ class PrivateRabbitMQ:
     ``rabbitmq-server`` drops to the ``rabbitmq`` user when started as root, so ``base``
     is handed to that user."""
 
-    def __init__(self, base: Path) -> None:
+    def __init__(self, base: Path, management: bool = False) -> None:
         from gridqueue.embedded import free_port
 
         self.base = base
         self.port = free_port()
         self.dist_port = free_port()
+        # the management plugin and its HTTP API on a port of its own, or none
+        self.management_port = free_port() if management else None
         self.node = f"gqtest{uuid.uuid4().hex[:8]}@localhost"
         self.url = f"amqp://guest:guest@127.0.0.1:{self.port}//"
         self.pid_file = base / "node.pid"
@@ -139,8 +141,13 @@ class PrivateRabbitMQ:
     def prepare(self) -> None:
         for folder in ("mnesia", "log"):
             (self.base / folder).mkdir(parents=True, exist_ok=True)
-        (self.base / "rabbitmq.conf").write_text(f"listeners.tcp.default = 127.0.0.1:{self.port}\n")
-        (self.base / "enabled_plugins").write_text("[].\n")
+        conf = f"listeners.tcp.default = 127.0.0.1:{self.port}\n"
+        plugins = "[]."
+        if self.management_port is not None:
+            conf += f"management.tcp.ip = 127.0.0.1\nmanagement.tcp.port = {self.management_port}\n"
+            plugins = "[rabbitmq_management]."
+        (self.base / "rabbitmq.conf").write_text(conf)
+        (self.base / "enabled_plugins").write_text(plugins + "\n")
         if os.geteuid() == 0:
             subprocess.run(["chown", "-R", "rabbitmq:rabbitmq", str(self.base)], check=True)
             self.base.chmod(0o755)
@@ -164,7 +171,7 @@ class PrivateRabbitMQ:
             )  # fmt: skip
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if self.answers():
+            if self.answers() and (self.management_port is None or self.management_answers()):
                 return
             time.sleep(0.3)
         raise RuntimeError(f"private RabbitMQ did not start: see {self.base / 'server.out'}")
@@ -177,6 +184,24 @@ class PrivateRabbitMQ:
         except Exception:  # refused: nothing listens
             return False
         return True
+
+    @property
+    def management_url(self) -> str:
+        assert self.management_port is not None, "started without the management plugin"
+        return f"http://guest:guest@127.0.0.1:{self.management_port}"
+
+    def management_answers(self) -> bool:
+        import urllib.request
+
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.management_port}/api/overview",
+            headers={"Authorization": "Basic Z3Vlc3Q6Z3Vlc3Q="},  # guest:guest
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=2) as response:
+                return bool(response.status == 200)
+        except OSError:
+            return False
 
     def beam_pid(self) -> int | None:
         try:

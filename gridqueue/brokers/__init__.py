@@ -48,6 +48,20 @@ def broker_url_problem(broker_url: str | None) -> str | None:
     return None
 
 
+def management_url_problem(management_url: str | None) -> str | None:
+    """Why ``GRIDQUEUE_BROKER_MANAGEMENT_URL`` is not usable, or None when it is (unset:
+    derived from the broker URL; ``off``: no connection is ever closed)."""
+    if management_url is None or management_url.strip() in ("", "off"):
+        return None
+    scheme, sep, rest = management_url.strip().partition("://")
+    if not sep or scheme.lower() not in ("http", "https") or not rest.split("/")[0]:
+        return (
+            "GRIDQUEUE_BROKER_MANAGEMENT_URL must be RabbitMQ's management API as an http:// "
+            "or https:// URL, e.g. http://user:password@host:15672, or 'off'"
+        )
+    return None
+
+
 class Broker(Protocol):
     """One broker's side of gridqueue."""
 
@@ -62,6 +76,10 @@ class Broker(Protocol):
     def configure(self, app: Celery) -> None:
         """Give a new Celery app what this broker needs, beside what every gridqueue app
         has (before the app first talks to the broker)."""
+
+    def name_connections(self, app: Celery, client_name: str) -> None:
+        """Give every broker connection of ``app`` this name, so the watchdog can find and
+        close a dead worker's connections (:meth:`cut_off`)."""
 
     def message_priority(self, step: int) -> int:
         """The message priority for gridqueue's step ``step`` (0 runs first, 9 last)."""
@@ -81,6 +99,10 @@ class Broker(Protocol):
         (a frozen consumer must not take the messages of their requeued attempts);
         returns how many were closed."""
 
+    def retry_cut_off(self, ledger: Ledger) -> int:
+        """On every tick: close connections of workers cut off lately that the broker did
+        not show yet when :meth:`cut_off` looked; returns how many were closed."""
+
     def find_lost_of(self, ledger: Ledger, token: str, models: list[str]) -> list[str]:
         """Right after :meth:`cut_off`: the published attempts of these models whose
         message is nowhere (taken by a consumer that was cut off), to publish again."""
@@ -91,10 +113,14 @@ class Broker(Protocol):
 
 
 def broker_of(
-    redis: RedisTarget, broker_url: str | None = None, consumer_timeout_s: int | None = None
+    redis: RedisTarget,
+    broker_url: str | None = None,
+    consumer_timeout_s: int | None = None,
+    management_url: str | None = None,
 ) -> Broker:
     """The broker for a ledger on ``redis`` and an optional ``GRIDQUEUE_BROKER_URL``
-    (``consumer_timeout_s``: RabbitMQ's per-queue consumer timeout)."""
+    (``consumer_timeout_s``: RabbitMQ's per-queue consumer timeout; ``management_url``:
+    its management API, see ``Settings.broker_management_url``)."""
     if broker_url is None or not broker_url.strip():
         from gridqueue.brokers.redis import RedisBroker
 
@@ -102,12 +128,21 @@ def broker_of(
     from gridqueue.brokers.amqp import DEFAULT_CONSUMER_TIMEOUT_S, AmqpBroker
     from gridqueue.errors import ConfigError
 
-    problem = broker_url_problem(broker_url)
+    problem = broker_url_problem(broker_url) or management_url_problem(management_url)
     if problem is not None:
         raise ConfigError(problem)
-    return AmqpBroker(broker_url.strip(), consumer_timeout_s or DEFAULT_CONSUMER_TIMEOUT_S)
+    return AmqpBroker(
+        broker_url.strip(),
+        consumer_timeout_s or DEFAULT_CONSUMER_TIMEOUT_S,
+        management_url=management_url.strip() if management_url else None,
+    )
 
 
 def broker_for(settings: Settings) -> Broker:
     """The broker these settings name."""
-    return broker_of(settings.redis_target, settings.broker_url, settings.broker_consumer_timeout_s)
+    return broker_of(
+        settings.redis_target,
+        settings.broker_url,
+        settings.broker_consumer_timeout_s,
+        settings.broker_management_url,
+    )

@@ -47,6 +47,13 @@ class RedisBroker:
     def message_priority(self, step: int) -> int:
         return step  # kombu's Redis transport serves step 0 first
 
+    def name_connections(self, app: Celery, client_name: str) -> None:
+        """``CLIENT SETNAME`` on every connection kombu opens."""
+        app.conf.broker_transport_options = {
+            **(app.conf.broker_transport_options or {}),
+            "client_name": client_name,
+        }
+
     def prepare_worker(self) -> None:
         from gridqueue.celeryapp import own_redelivery_in_this_worker
 
@@ -77,6 +84,9 @@ class RedisBroker:
         # A connection that closed meanwhile answers an error: it is gone all the same.
         replies = pipe.execute(raise_on_error=False)
         return sum(1 for reply in replies if not isinstance(reply, Exception))
+
+    def retry_cut_off(self, ledger: Ledger) -> int:
+        return 0  # CLIENT LIST shows every connection at once: nothing to look for again
 
     def find_lost_of(self, ledger: Ledger, token: str, models: list[str]) -> list[str]:
         """Every published attempt of these models whose message is nowhere, up to now

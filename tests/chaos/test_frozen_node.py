@@ -56,7 +56,10 @@ def test_frozen_node_is_cut_off_and_its_jobs_run_elsewhere_at_once(
     fleet.start_watchdog()
     fleet.wait_alive(gq.ledger, ["w1"])
     wait_until_watchdog_judges(gq.ledger)
-    assert _clients(gq, broker_client_name("w1")), "the worker's broker connections are named"
+    # The worker registers before its consumer connects: on a busy machine that can lag.
+    assert wait_for(lambda: _clients(gq, broker_client_name("w1")), timeout_s=30), (
+        "the worker's broker connections are named"
+    )
     held = gq.submit("sim-llm", {"prompt": "held", "ms": 6000})
     wait_for(lambda: _running_on(gq, held.id, "w1"))
     # w1 has one free slot, so its consumer waits on a BRPOP (kombu's lasts 1 s). Freeze
