@@ -43,7 +43,7 @@ def test_frozen_child_is_detected_killed_and_its_job_done_elsewhere(
         fleet.start_worker(name, concurrency=1)
     fleet.start_watchdog()
     fleet.wait_alive(gq.ledger, ["w1", "w2"])
-    job = gq.submit("sim-llm", {"prompt": "frozen", "ms": 3000})
+    job = gq.submit("sim-llm", {"prompt": "frozen", "ms": 3000, "retry_ms": 300})
     record = wait_for(lambda: (r := gq.get(job.id)).state is JobState.RUNNING and r)
     pid = record.attempts[0].pid
     assert pid
@@ -192,7 +192,7 @@ def test_partitioned_worker_is_fenced_and_its_late_result_discarded(
         cut = fleet.start_worker("cut", concurrency=1, env={"GRIDQUEUE_REDIS_URL": proxy.url()})
         fleet.start_watchdog()
         fleet.wait_alive(gq.ledger, ["cut"])
-        job = gq.submit("sim-llm", {"prompt": "island", "ms": 4000})
+        job = gq.submit("sim-llm", {"prompt": "island", "ms": 4000, "retry_ms": 300})
         record = wait_for(lambda: (r := gq.get(job.id)).worker == "cut" and r)
         child = record.attempts[0].pid
         assert child and pid_exists(child)

@@ -51,7 +51,7 @@ def test_kill9_is_detected_by_the_closed_connection(fleet: LocalFleet, gq: GridQ
     fleet.wait_alive(gq.ledger, ["w1", "w2"])
     wait_until_watchdog_judges(gq.ledger)
     wait_for(lambda: _presence_seen(gq, "w1") and _presence_seen(gq, "w2"))
-    job = gq.submit("sim-llm", {"prompt": "die", "ms": 4000})
+    job = gq.submit("sim-llm", {"prompt": "die", "ms": 4000, "retry_ms": 300})
     record = wait_for(lambda: (r := gq.get(job.id)).state is JobState.RUNNING and r)
     victim = record.worker
     assert victim in ("w1", "w2")

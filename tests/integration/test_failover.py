@@ -73,7 +73,8 @@ def test_kill_9_of_a_node_moves_its_jobs_elsewhere(fleet: LocalFleet, gq: GridQu
     fleet.wait_alive(gq.ledger, ["w1", "w2"])
     wait_until_watchdog_judges(gq.ledger)  # so the node's death is judged before a stall
 
-    jobs = [gq.submit("sim-llm", {"prompt": f"p{i}", "ms": 2500}) for i in range(4)]
+    payloads = [{"prompt": f"p{i}", "ms": 2500, "retry_ms": 300} for i in range(4)]
+    jobs = [gq.submit("sim-llm", payload) for payload in payloads]
     ids = [j.id for j in jobs]
     placed = wait_for(lambda: len(running_on(gq.ledger, ids)) == 4 and running_on(gq.ledger, ids))
     victim = placed[ids[0]]
@@ -112,7 +113,7 @@ def test_zombie_result_after_sigcont_is_discarded_and_counted(
     fleet.start_watchdog()
     fleet.wait_alive(gq.ledger, ["w1", "w2"])
 
-    job = gq.submit("sim-llm", {"prompt": "zombie", "ms": 2000})
+    job = gq.submit("sim-llm", {"prompt": "zombie", "ms": 2000, "retry_ms": 300})
     zombie = wait_for(lambda: running_on(gq.ledger, [job.id]).get(job.id))
     children = fleet.processes[zombie].children()
     assert children, "a prefork worker has pool children"
@@ -281,7 +282,7 @@ def test_standby_watchdog_takes_over_and_failover_still_works(
     fleet.kill("watchdog-a")
     wait_for(lambda: str(standby.pid) in (gq.ledger.client.get(leader_key) or ""), 20)
 
-    job = gq.submit("sim-llm", {"prompt": "after takeover", "ms": 2500})
+    job = gq.submit("sim-llm", {"prompt": "after takeover", "ms": 2500, "retry_ms": 300})
     victim = wait_for(lambda: running_on(gq.ledger, [job.id]).get(job.id))
     fleet.kill(victim)
     result = job.result(timeout=60)
@@ -342,7 +343,7 @@ def test_requeued_attempt_runs_ahead_of_fresh_work(fleet: LocalFleet, gq: GridQu
     fleet.start_worker("w1", concurrency=1)
     fleet.start_watchdog()
     fleet.wait_alive(gq.ledger, ["w1"])
-    lost = gq.submit("sim-llm", {"prompt": "lost", "ms": 4000})
+    lost = gq.submit("sim-llm", {"prompt": "lost", "ms": 4000, "retry_ms": 300})
     wait_for(lambda: running_on(gq.ledger, [lost.id]).get(lost.id) == "w1")
     waiting = [gq.submit("sim-llm", {"prompt": f"fresh {i}", "ms": 100}) for i in range(3)]
 
