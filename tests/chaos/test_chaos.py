@@ -117,7 +117,8 @@ def test_leader_killed_mid_failover_requeues_each_attempt_once(
         fleet.start_watchdog(name)
     fleet.wait_alive(gq.ledger, ["w1", "w2", "w3"])
     wait_until_watchdog_judges(gq.ledger)  # past the new leader's grace
-    jobs = [gq.submit("sim-llm", {"prompt": f"p{i}", "ms": 3000}) for i in range(6)]
+    payloads = [{"prompt": f"p{i}", "ms": 3000, "retry_ms": 300} for i in range(6)]
+    jobs = [gq.submit("sim-llm", payload) for payload in payloads]
     wait_for(lambda: all(j.status() is JobState.RUNNING for j in jobs))
     victim = gq.get(jobs[0].id).worker
     leader_value = gq.ledger.client.get(gq.ledger.keys.leader)

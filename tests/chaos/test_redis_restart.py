@@ -37,7 +37,8 @@ def test_workers_come_through_a_redis_restart(own_redis: EmbeddedRedis, tmp_path
             fleet.start_worker(name, concurrency=1)
         fleet.start_watchdog()
         fleet.wait_alive(gq.ledger, list(WORKERS))
-        jobs = [gq.submit("sim-llm", {"prompt": f"r{i}", "ms": 4000}) for i in range(3)]
+        payloads = [{"prompt": f"r{i}", "ms": 4000, "retry_ms": 300} for i in range(3)]
+        jobs = [gq.submit("sim-llm", payload) for payload in payloads]
         wait_for(lambda: sum(gq.get(j.id).worker is not None for j in jobs) == 3)
 
         assert own_redis.process is not None
