@@ -17,7 +17,7 @@ import subprocess
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
@@ -54,16 +54,20 @@ class AmqpVhost:
 
     name: str
     url: str
+    known: set[str] = field(default_factory=set)  # every queue listed here so far
 
     def queues(self) -> list[str]:
         listed = _rabbitmqctl("list_queues", "-p", self.name, "name", "-q", "--no-table-headers")
-        return [line.strip() for line in listed.stdout.splitlines() if line.strip()]
+        names = [line.strip() for line in listed.stdout.splitlines() if line.strip()]
+        self.known.update(names)
+        return names
 
-    def purge_queues(self) -> None:
-        """Empty the vhost's queues between tests (the Redis cases flush their server).
-        Purged, not deleted: a producer caches the queues it declared, and a message
-        published to an exchange whose queue was deleted is routed nowhere."""
-        names = self.queues()
+    def purge_queues(self, names: list[str] | None = None) -> None:
+        """Empty the vhost's queues between tests (the Redis cases flush their server):
+        ``names``, or every queue ``rabbitmqctl`` lists (a second or so: it starts an
+        Erlang VM). Purged, not deleted: a producer caches the queues it declared, and a
+        message published to an exchange whose queue was deleted is routed nowhere."""
+        names = self.queues() if names is None else names
         if not names:
             return
         k: Any = kombu
@@ -109,7 +113,10 @@ def broker_url(request: pytest.FixtureRequest) -> Iterator[str | None]:
         yield None
         return
     vhost: AmqpVhost = request.getfixturevalue("amqp_vhost")
-    vhost.purge_queues()
+    # The last test's queues were listed and purged when it ended; purged again by name,
+    # they lose anything handed back late (a closed consumer's unacked messages), and
+    # every queue made since is listed, and purged, when this test ends.
+    vhost.purge_queues(sorted(vhost.known))
     yield vhost.url
     vhost.purge_queues()
 

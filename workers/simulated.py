@@ -10,6 +10,8 @@ the prompt. Drill knobs:
 - ``"fail": "transient"`` raises TransientError; ``"fail": "invalid"`` raises InvalidInput.
 - ``"hang": true`` stops calling ``ctx.progress()`` half-way and blocks forever, like a
   kernel that never returns; ``"hang": N`` only on attempts 1..N.
+- ``"retry_ms": M`` works ``M`` ms instead of ``ms`` on attempts after the first: a long
+  first attempt for a fault to interrupt, and a short one that finishes the job.
 
 Streaming: payload ``{"tokens": N, "ms_per_token": M}`` generates ``N`` tokens ``"tok0"``,
 ``"tok1"``... one every ``M`` ms, each sent with ``ctx.emit()``, and checkpoints every
@@ -87,8 +89,10 @@ def sim_llm(payload: Any, ctx: Context) -> dict[str, Any]:
     if not isinstance(payload, dict) or not isinstance(payload.get("prompt"), str):
         raise InvalidInput('sim-llm needs a payload {"prompt": str, "ms": int}')
     ms = payload.get("ms", 100)
+    if ctx.attempt > 1 and "retry_ms" in payload:
+        ms = payload["retry_ms"]
     if not isinstance(ms, int) or isinstance(ms, bool) or not 0 <= ms <= MAX_MS:
-        raise InvalidInput(f"sim-llm: 'ms' must be an integer within 0..{MAX_MS}")
+        raise InvalidInput(f"sim-llm: 'ms' and 'retry_ms' must be integers within 0..{MAX_MS}")
     fail = payload.get("fail")
     if fail == "transient":
         raise TransientError("simulated transient fault")

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from gridqueue import GridQueue
 from gridqueue.embedded import free_port
 from gridqueue.fleet import LocalFleet
 from gridqueue.states import JobState
-from tests.helpers import wait_for
+from tests.helpers import stop_fleet, wait_for, wait_until_watchdog_judges
 
 pytestmark = pytest.mark.chaos
 
@@ -98,9 +97,10 @@ def test_a_forward_jump_of_the_redis_clock_declares_no_one_dead(
         fleet.start_worker("w1", concurrency=1)
         fleet.start_watchdog()
         fleet.wait_alive(gq.ledger, ["w1"])
-        job = gq.submit("sim-llm", {"prompt": "through the jump", "ms": 8000})
+        wait_until_watchdog_judges(gq.ledger)  # past its first grace: it judges the jump
+        # Running for five seconds after the jump, as it was after three seconds' wait.
+        job = gq.submit("sim-llm", {"prompt": "through the jump", "ms": 5000})
         wait_for(lambda: gq.get(job.id).state is JobState.RUNNING)
-        time.sleep(3)  # the watchdog is past its first grace and judging
 
         before = gq.ledger.time_ms()
         offset.write_text("+30\n")  # NTP steps the Redis host's clock 30 s ahead
@@ -114,5 +114,5 @@ def test_a_forward_jump_of_the_redis_clock_declares_no_one_dead(
         assert gq.ledger.stats().get("stalls", 0) == 0
         assert "watchdog.clock_jump" in fleet.processes["watchdog-1"].log_path.read_text()
     finally:
-        fleet.stop_all()
+        stop_fleet(fleet)
         gq.close()

@@ -14,7 +14,7 @@ from gridqueue import GridQueue
 from gridqueue.embedded import EmbeddedRedis
 from gridqueue.fleet import LocalFleet
 from gridqueue.states import WorkerState
-from tests.helpers import wait_for
+from tests.helpers import stop_fleet, wait_for
 
 pytestmark = pytest.mark.chaos
 
@@ -37,7 +37,8 @@ def test_workers_come_through_a_redis_restart(own_redis: EmbeddedRedis, tmp_path
             fleet.start_worker(name, concurrency=1)
         fleet.start_watchdog()
         fleet.wait_alive(gq.ledger, list(WORKERS))
-        jobs = [gq.submit("sim-llm", {"prompt": f"r{i}", "ms": 4000}) for i in range(3)]
+        payloads = [{"prompt": f"r{i}", "ms": 4000, "retry_ms": 300} for i in range(3)]
+        jobs = [gq.submit("sim-llm", payload) for payload in payloads]
         wait_for(lambda: sum(gq.get(j.id).worker is not None for j in jobs) == 3)
 
         assert own_redis.process is not None
@@ -64,5 +65,5 @@ def test_workers_come_through_a_redis_restart(own_redis: EmbeddedRedis, tmp_path
         served = {job.result(timeout=60)["worker"] for job in after}
         assert served == set(WORKERS)
     finally:
-        fleet.stop_all()
+        stop_fleet(fleet)
         gq.close()

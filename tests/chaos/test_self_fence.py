@@ -25,7 +25,7 @@ def test_a_partitioned_worker_kills_its_children_before_its_jobs_run_elsewhere(
         fleet.start_worker("cut", concurrency=1, env={"GRIDQUEUE_REDIS_URL": proxy.url()})
         fleet.start_watchdog()
         fleet.wait_alive(gq.ledger, ["cut"])
-        job = gq.submit("sim-llm", {"prompt": "island", "ms": 20_000})
+        job = gq.submit("sim-llm", {"prompt": "island", "ms": 20_000, "retry_ms": 300})
         record = wait_for(lambda: (r := gq.get(job.id)).worker == "cut" and r)
         child = record.attempts[0].pid
         assert child and pid_exists(child)

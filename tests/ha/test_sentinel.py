@@ -26,7 +26,7 @@ from gridqueue.embedded_sentinel import EmbeddedSentinelSet
 from gridqueue.errors import GridQueueError, JobEndedError, ReplicationTimeoutError
 from gridqueue.fleet import LocalFleet
 from gridqueue.settings import Settings
-from tests.helpers import wait_for
+from tests.helpers import stop_fleet, wait_for
 
 pytestmark = pytest.mark.ha
 
@@ -123,7 +123,7 @@ def test_the_fleet_follows_a_promoted_replica_and_every_acknowledged_job_ends(
         assert exited == [], [fleet.processes[n].log_path.read_text()[-2000:] for n in exited]
     finally:
         producer.stop()
-        fleet.stop_all()
+        stop_fleet(fleet)
         gq.close()
 
 

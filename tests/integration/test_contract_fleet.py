@@ -105,11 +105,21 @@ def test_a_child_killed_before_its_claim_leaves_no_queued_job(
     wait_for(lambda: client.hlen(KOMBU_UNACKED) == 0)
 
 
+@pytest.fixture
+def short_dispatch_grace(monkeypatch: pytest.MonkeyPatch) -> float:
+    """A dispatch grace of 0.5 s (2 s by default) for the fleet and the producer alike:
+    a backlog outwaits many graces in a few seconds."""
+    monkeypatch.setenv("GRIDQUEUE_DISPATCH_GRACE_S", "0.5")
+    return 0.5
+
+
 def test_a_backlog_waiting_in_its_queue_is_never_republished(
-    fleet: LocalFleet, gq: GridQueue
+    short_dispatch_grace: float, fleet: LocalFleet, gq: GridQueue
 ) -> None:
     """A long queue on a busy fleet: messages wait far longer than any grace, and none is
     published twice."""
+    assert gq.settings.dispatch_grace_s == short_dispatch_grace
+    assert fleet.env["GRIDQUEUE_DISPATCH_GRACE_S"] == str(short_dispatch_grace)
     fleet.start_watchdog()
     fleet.start_worker("w1", concurrency=1)
     fleet.wait_alive(gq.ledger, ["w1"])

@@ -38,7 +38,7 @@ from gridqueue.fleet import LocalFleet
 from gridqueue.ledger import Ledger, connect_redis
 from gridqueue.settings import Settings
 from gridqueue.states import JobState, Outcome, WorkerState
-from tests.helpers import wait_for, wait_until_watchdog_judges
+from tests.helpers import stop_fleet, wait_for, wait_until_watchdog_judges
 
 pytestmark = pytest.mark.integration
 
@@ -206,7 +206,7 @@ def stack(redis_server: EmbeddedRedis, tmp_path_factory: pytest.TempPathFactory)
     finally:
         for dashboard in dashboards:
             _stop(dashboard.process)
-        fleet.stop_all()
+        stop_fleet(fleet)
         gq.close()
         ledger.client.close()
 
@@ -388,9 +388,11 @@ def test_read_only_dashboard_refuses_every_action(
     expect(replay).to_be_disabled()
     replay.click(force=True)  # a disabled button does nothing, even when clicked
     expect(page.locator("#flash .msg")).to_have_count(0)
-    # Enabled by hand, the page itself refuses and says why.
-    page.evaluate("document.querySelectorAll('button.act').forEach((b) => { b.disabled = false; })")
-    replay.click()
+    # Enabled by hand, the page itself refuses and says why. Enabled and clicked in one
+    # script: the page refetches its live part (once its stream connects, then whenever
+    # it is idle) and swaps in the server's disabled buttons, so a button enabled in one
+    # step could be disabled again before a click in the next.
+    replay.evaluate("(button) => { button.disabled = false; button.click(); }")
     expect(tab.flash("error")).to_contain_text("The dashboard is read-only")
     # Around the page's guard: the server itself refuses, with how to enable actions.
     for path, body in (

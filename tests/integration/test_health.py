@@ -17,7 +17,7 @@ from gridqueue.fleet import LocalFleet
 from gridqueue.probes.simulated import Fault
 from gridqueue.settings import Settings
 from gridqueue.states import JobState, WorkerState
-from tests.helpers import wait_for
+from tests.helpers import stop_fleet, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -35,7 +35,7 @@ PROBATION_BASE_MS = 1000
 def health_fleet(redis_url: str, tmp_path: Path) -> Iterator[LocalFleet]:
     fleet = LocalFleet(redis_url, tmp_path / "logs", env=HEALTH_ENV)
     yield fleet
-    fleet.stop_all()
+    stop_fleet(fleet)
 
 
 @pytest.fixture
@@ -63,7 +63,8 @@ def test_xid_79_quarantines_moves_running_jobs_and_stops_claims(
         health_fleet.start_worker(name, concurrency=4)
     health_fleet.start_watchdog()
     health_fleet.wait_alive(gq.ledger, ["w1", "w2"])
-    jobs = [gq.submit("sim-llm", {"prompt": f"p{i}", "ms": 8000}) for i in range(4)]
+    payloads = [{"prompt": f"p{i}", "ms": 8000, "retry_ms": 300} for i in range(4)]
+    jobs = [gq.submit("sim-llm", payload) for payload in payloads]
     wait_for(lambda: all(j.status() is JobState.RUNNING for j in jobs))
     sick = gq.get(jobs[0].id).worker
     assert sick is not None
@@ -245,7 +246,7 @@ def test_operator_quarantine_drain_and_release_record_who_and_why(
     health_fleet.wait_alive(gq.ledger, ["w1", "w2"])
     # Long enough to be running still when the quarantine lands, however slowly the
     # command-line tool starts on a busy machine.
-    job = gq.submit("sim-llm", {"prompt": "move me", "ms": 10_000})
+    job = gq.submit("sim-llm", {"prompt": "move me", "ms": 10_000, "retry_ms": 300})
     busy = wait_for(lambda: gq.get(job.id).worker)
     cli = [sys.executable, "-m", "gridqueue.cli"]
 
