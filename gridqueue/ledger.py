@@ -15,7 +15,6 @@ import json
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from importlib import resources
 from typing import Any, cast
 
 import redis
@@ -41,8 +40,9 @@ from gridqueue.errors import (
     WorkerNameInUseError,
     WorkerNotFoundError,
 )
-from gridqueue.keys import Keys, attempt_id, lua_prelude, queue_for_model, split_attempt_id
+from gridqueue.keys import Keys, attempt_id, queue_for_model, split_attempt_id
 from gridqueue.logs import get_logger
+from gridqueue.lua import script_source
 from gridqueue.policies import EndedAttempt, GiveUp, Retry, decide, node_failures
 from gridqueue.records import JobRecord, WorkerRecord
 from gridqueue.settings import Settings
@@ -224,10 +224,7 @@ class Ledger:
         self.settings = settings
         self.keys = Keys(settings.namespace)
         self.workloads = dict(workloads or load_workloads(settings.workloads_file))
-        prelude = lua_prelude() + _read_lua("_common")
-        self._scripts = {
-            name: client.register_script(prelude + _read_lua(name)) for name in _SCRIPTS
-        }
+        self._scripts = {name: client.register_script(script_source(name)) for name in _SCRIPTS}
         self._fixed = (
             settings.namespace,
             settings.events_max_len,
@@ -348,7 +345,7 @@ class Ledger:
 
     def script_source(self, name: str) -> str:
         """A script as the ledger loads it (prelude included), for another client."""
-        return lua_prelude() + _read_lua("_common") + _read_lua(name)
+        return script_source(name)
 
     @property
     def fixed_args(self) -> tuple[str | int, ...]:
@@ -961,7 +958,3 @@ def _no_capacity_message(model: str, detail: dict[str, Any]) -> str:
         f"{_worker_list(detail['workers'])}. Start a worker with --models {model}, release a "
         "quarantined one, or submit with a workload class that waits for capacity."
     )
-
-
-def _read_lua(name: str) -> str:
-    return (resources.files("gridqueue.lua") / f"{name}.lua").read_text(encoding="utf-8")
