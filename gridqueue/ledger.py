@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -728,6 +728,17 @@ class Ledger:
     def apply_health(self, name: str, token: str) -> str:
         """Quarantine, drain or start the probation of a worker, as its verdict says."""
         return str(self._call("apply_health", name, token)[0])
+
+    def apply_health_all(self, names: Sequence[str], token: str) -> list[str | Exception]:
+        """:meth:`apply_health` for each worker in turn, in one round trip: every worker
+        that registers queues its first verdict, so a fleet that starts (or comes back
+        after a Redis restart) queues thousands at once. A script error answers its item
+        as an exception; losing Redis raises."""
+        pipe = self.client.pipeline(transaction=False)
+        for name in names:
+            self.queue_call(pipe, "apply_health", name, token)
+        replies = pipe.execute(raise_on_error=False)
+        return [r if isinstance(r, Exception) else str(r[0]) for r in replies]
 
     def end_probation(self, name: str, token: str) -> bool:
         return bool(self._call("end_probation", name, token))
