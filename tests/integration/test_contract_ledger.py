@@ -13,7 +13,8 @@ import pytest
 from gridqueue.celeryapp import priority_lists
 from gridqueue.errors import DoesNotFitError, NoCapacityError, WorkerNameInUseError
 from gridqueue.keys import KOMBU_UNACKED, KOMBU_UNACKED_INDEX, attempt_id, queue_for_model
-from gridqueue.ledger import AttemptEnd, Ledger, connect_redis
+from gridqueue.ledger import _SCRIPTS, AttemptEnd, Ledger, connect_redis
+from gridqueue.lua import script_source
 from gridqueue.settings import Settings
 from gridqueue.states import JobState, Outcome, WorkerState
 from gridqueue.watchdog import TickReport, Watchdog
@@ -583,3 +584,14 @@ def test_admission_reads_the_whole_fleet_only_to_explain_a_refusal(ledger: Ledge
     ledger.register("tiny2", ["sim-vl"], 98, "node", 1, "{}", model_fit=vl)
     with pytest.raises(DoesNotFitError):  # only a GPU too small serves this model
         ledger.submit("vl-1", "sim-vl", "batch", '{"p": 1}', 0, None)
+
+
+# -- the scripts as Redis loads them ------------------------------------------------------------
+
+
+def test_every_script_compiles_with_the_part_of_the_prelude_it_carries(ledger: Ledger) -> None:
+    """Each script takes only the prelude statements it uses: what it carries must still be
+    whole Lua (a statement cut in two fails here, at load, not on the path that first
+    runs it)."""
+    for name in _SCRIPTS:
+        assert ledger.client.script_load(script_source(name))
