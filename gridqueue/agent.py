@@ -40,7 +40,14 @@ from celery.worker import state as worker_state
 from redis.exceptions import RedisError
 
 from gridqueue.errors import GridQueueError, WorkerNameInUseError
-from gridqueue.health import HealthClassifier, HealthConfig, HealthLevel, monitoring_notices
+from gridqueue.health import (
+    HealthClassifier,
+    HealthConfig,
+    HealthDocumentSender,
+    HealthLevel,
+    judged_part,
+    monitoring_notices,
+)
 from gridqueue.keys import split_attempt_id
 from gridqueue.logs import get_logger
 from gridqueue.presence import Presence
@@ -62,6 +69,9 @@ class HealthMonitor:
         self.classifier = HealthClassifier(HealthConfig.from_settings(settings))
         self.snapshot = ""
         self.verdict = ""
+        # (snapshot, snapshot without its telemetry, verdict) in one assignment, so that
+        # the heartbeat thread reads the three of one reading.
+        self.latest = ("", "", "")
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="gq-health", daemon=True)
 
@@ -87,6 +97,7 @@ class HealthMonitor:
             )  # fmt: skip
         self.snapshot = json.dumps(document, separators=(",", ":"))
         self.verdict = verdict.level.value
+        self.latest = (self.snapshot, judged_part(document), self.verdict)
         return reading
 
     def start(self) -> None:
@@ -125,9 +136,11 @@ class GridQueueAgent(bootsteps.StartStopStep):  # type: ignore[misc]
         self._self_fenced = False
         self._evicted = False  # another process took over our name
         self._reconcile_queued_at = 0.0
+        self._health_sender: HealthDocumentSender = HealthDocumentSender(5.0)  # set in start()
 
     def start(self, parent: Any) -> None:
         self.runtime = current_runtime()
+        self._health_sender = HealthDocumentSender(self.runtime.settings.health_refresh_s)
         self.health = HealthMonitor(self.runtime)
         reading = self.health.read_once()
         self._register_when_free(reading)
@@ -215,6 +228,7 @@ class GridQueueAgent(bootsteps.StartStopStep):  # type: ignore[misc]
         info = json.dumps(
             {"pid": os.getpid(), "queues": runtime.queues, "note": runtime.probe_note}
         )
+        self._health_sender.forget()  # registering drops the stored health document
         self.epoch = runtime.ledger.register(
             runtime.name,
             runtime.models,
@@ -258,14 +272,18 @@ class GridQueueAgent(bootsteps.StartStopStep):  # type: ignore[misc]
         runtime = self._rt()
         sent_at = time.monotonic()
         health = self.health
+        snapshot, judged, verdict = health.latest if health else ("", "", "")
+        document = self._health_sender.to_send(snapshot, judged, sent_at) if snapshot else ""
         beat = runtime.ledger.heartbeat(
             runtime.name,
             self.epoch,
-            health.snapshot if health else "",
-            health.verdict if health else "",
+            document,
+            verdict,
             held=[request.id for request in _held_requests()],
             present=self.presence is not None and self.presence.up,
         )
+        if document and not beat.fenced:
+            self._health_sender.sent(judged, sent_at)
         if beat.fenced:
             self._on_fenced(beat.state)
         elif self._self_fenced:

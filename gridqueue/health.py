@@ -18,6 +18,7 @@ is no verdict at all: ``monitoring_notices`` names it for operators.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
@@ -238,3 +239,52 @@ class HealthClassifier:
         else:
             level = HealthLevel.HEALTHY
         return Verdict(level, tuple(unhealthy + counted))
+
+
+# What moves on nearly every read of a busy GPU: telemetry, shown and graphed, never judged
+# as such (a hot GPU is judged through the verdict's reasons, which are not telemetry).
+TELEMETRY_FIELDS = frozenset({"memory_used_bytes", "utilization_ratio", "temperature_c", "power_w"})
+
+
+def judged_part(document: dict[str, Any]) -> str:
+    """The health document without its GPUs' telemetry, as a string to compare: what it
+    says about the node's health, its GPUs and their faults."""
+    gpus = [
+        {k: v for k, v in gpu.items() if k not in TELEMETRY_FIELDS}
+        for gpu in document.get("gpus", ())
+    ]
+    return json.dumps({**document, "gpus": gpus}, sort_keys=True, separators=(",", ":"))
+
+
+class HealthDocumentSender:
+    """Which heartbeats carry the health document (about 1.7 kB of JSON for eight GPUs).
+
+    Writing it on every beat was a third of a heartbeat's cost in Redis, for a
+    document that says the same thing beat after beat. A beat carries it when what it
+    says (:func:`judged_part`) changed since the last one Redis acknowledged, and at
+    least every ``refresh_s`` anyway, so that telemetry moves on the dashboard and a
+    Redis that lost it (restarted, failed over) has it again; the other beats carry an
+    empty string, which leaves the stored document as it is. Registering drops the
+    stored document, so :meth:`forget` must follow each registration. The verdict
+    itself is small and still goes on every beat. Not thread-safe: the heartbeat's.
+    """
+
+    def __init__(self, refresh_s: float) -> None:
+        self.refresh_s = refresh_s
+        self._sent: str | None = None  # the judged part Redis has
+        self._refresh_at_s = 0.0
+
+    def to_send(self, snapshot: str, judged: str, now_s: float) -> str:
+        """What this beat carries: ``snapshot``, or '' when Redis already has its news."""
+        if judged != self._sent or now_s >= self._refresh_at_s:
+            return snapshot
+        return ""
+
+    def sent(self, judged: str, now_s: float) -> None:
+        """A beat that carried the document was acknowledged at ``now_s``."""
+        self._sent = judged
+        self._refresh_at_s = now_s + self.refresh_s
+
+    def forget(self) -> None:
+        """Redis no longer has the document (a new registration): send it next beat."""
+        self._sent = None

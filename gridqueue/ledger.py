@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from importlib import resources
 from typing import Any, cast
 
 import redis
@@ -41,8 +40,9 @@ from gridqueue.errors import (
     WorkerNameInUseError,
     WorkerNotFoundError,
 )
-from gridqueue.keys import Keys, attempt_id, lua_prelude, queue_for_model, split_attempt_id
+from gridqueue.keys import Keys, attempt_id, queue_for_model, split_attempt_id
 from gridqueue.logs import get_logger
+from gridqueue.lua import script_source
 from gridqueue.policies import EndedAttempt, GiveUp, Retry, decide, node_failures
 from gridqueue.records import JobRecord, WorkerRecord
 from gridqueue.settings import Settings
@@ -224,10 +224,7 @@ class Ledger:
         self.settings = settings
         self.keys = Keys(settings.namespace)
         self.workloads = dict(workloads or load_workloads(settings.workloads_file))
-        prelude = lua_prelude() + _read_lua("_common")
-        self._scripts = {
-            name: client.register_script(prelude + _read_lua(name)) for name in _SCRIPTS
-        }
+        self._scripts = {name: client.register_script(script_source(name)) for name in _SCRIPTS}
         self._fixed = (
             settings.namespace,
             settings.events_max_len,
@@ -348,7 +345,7 @@ class Ledger:
 
     def script_source(self, name: str) -> str:
         """A script as the ledger loads it (prelude included), for another client."""
-        return lua_prelude() + _read_lua("_common") + _read_lua(name)
+        return script_source(name)
 
     @property
     def fixed_args(self) -> tuple[str | int, ...]:
@@ -732,6 +729,17 @@ class Ledger:
         """Quarantine, drain or start the probation of a worker, as its verdict says."""
         return str(self._call("apply_health", name, token)[0])
 
+    def apply_health_all(self, names: Sequence[str], token: str) -> list[str | Exception]:
+        """:meth:`apply_health` for each worker in turn, in one round trip: every worker
+        that registers queues its first verdict, so a fleet that starts (or comes back
+        after a Redis restart) queues thousands at once. A script error answers its item
+        as an exception; losing Redis raises."""
+        pipe = self.client.pipeline(transaction=False)
+        for name in names:
+            self.queue_call(pipe, "apply_health", name, token)
+        replies = pipe.execute(raise_on_error=False)
+        return [r if isinstance(r, Exception) else str(r[0]) for r in replies]
+
     def end_probation(self, name: str, token: str) -> bool:
         return bool(self._call("end_probation", name, token))
 
@@ -961,7 +969,3 @@ def _no_capacity_message(model: str, detail: dict[str, Any]) -> str:
         f"{_worker_list(detail['workers'])}. Start a worker with --models {model}, release a "
         "quarantined one, or submit with a workload class that waits for capacity."
     )
-
-
-def _read_lua(name: str) -> str:
-    return (resources.files("gridqueue.lua") / f"{name}.lua").read_text(encoding="utf-8")

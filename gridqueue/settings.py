@@ -112,6 +112,13 @@ class Settings(BaseSettings):
         "(gridqueue/config/workloads.toml).",
     )
     health_interval_s: float = Field(0.2, gt=0, description="How often the GPU probe reads.")
+    health_refresh_s: float = Field(
+        5.0,
+        gt=0,
+        description="How often a heartbeat carries the GPU health document when nothing "
+        "judged in it changed (a change goes on the next beat): the age of the GPU "
+        "telemetry (memory, utilization, temperature, power) that the dashboard shows.",
+    )
     health_probe_timeout_s: float = Field(
         2.0, gt=0, description="A probe read (every NVML call in it) slower than this is hung."
     )

@@ -119,6 +119,7 @@ class TickReport:
     deliveries_recovered: int = 0
     clock_jump_ms: int = 0
     items_failed: int = 0
+    lost_deferred: int = 0  # lost attempts left for the next tick (the tick's time budget)
     duration_s: float = 0.0
 
 
@@ -133,6 +134,7 @@ class Watchdog:
         self.announcer = NodeLostAnnouncer(app, self.ledger, settings.celery_events)
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.token: str | None = None
+        self._budget_ends = float("inf")  # when this tick stops requeueing (perf_counter)
         self._last_ok = float("inf")
         self._blind_until = 0.0
         liveness_beat_s = max(
@@ -207,8 +209,7 @@ class Watchdog:
                 log.warning(
                     "worker.declared_dead", worker=name, attempts=count, signal="connection"
                 )
-        for name in scan.health_changes:
-            action = self._item(report, self.ledger.apply_health, name, value)
+        for name, action in self._apply_health(scan.health_changes, value, report):
             if action in ("evacuated", "draining"):
                 report.workers_quarantined += 1
                 moved |= action == "evacuated"
@@ -229,6 +230,11 @@ class Watchdog:
                 log.warning("worker.quarantined", attempt=member, action="repeated stalls")
         # Everything above moved attempts to the lost hash in the same atomic step as its
         # verdict; requeue them now (and a successor would, had we died just before).
+        # The lease was renewed as the tick began: work that would outlast half of it (a
+        # rack of nodes dead at once, each attempt a few round trips) waits for the next
+        # tick, which finds it where it was, so the lease never lapses mid-tick (a lapse
+        # would make the next tick a new leader's, blind for a grace period).
+        self._budget_ends = started + self.settings.watchdog_lease_s / 2
         self._requeue_lost(self.ledger.lost_attempts() if moved else scan.lost, value, report)
         for name in scan.probation_due:
             if self._item(report, self.ledger.end_probation, name, value):
@@ -288,6 +294,26 @@ class Watchdog:
             log.warning("attempt.message_lost", attempt=member, cut_off=names)
             report.dispatched += bool(self._item(report, self.dispatcher.publish, member))
 
+    def _apply_health(
+        self, names: list[str], token: str, report: TickReport
+    ) -> list[tuple[str, str | None]]:
+        """The verdicts queued since the last tick, applied in one round trip (as many as
+        the scan's batch): one per worker is queued when it registers, and a fleet that
+        starts at once must not hold the tick for a round trip each. An item that fails
+        is logged and skipped, as :meth:`_item` does."""
+        if not names:
+            return []
+        actions: list[tuple[str, str | None]] = []
+        replies = self.ledger.apply_health_all(names, token)
+        for name, reply in zip(names, replies, strict=True):
+            if isinstance(reply, Exception):
+                report.items_failed += 1
+                log.error("watchdog.item_failed", verb="apply_health", item=name, error=repr(reply))
+                actions.append((name, None))
+            else:
+                actions.append((name, reply))
+        return actions
+
     def _confirmed_unreachable(self, scan: Scan, now: float) -> list[str]:
         """Workers found late with their subscription gone on this look and on one at least
         ``confirm_s`` earlier. A worker seen so for the first time waits for the next look
@@ -327,8 +353,12 @@ class Watchdog:
             return None
 
     def _requeue_lost(self, lost: dict[str, str], token: str, report: TickReport) -> None:
-        """Apply the class policy to attempts whose worker is gone or evacuated."""
-        for member, outcome in lost.items():
+        """Apply the class policy to attempts whose worker is gone or evacuated, until the
+        tick's budget ends (a perf_counter time): those left stay in the lost hash."""
+        for done, (member, outcome) in enumerate(lost.items()):
+            if time.perf_counter() >= self._budget_ends:
+                report.lost_deferred = len(lost) - done
+                break
             job_id, attempt = split_attempt_id(member)
             end = self._item(
                 report,

@@ -21,13 +21,23 @@ if (state ~= 'ALIVE' and state ~= 'QUARANTINED' and state ~= 'PROBATION')
   return {'fenced', state or 'UNKNOWN'}
 end
 redis.call('ZADD', key_workers(NS), NOW, name)
-redis.call('HSET', wk, 'last_heartbeat_ms', NOW)
+-- One HSET for all the fields a beat writes: each redis.call is a good part of its cost.
+local fields = {'HSET', wk, 'last_heartbeat_ms', NOW}
 if present == '1' and presence_epoch ~= epoch then
-  redis.call('HSET', wk, 'presence_epoch', epoch)
+  fields[#fields + 1] = 'presence_epoch'
+  fields[#fields + 1] = epoch
 end
-if health ~= '' then redis.call('HSET', wk, 'health', health) end
-if verdict ~= '' and verdict ~= old_verdict then
-  redis.call('HSET', wk, 'verdict', verdict)
+if health ~= '' then  -- the agent sends its health document only when it has news
+  fields[#fields + 1] = 'health'
+  fields[#fields + 1] = health
+end
+local verdict_changed = verdict ~= '' and verdict ~= old_verdict
+if verdict_changed then
+  fields[#fields + 1] = 'verdict'
+  fields[#fields + 1] = verdict
+end
+redis.call(unpack(fields))
+if verdict_changed then
   redis.call('ZADD', key_health_changes(NS), NOW, name)
   emit('health_changed', {'worker', name, 'from', old_verdict or '', 'to', verdict})
 end

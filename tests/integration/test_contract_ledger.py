@@ -13,7 +13,8 @@ import pytest
 from gridqueue.celeryapp import priority_lists
 from gridqueue.errors import DoesNotFitError, NoCapacityError, WorkerNameInUseError
 from gridqueue.keys import KOMBU_UNACKED, KOMBU_UNACKED_INDEX, attempt_id, queue_for_model
-from gridqueue.ledger import Ledger, connect_redis
+from gridqueue.ledger import _SCRIPTS, AttemptEnd, Ledger, connect_redis
+from gridqueue.lua import script_source
 from gridqueue.settings import Settings
 from gridqueue.states import JobState, Outcome, WorkerState
 from gridqueue.watchdog import TickReport, Watchdog
@@ -378,6 +379,30 @@ def patient(settings: Settings) -> Settings:
     return settings.model_copy(update={"watchdog_lease_s": 60.0})
 
 
+def test_a_tick_applies_the_first_verdicts_of_a_fleet_that_starts_at_once(
+    settings: Settings,
+) -> None:
+    """Every registration queues the worker's first verdict: the tick applies a batch of
+    them in one round trip, each as it would alone, and leaves none queued."""
+    watchdog = Watchdog(patient(settings), owner="tick-test")
+    ledger = watchdog.ledger
+    epochs = {f"w{i:02d}": register(ledger, f"w{i:02d}") for i in range(40)}
+    for name, epoch in epochs.items():
+        verdict = {"w07": "UNHEALTHY", "w08": "DEGRADED"}.get(name, "HEALTHY")
+        assert not ledger.heartbeat(name, epoch, "", verdict).fenced
+    assert ledger.client.zcard(ledger.keys.health_changes) == 40
+
+    report = watchdog.tick()
+
+    assert report.workers_quarantined == 2 and report.items_failed == 0
+    states = {name: ledger.worker(name).state for name in epochs}  # type: ignore[union-attr]
+    assert states.pop("w07") is states.pop("w08") is WorkerState.QUARANTINED
+    assert set(states.values()) == {WorkerState.ALIVE}
+    assert ledger.worker("w07").quarantine_mode == "evacuate"  # type: ignore[union-attr]
+    assert ledger.worker("w08").quarantine_mode == "drain"  # type: ignore[union-attr]
+    assert ledger.client.zcard(ledger.keys.health_changes) == 0
+
+
 def test_one_failing_item_does_not_hold_up_the_rest_of_a_tick(settings: Settings) -> None:
     watchdog = Watchdog(patient(settings), owner="tick-test")
     ledger = watchdog.ledger
@@ -423,6 +448,42 @@ def test_a_long_tick_opens_no_blind_period(settings: Settings) -> None:
 
     assert report.workers_declared_dead == 1
     assert ledger.worker("ghost").state is WorkerState.DEAD  # type: ignore[union-attr]
+
+
+class SlowRequeueWatchdog(Watchdog):
+    def _end_lost(self, job_id: str, attempt: int, outcome: str, token: str) -> AttemptEnd:
+        time.sleep(0.1)  # each lost attempt a few slow round trips
+        return super()._end_lost(job_id, attempt, outcome, token)
+
+
+def test_a_tick_leaves_what_outlasts_half_its_lease_to_the_next(settings: Settings) -> None:
+    """Many attempts lost at once (a rack of nodes): a tick requeues them until half the
+    leader lease is spent, so the lease never lapses mid-tick; the next ticks requeue the
+    rest, and none of them is a new leader's blind one."""
+    lease_s = 1.0  # a budget of 0.5 s: about five lost attempts a tick
+    watchdog = SlowRequeueWatchdog(
+        settings.model_copy(update={"watchdog_lease_s": lease_s}), owner="tick-test"
+    )
+    ledger = watchdog.ledger
+    jobs = []
+    for i in range(12):
+        register(ledger, f"w{i:02d}")
+        jobs.append(submit(ledger, f"j{i:02d}"))
+        assert ledger.claim(jobs[-1], 1, f"w{i:02d}", 4242, "").status == "ok"
+    watchdog.tick()  # the lease
+    token = watchdog.token
+    for i in range(12):
+        assert ledger.quarantine(f"w{i:02d}", "operator", "rack down") == 1
+
+    reports = [watchdog.tick()]
+    while sum(r.attempts_requeued for r in reports) < 12 and len(reports) < 20:
+        reports.append(watchdog.tick())
+
+    assert reports[0].lost_deferred > 0 and reports[0].attempts_requeued < 12
+    assert sum(r.attempts_requeued for r in reports) == 12
+    assert all(r.leader for r in reports) and watchdog.token == token
+    assert all(r.duration_s < lease_s for r in reports)
+    assert {ledger.get(job).attempt for job in jobs} == {2}
 
 
 def test_avoid_never_defers_to_a_worker_without_a_free_slot(ledger: Ledger) -> None:
@@ -523,3 +584,14 @@ def test_admission_reads_the_whole_fleet_only_to_explain_a_refusal(ledger: Ledge
     ledger.register("tiny2", ["sim-vl"], 98, "node", 1, "{}", model_fit=vl)
     with pytest.raises(DoesNotFitError):  # only a GPU too small serves this model
         ledger.submit("vl-1", "sim-vl", "batch", '{"p": 1}', 0, None)
+
+
+# -- the scripts as Redis loads them ------------------------------------------------------------
+
+
+def test_every_script_compiles_with_the_part_of_the_prelude_it_carries(ledger: Ledger) -> None:
+    """Each script takes only the prelude statements it uses: what it carries must still be
+    whole Lua (a statement cut in two fails here, at load, not on the path that first
+    runs it)."""
+    for name in _SCRIPTS:
+        assert ledger.client.script_load(script_source(name))

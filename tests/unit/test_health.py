@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from typing import Any
 
 import pytest
 
 from gridqueue.health import (
     HealthClassifier,
     HealthConfig,
+    HealthDocumentSender,
     HealthLevel,
     Verdict,
     classify,
+    judged_part,
     monitoring_notices,
 )
 from gridqueue.probes import GpuReading, ProbeReading
@@ -394,3 +397,37 @@ def test_a_gpu_without_xid_events_is_a_notice_not_a_verdict() -> None:
     gap = replace(healthy_gpu(1), xid_events_missing="the GPU does not offer them")
     assert monitoring_notices([healthy_gpu(0), gap]) == ["no_xid_events:gpu1"]
     assert verdict_at_once(reading(healthy_gpu(0), gap)) == Verdict(HealthLevel.HEALTHY, ())
+
+
+# -- which heartbeats carry the health document --------------------------------------
+
+
+def _document(temperature_c: float = 45.0, verdict: str = "HEALTHY") -> dict[str, Any]:
+    gpu = gpu0(temperature_c=temperature_c).gpus[0].to_dict()
+    return {"probe": "simulated", "verdict": verdict, "reasons": [], "gpus": [gpu]}
+
+
+def test_telemetry_alone_is_no_news_but_a_verdict_or_a_fault_is() -> None:
+    base = judged_part(_document())
+    assert judged_part(_document(temperature_c=52.0)) == base
+    assert judged_part(_document(verdict="DEGRADED")) != base
+    faulty = _document()
+    faulty["gpus"][0]["xid_counts"] = {"79": 1}
+    assert judged_part(faulty) != base
+
+
+def test_the_document_goes_on_news_on_the_refresh_and_after_a_registration() -> None:
+    sender = HealthDocumentSender(refresh_s=5.0)
+    calm, hot = judged_part(_document()), judged_part(_document(verdict="DEGRADED"))
+    assert sender.to_send("doc1", calm, now_s=0.0) == "doc1"  # Redis has none yet
+    sender.sent(calm, now_s=0.0)
+    assert sender.to_send("doc2", calm, now_s=0.2) == ""  # the same news
+    assert sender.to_send("doc3", hot, now_s=0.4) == "doc3"  # news goes at once
+    # Not acknowledged (the beat failed): the next beat carries it again.
+    assert sender.to_send("doc3", hot, now_s=0.6) == "doc3"
+    sender.sent(hot, now_s=0.6)
+    assert sender.to_send("doc4", hot, now_s=5.4) == ""
+    assert sender.to_send("doc5", hot, now_s=5.6) == "doc5"  # the slow refresh
+    sender.sent(hot, now_s=5.6)
+    sender.forget()  # registered again: the stored document is gone
+    assert sender.to_send("doc6", hot, now_s=5.8) == "doc6"

@@ -1,0 +1,158 @@
+"""Redis CPU per call of the heartbeat script, and of the prelude it carries.
+
+Every ledger script runs its prelude (the key helpers and the shared functions of
+``_common.lua``) on each call, before its own body: the closures and tables it defines
+are built again every time. This prices it on a private Redis, from ``INFO
+commandstats`` (``usec_per_call`` of EVALSHA, the server's own clock), with EVALSHA calls
+sent in pipelines so that no round trip is counted:
+
+- ``heartbeat``: ``heartbeat.lua`` as the ledger loads it, with the 8-GPU health
+  document (about 1.7 kB of JSON) and without one (an empty string);
+- ``prelude``: the heartbeat's prelude alone, then ``return 1``;
+- ``bare``: ``return 1`` alone, the floor of an EVALSHA;
+- the same heartbeat and prelude with the whole prelude (every helper, as every script
+  carried it before the helpers were chosen by use), measured in the same run.
+
+``--baseline REV`` adds the heartbeat as revision REV loaded it (its ``_common.lua`` and
+``heartbeat.lua`` whole), for a before and after in one run.
+
+    python benchmarks/script_cost.py [--workers 1000] [--rounds 30] [--baseline REV] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.watchdog_scale import HEALTH  # noqa: E402
+from gridqueue.embedded import EmbeddedRedis  # noqa: E402
+from gridqueue.keys import lua_prelude  # noqa: E402
+from gridqueue.ledger import Ledger, connect_redis  # noqa: E402
+from gridqueue.lua import read_lua, script_source  # noqa: E402
+from gridqueue.settings import Settings  # noqa: E402
+
+
+def _evalsha_stats(client: Any) -> tuple[int, int]:
+    stats = client.info("commandstats").get("cmdstat_evalsha", {})
+    return int(stats.get("calls", 0)), int(stats.get("usec", 0))
+
+
+def usec_per_call(
+    client: Any, sources: dict[str, tuple[str, list[list[str | int]]]], rounds: int
+) -> dict[str, float]:
+    """Each source EVALSHA'd once per argument list, in one pipeline, round after round,
+    the sources taking turns so that a noisy machine weighs on all alike: the median over
+    the rounds of each one's usec per call."""
+    scripts = {label: client.register_script(source) for label, (source, _) in sources.items()}
+    per_round: dict[str, list[float]] = {label: [] for label in sources}
+    for label, (_, args_of) in sources.items():
+        scripts[label](keys=[], args=args_of[0])  # loaded, and its first call out of the count
+    for _ in range(rounds):
+        for label, (_, args_of) in sources.items():
+            calls_before, usec_before = _evalsha_stats(client)
+            pipe = client.pipeline(transaction=False)
+            for args in args_of:
+                scripts[label](keys=[], args=args, client=pipe)
+            pipe.execute()
+            calls, usec = _evalsha_stats(client)
+            per_round[label].append((usec - usec_before) / max(1, calls - calls_before))
+    return {label: statistics.median(values) for label, values in per_round.items()}
+
+
+def _at(revision: str, path: str) -> str:
+    return subprocess.run(
+        ["git", "show", f"{revision}:{path}"], cwd=ROOT, check=True, capture_output=True,
+        text=True,
+    ).stdout  # fmt: skip
+
+
+def measure(url: str, workers: int, rounds: int, baseline: str | None) -> dict[str, Any]:
+    settings = Settings(redis_url=url)
+    ledger = Ledger(connect_redis(url), settings)
+    ledger.client.flushall()
+    fit = json.dumps({"sim-llm": {"required_bytes": 1, "largest_gpu_bytes": 2}})
+    pipe = ledger.client.pipeline(transaction=False)
+    names = [f"node-{i}" for i in range(workers)]
+    for name in names:
+        ledger.queue_call(
+            pipe, "register", name, "sim-llm", 1, "bench", 10, "{}", "simulated", "[]", fit,
+            int(settings.stale_after_s * 1000),
+        )  # fmt: skip
+    epochs = [int(reply[0]) for reply in pipe.execute()]
+    fixed = list(ledger.fixed_args)
+    pairs = list(zip(names, epochs, strict=True))
+    with_health = [[*fixed, name, epoch, HEALTH, "HEALTHY", "", 0] for name, epoch in pairs]
+    without = [[*fixed, name, epoch, "", "HEALTHY", "", 0] for name, epoch in pairs]
+    body = read_lua("heartbeat")
+    whole = lua_prelude() + read_lua("_common")
+    chosen = script_source("heartbeat")[: -len(body)]
+    sources = {
+        "bare": ("return 1\n", without),
+        "whole_prelude": (whole + "return 1\n", without),
+        "chosen_prelude": (chosen + "return 1\n", without),
+        "whole_heartbeat": (whole + body, without),
+        "whole_heartbeat_health": (whole + body, with_health),
+        "heartbeat": (chosen + body, without),
+        "heartbeat_health": (chosen + body, with_health),
+    }
+    if baseline:  # the heartbeat as that revision loaded it (the key helpers are today's)
+        before = lua_prelude() + _at(baseline, "gridqueue/lua/_common.lua")
+        before += _at(baseline, "gridqueue/lua/heartbeat.lua")
+        sources["baseline_heartbeat"] = (before, without)
+        sources["baseline_heartbeat_health"] = (before, with_health)
+    row: dict[str, Any] = {"workers": workers, "rounds": rounds, "baseline": baseline}
+    row["whole_prelude_lines"] = whole.count("\n")
+    row["chosen_prelude_lines"] = chosen.count("\n")
+    for label, usec in usec_per_call(ledger.client, sources, rounds).items():
+        row[f"{label}_us"] = round(usec, 2)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--workers", type=int, default=1000)
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--baseline", help="also the heartbeat as this git revision had it")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    with EmbeddedRedis() as url:
+        row = measure(url, args.workers, args.rounds, args.baseline)
+    print(
+        f"EVALSHA, Redis CPU per call (INFO commandstats), median of {row['rounds']} rounds "
+        f"of {row['workers']} calls each"
+    )
+    print(f"  bare 'return 1':           {row['bare_us']:6.2f} us")
+    print(
+        f"  prelude alone: whole ({row['whole_prelude_lines']} lines) "
+        f"{row['whole_prelude_us']:.2f} us, the heartbeat's ({row['chosen_prelude_lines']} "
+        f"lines) {row['chosen_prelude_us']:.2f} us"
+    )
+    print(
+        f"  heartbeat, whole prelude:  {row['whole_heartbeat_us']:6.2f} us, with health "
+        f"{row['whole_heartbeat_health_us']:.2f} us"
+    )
+    print(
+        f"  heartbeat as loaded:       {row['heartbeat_us']:6.2f} us, with health "
+        f"{row['heartbeat_health_us']:.2f} us"
+    )
+    if row["baseline"]:
+        print(
+            f"  heartbeat at {row['baseline']}: {row['baseline_heartbeat_us']:6.2f} us, with "
+            f"health {row['baseline_heartbeat_health_us']:.2f} us; now / then "
+            f"{row['heartbeat_us'] / row['baseline_heartbeat_us']:.2f}x, with health "
+            f"{row['heartbeat_health_us'] / row['baseline_heartbeat_health_us']:.2f}x"
+        )
+    if args.json:
+        print(json.dumps(row, indent=2))
+
+
+if __name__ == "__main__":
+    main()

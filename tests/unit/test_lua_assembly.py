@@ -1,0 +1,53 @@
+"""Each ledger script carries only the part of the prelude it uses; nothing it uses is left
+out (a missing local is a runtime error in Redis, on whatever path first reaches it)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from gridqueue.keys import lua_prelude
+from gridqueue.ledger import _SCRIPTS
+from gridqueue.lua import _prelude_statements, names_used, read_lua, script_source
+
+WHOLE = lua_prelude() + read_lua("_common")
+
+
+def test_the_prelude_is_cut_without_losing_a_character() -> None:
+    assert "".join(s.text for s in _prelude_statements()) == WHOLE
+
+
+def test_every_definition_of_the_prelude_is_found() -> None:
+    defined = set().union(*(s.defines for s in _prelude_statements()))
+    expected = set(re.findall(r"^local\s+function\s+(\w+)", WHOLE, re.MULTILINE))
+    for names in re.findall(r"^local\s+(?!function\b)([\w\s,]+?)\s*=", WHOLE, re.MULTILINE):
+        expected |= {name.strip() for name in names.split(",")}
+    assert defined == expected
+    assert {"NS", "NOW", "now_ms", "bump", "emit", "key_worker", "KOMBU_UNACKED"} <= defined
+
+
+@pytest.mark.parametrize("name", _SCRIPTS)
+def test_a_script_has_every_prelude_name_it_uses(name: str) -> None:
+    source = script_source(name)
+    body = read_lua(name)
+    assert source.endswith(body)
+    prelude = source[: -len(body)]
+    taken = [s for s in _prelude_statements() if s.text in prelude]
+    assert "".join(s.text for s in taken) == prelude  # whole statements, in order
+    have = set().union(*(s.defines for s in taken))
+    every = set().union(*(s.defines for s in _prelude_statements()))
+    assert (names_used(source) & every) <= have
+
+
+def test_a_script_leaves_out_what_it_does_not_use() -> None:
+    heartbeat = script_source("heartbeat")
+    assert "local function quarantine(" not in heartbeat
+    assert "local function key_job(" not in heartbeat
+    assert "local NOW = now_ms()" in heartbeat
+    assert len(heartbeat) < len(WHOLE) / 3
+
+
+def test_strings_and_comments_name_nothing() -> None:
+    code = "-- bump here\nlocal x = 'emit' .. [[NOW]] .. \"NS\" --[[ observe ]] .. key_job(NS)"
+    assert names_used(code) == {"local", "x", "key_job", "NS"}
