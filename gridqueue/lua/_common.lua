@@ -98,10 +98,22 @@ end
 -- How many of its most recent jobs a worker lists (the dashboard's jobs-by-worker).
 local WORKER_JOBS_LISTED = 10000
 
--- Counters, kept in all and per minute (for rates over the last minutes).
+-- Counters, kept in all, and per minute for those that feed the dashboard's rates (the
+-- others only ever read as totals, and a per-minute copy of them would cost a write each).
 local MINUTE_KEEP_S = 7200
+local RATE_STATS = {claims = true, requeues = true, workers_declared_dead = true,
+                    dead_lettered = true}
+local RATE_PREFIXES = {'attempts_ended:', 'quarantines:'}
+local function feeds_rates(stat)
+  if RATE_STATS[stat] then return true end
+  for _, prefix in ipairs(RATE_PREFIXES) do
+    if string.sub(stat, 1, #prefix) == prefix then return true end
+  end
+  return false
+end
 local function bump(stat, by)
   redis.call('HINCRBY', key_stats(NS), stat, by or 1)
+  if not feeds_rates(stat) then return end
   local minute = key_minute(NS, tostring(math.floor(NOW / 60000)))
   -- The minute's first count of a stat sets the expiry (a new key counts first).
   if redis.call('HINCRBY', minute, stat, by or 1) == (by or 1) then
@@ -110,7 +122,8 @@ local function bump(stat, by)
 end
 
 -- Histograms for /metrics: one field per (metric, labels, bucket), not cumulative; the
--- bucket is named by its upper bound in ms. `labels` is 'k=v,k=v' in a fixed order.
+-- bucket is named by its upper bound in ms. `labels` is 'k=v,k=v' in a fixed order. A
+-- series' count is the sum of its buckets, so it is not kept apart.
 local HIST_BOUNDS_MS = {5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000,
                         120000, 300000, 600000, 1800000, 3600000}
 local function observe(metric, labels, ms)
@@ -123,7 +136,6 @@ local function observe(metric, labels, ms)
   local hist = key_hist(NS)
   redis.call('HINCRBY', hist, prefix .. le, 1)
   redis.call('HINCRBY', hist, prefix .. 'sum_ms', math.floor(ms))
-  redis.call('HINCRBY', hist, prefix .. 'count', 1)
 end
 
 -- An attempt ended: counted by outcome, its run time observed by workload and outcome.
