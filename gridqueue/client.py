@@ -261,7 +261,12 @@ class GridQueue:
             # and will run, did not; a retry without an idempotency key would run it twice.
             # The dispatch entry covers a publish that fails: the watchdog sends it.
             try:
-                self.dispatcher.publish(attempt_id(request.job_id, 1), submitted.dispatch_lease)
+                self.dispatcher.publish_own(
+                    attempt_id(request.job_id, 1),
+                    request.model,
+                    request.workload,
+                    submitted.dispatch_lease,
+                )
             except Exception as exc:  # redis and kombu errors alike
                 _log.warning("submit.publish_deferred", job=request.job_id, error=repr(exc))
         return Job(self, submitted.job_id, submitted.created)
