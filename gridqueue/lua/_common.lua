@@ -139,10 +139,11 @@ local function observe(metric, labels, ms)
 end
 
 -- An attempt ended: counted by outcome, its run time observed by workload and outcome.
-local function attempt_ended(id, a, outcome)
+-- `workload`: the job's, where the caller read it already (else it is read here).
+local function attempt_ended(id, a, outcome, workload)
   bump('attempts_ended:' .. outcome)
   if a.started_ms then
-    local workload = redis.call('HGET', key_job(NS, id), 'workload') or ''
+    workload = workload or redis.call('HGET', key_job(NS, id), 'workload') or ''
     observe('run', 'workload=' .. workload .. ',outcome=' .. outcome, NOW - a.started_ms)
   end
 end
@@ -205,9 +206,12 @@ local function attempt_put(id, n, a)
 end
 
 -- The lists by state are also the counts by state (ZCARD): one structure, which cannot
--- drift from itself.
-local function move_state(id, from, to)
-  redis.call('HSET', key_job(NS, id), 'state', to, 'updated_ms', NOW)
+-- drift from itself. `fields` (optional): more fields of the job record, written in the
+-- same HSET as the state.
+local function move_state(id, from, to, fields)
+  local write = {'HSET', key_job(NS, id), 'state', to, 'updated_ms', NOW}
+  for _, v in ipairs(fields or {}) do write[#write + 1] = v end
+  redis.call(unpack(write))
   if from then redis.call('ZREM', key_jobs_in_state(NS, from), id) end
   redis.call('ZADD', key_jobs_in_state(NS, to), NOW, id)
 end
@@ -246,10 +250,19 @@ local function stop_current(id, state, n, outcome)
   redis.call('ZREM', key_published(NS), member)
 end
 
-local function end_job(id, from, to, reason, err)
-  move_state(id, from, to)
-  redis.call('HSET', key_job(NS, id), 'reason', reason, 'error', err, 'ended_ms', NOW)
-  redis.call('ZREM', key_deadlines(NS), id)
+-- `read` (optional): what the caller read of the record and wants written with the end.
+-- `read.fields`: more fields, written in the same HSET; `read.deadline_ms` and
+-- `read.stream_bytes`, as the record has them (nil if absent), when `read.known`: a job
+-- whose deadline_ms is '' is in no deadline index, and one without stream_bytes never
+-- streamed (emit.lua counts the bytes of every chunk it appends), so it has no stream.
+local function end_job(id, from, to, reason, err, read)
+  read = read or {}
+  local fields = {'reason', reason, 'error', err, 'ended_ms', NOW}
+  for _, v in ipairs(read.fields or {}) do fields[#fields + 1] = v end
+  move_state(id, from, to, fields)
+  if not read.known or read.deadline_ms ~= '' then
+    redis.call('ZREM', key_deadlines(NS), id)
+  end
   if to == 'DEAD_LETTERED' then
     redis.call('ZADD', key_dead_letters(NS), NOW, id)
     bump('dead_lettered')
@@ -257,7 +270,7 @@ local function end_job(id, from, to, reason, err)
   -- A job that streamed gets its end marker in the same step, so a reader blocked on the
   -- stream wakes at once; the stream expires with the record.
   local stream = key_job_stream(NS, id)
-  if redis.call('EXISTS', stream) == 1 then
+  if (not read.known or read.stream_bytes) and redis.call('EXISTS', stream) == 1 then
     redis.call('XADD', stream, '0-' .. (redis.call('XLEN', stream) + 1), 'end', to)
     redis.call('EXPIRE', stream, RETENTION_S)
   end
