@@ -227,6 +227,7 @@ class GridQueue:
         self.settings = settings
         self.ledger = Ledger(connect_redis(settings.redis_target), settings)
         self._app: Celery | None = None
+        self._dispatcher: Dispatcher | None = None
 
     @classmethod
     def from_env(cls) -> GridQueue:
@@ -241,7 +242,10 @@ class GridQueue:
 
     @property
     def dispatcher(self) -> Dispatcher:
-        return Dispatcher(self.ledger, self.app)
+        # Made once per ledger, not per submit: it resolves the broker's settings.
+        if self._dispatcher is None or self._dispatcher.ledger is not self.ledger:
+            self._dispatcher = Dispatcher(self.ledger, self.app)
+        return self._dispatcher
 
     def submit(
         self,
