@@ -69,11 +69,11 @@ local function unlist_worker(name, models_csv, unfit_csv)
   end
 end
 
+-- One command: only an entry that is there (XX) moves, by the offset (INCR). A delivery is
+-- marked once: by its claim (a retried claim of our own returns before), or by the sweep
+-- while it is still in the sweep's range, unclaimed.
 local function mark_delivery_claimed(tag)
-  local delivered = redis.call('ZSCORE', KOMBU_UNACKED_INDEX, tag)
-  if delivered and tonumber(delivered) < CLAIMED_OFFSET_S then
-    redis.call('ZADD', KOMBU_UNACKED_INDEX, tonumber(delivered) + CLAIMED_OFFSET_S, tag)
-  end
+  redis.call('ZADD', KOMBU_UNACKED_INDEX, 'XX', 'INCR', CLAIMED_OFFSET_S, tag)
 end
 
 -- A worker keeps its own recent events (newest first) for its page on the dashboard.
