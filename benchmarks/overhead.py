@@ -9,7 +9,9 @@ of workers and pool slots:
   waits for every answer with ``AsyncResult.get()`` (what a Celery user who needs the
   answer runs);
 - **gridqueue**: ``submit`` and ``result()``, with its ledger writes (submit, claim,
-  progress, liveness, complete), heartbeats and a watchdog.
+  progress, liveness, complete), heartbeats and a watchdog. The simulated handler's run
+  counts for the audit are off (``SIM_LLM_COUNT_RUNS=0``): they are the tests'
+  instrument, not what gridqueue costs, and nothing audits these runs.
 
 For each it prints jobs per second and the ratios, and what the jobs cost Redis, which a
 noisy machine does not blur: Redis commands per job (``INFO commandstats``, which counts
@@ -175,9 +177,7 @@ class ScriptProfile:
                     current = self.scripts.get(words[1], words[1][:8])
                     self.calls[current] += 1
                 elif name == "EVAL":
-                    # Not gridqueue's (its scripts run by SHA): the simulated handler's
-                    # run count for the audit (gridqueue/audit.py, count_run).
-                    current = "EVAL (inline script)"
+                    current = "EVAL (inline script)"  # not gridqueue's: its run by SHA
                     self.calls[current] += 1
                 else:
                     current = "direct"
@@ -303,7 +303,11 @@ def gridqueue_run(
 ) -> dict[str, Any]:
     """``broker``: gridqueue's broker URL (amqp://...); None, the ledger's Redis. Only
     gridqueue's messages move: the baselines stay on Redis."""
-    env = {"GRIDQUEUE_CELERY_EVENTS": str(events).lower(), "GRIDQUEUE_BROKER_URL": broker or ""}
+    env = {
+        "GRIDQUEUE_CELERY_EVENTS": str(events).lower(),
+        "GRIDQUEUE_BROKER_URL": broker or "",
+        "SIM_LLM_COUNT_RUNS": "0",  # the audit's run counts: not gridqueue's cost
+    }
     fleet = LocalFleet(url, log_dir, env=env)
     gq = GridQueue(settings=Settings(redis_url=url, celery_events=events, broker_url=broker))
     try:

@@ -160,7 +160,11 @@ class AsyncGridQueue:
             member = attempt_id(request.job_id, 1)
             try:
                 await asyncio.to_thread(
-                    self.sync.dispatcher.publish, member, submitted.dispatch_lease
+                    self.sync.dispatcher.publish_own,
+                    member,
+                    request.model,
+                    request.workload,
+                    submitted.dispatch_lease,
                 )
             except Exception as exc:  # the watchdog publishes it after the grace
                 _log.warning("submit.publish_deferred", job=request.job_id, error=repr(exc))

@@ -66,15 +66,10 @@ def count_run(
     counters expire ``ttl_s`` after their last write. Returns the job's count so far."""
     key = (RETURNS_KEY if returned else RUNS_KEY).format(ns=namespace)
     token_key = _TOKEN_KEY.format(ns=namespace, token=f"{token}:{int(returned)}")
-    reply = client.eval(
-        _COUNT_SCRIPT,
-        2,
-        key,
-        token_key,
-        job_id,
-        f"{job_id}.{attempt}",
-        max(1, ttl_s),
-        _TOKEN_TTL_S,
+    # By its SHA (EVALSHA): the script's text goes to Redis only when Redis lacks it.
+    script = client.register_script(_COUNT_SCRIPT)
+    reply = script(
+        keys=[key, token_key], args=[job_id, f"{job_id}.{attempt}", max(1, ttl_s), _TOKEN_TTL_S]
     )
     return int(cast(int, reply))
 

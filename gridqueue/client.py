@@ -227,6 +227,7 @@ class GridQueue:
         self.settings = settings
         self.ledger = Ledger(connect_redis(settings.redis_target), settings)
         self._app: Celery | None = None
+        self._dispatcher: Dispatcher | None = None
 
     @classmethod
     def from_env(cls) -> GridQueue:
@@ -241,7 +242,10 @@ class GridQueue:
 
     @property
     def dispatcher(self) -> Dispatcher:
-        return Dispatcher(self.ledger, self.app)
+        # Made once per ledger, not per submit: it resolves the broker's settings.
+        if self._dispatcher is None or self._dispatcher.ledger is not self.ledger:
+            self._dispatcher = Dispatcher(self.ledger, self.app)
+        return self._dispatcher
 
     def submit(
         self,
@@ -261,7 +265,12 @@ class GridQueue:
             # and will run, did not; a retry without an idempotency key would run it twice.
             # The dispatch entry covers a publish that fails: the watchdog sends it.
             try:
-                self.dispatcher.publish(attempt_id(request.job_id, 1), submitted.dispatch_lease)
+                self.dispatcher.publish_own(
+                    attempt_id(request.job_id, 1),
+                    request.model,
+                    request.workload,
+                    submitted.dispatch_lease,
+                )
             except Exception as exc:  # redis and kombu errors alike
                 _log.warning("submit.publish_deferred", job=request.job_id, error=repr(exc))
         return Job(self, submitted.job_id, submitted.created)

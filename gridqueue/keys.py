@@ -41,12 +41,13 @@ Layout (``ns`` is ``GRIDQUEUE_NAMESPACE``, ``gq`` by default; an attempt is ``<j
                                        ended jobs leave with the retention
     {ns}:models                set     every model a worker has registered for
     {ns}:stats                 hash    counters (stale results discarded, requeues...)
-    {ns}:minute:{m}            hash    the same counters for minute m (ms // 60000), for
-                                       rates; expires after two hours
+    {ns}:minute:{m}            hash    the counters that feed rates (claims, requeues, ended
+                                       attempts, quarantines...) for minute m
+                                       (ms // 60000); expires after two hours
     {ns}:hist                  hash    histograms for /metrics:
                                        ``<metric>|<labels>|<le_ms or inf>`` -> count in
-                                       that bucket (not cumulative), ``...|sum_ms``,
-                                       ``...|count``
+                                       that bucket (not cumulative), ``...|sum_ms``;
+                                       a series' count is the sum of its buckets
     {ns}:events                stream  every transition, capped at ``events_max_len``
     {ns}:incidents             stream  one entry per failover incident (worker declared
                                        dead, GPU quarantine, stall...): its last sign of

@@ -818,6 +818,16 @@ class LedgerModel:
         self.end_dispatch(member, lease)
         return True
 
+    def publish_own(self, member: str, lease: int) -> bool:
+        """``Dispatcher.publish_own``, the producer's publish of attempt 1: it holds the
+        lease submit wrote, so it sends without taking it again, then drops the entry if
+        the lease is still its own. A lease that lapsed and was taken by another publisher,
+        or an attempt no longer queued, makes this message a duplicate or a stale one,
+        which the claim refuses."""
+        self.send(member)
+        self.end_dispatch(member, lease)
+        return True
+
     def deliver(self, tag: int, worker: str) -> bool:
         """A worker's consumer takes a queued message (kombu moves it to unacked)."""
         message, known = self.messages.get(tag), self.workers.get(worker)

@@ -97,3 +97,11 @@ def register_sim_worker(ledger: Ledger, name: str) -> int:
     health = json.dumps({"probe": "simulated", "gpus": [SIM_GPU], "reasons": []})
     ledger.heartbeat(name, epoch, health, "HEALTHY")
     return epoch
+
+
+def hist_count(hist: dict[str, str], series: str) -> int:
+    """Observations of one histogram series (``metric|labels``) in the ``{ns}:hist`` hash:
+    the sum of its buckets (fields named by an upper bound in ms, or ``inf``)."""
+    prefix = series + "|"
+    buckets = {f[len(prefix) :]: int(v) for f, v in hist.items() if f.startswith(prefix)}
+    return sum(n for bound, n in buckets.items() if bound.isdigit() or bound == "inf")

@@ -69,11 +69,11 @@ local function unlist_worker(name, models_csv, unfit_csv)
   end
 end
 
+-- One command: only an entry that is there (XX) moves, by the offset (INCR). A delivery is
+-- marked once: by its claim (a retried claim of our own returns before), or by the sweep
+-- while it is still in the sweep's range, unclaimed.
 local function mark_delivery_claimed(tag)
-  local delivered = redis.call('ZSCORE', KOMBU_UNACKED_INDEX, tag)
-  if delivered and tonumber(delivered) < CLAIMED_OFFSET_S then
-    redis.call('ZADD', KOMBU_UNACKED_INDEX, tonumber(delivered) + CLAIMED_OFFSET_S, tag)
-  end
+  redis.call('ZADD', KOMBU_UNACKED_INDEX, 'XX', 'INCR', CLAIMED_OFFSET_S, tag)
 end
 
 -- A worker keeps its own recent events (newest first) for its page on the dashboard.
@@ -98,10 +98,22 @@ end
 -- How many of its most recent jobs a worker lists (the dashboard's jobs-by-worker).
 local WORKER_JOBS_LISTED = 10000
 
--- Counters, kept in all and per minute (for rates over the last minutes).
+-- Counters, kept in all, and per minute for those that feed the dashboard's rates (the
+-- others only ever read as totals, and a per-minute copy of them would cost a write each).
 local MINUTE_KEEP_S = 7200
+local RATE_STATS = {claims = true, requeues = true, workers_declared_dead = true,
+                    dead_lettered = true}
+local RATE_PREFIXES = {'attempts_ended:', 'quarantines:'}
+local function feeds_rates(stat)
+  if RATE_STATS[stat] then return true end
+  for _, prefix in ipairs(RATE_PREFIXES) do
+    if string.sub(stat, 1, #prefix) == prefix then return true end
+  end
+  return false
+end
 local function bump(stat, by)
   redis.call('HINCRBY', key_stats(NS), stat, by or 1)
+  if not feeds_rates(stat) then return end
   local minute = key_minute(NS, tostring(math.floor(NOW / 60000)))
   -- The minute's first count of a stat sets the expiry (a new key counts first).
   if redis.call('HINCRBY', minute, stat, by or 1) == (by or 1) then
@@ -110,7 +122,8 @@ local function bump(stat, by)
 end
 
 -- Histograms for /metrics: one field per (metric, labels, bucket), not cumulative; the
--- bucket is named by its upper bound in ms. `labels` is 'k=v,k=v' in a fixed order.
+-- bucket is named by its upper bound in ms. `labels` is 'k=v,k=v' in a fixed order. A
+-- series' count is the sum of its buckets, so it is not kept apart.
 local HIST_BOUNDS_MS = {5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000,
                         120000, 300000, 600000, 1800000, 3600000}
 local function observe(metric, labels, ms)
@@ -123,14 +136,14 @@ local function observe(metric, labels, ms)
   local hist = key_hist(NS)
   redis.call('HINCRBY', hist, prefix .. le, 1)
   redis.call('HINCRBY', hist, prefix .. 'sum_ms', math.floor(ms))
-  redis.call('HINCRBY', hist, prefix .. 'count', 1)
 end
 
 -- An attempt ended: counted by outcome, its run time observed by workload and outcome.
-local function attempt_ended(id, a, outcome)
+-- `workload`: the job's, where the caller read it already (else it is read here).
+local function attempt_ended(id, a, outcome, workload)
   bump('attempts_ended:' .. outcome)
   if a.started_ms then
-    local workload = redis.call('HGET', key_job(NS, id), 'workload') or ''
+    workload = workload or redis.call('HGET', key_job(NS, id), 'workload') or ''
     observe('run', 'workload=' .. workload .. ',outcome=' .. outcome, NOW - a.started_ms)
   end
 end
@@ -193,9 +206,12 @@ local function attempt_put(id, n, a)
 end
 
 -- The lists by state are also the counts by state (ZCARD): one structure, which cannot
--- drift from itself.
-local function move_state(id, from, to)
-  redis.call('HSET', key_job(NS, id), 'state', to, 'updated_ms', NOW)
+-- drift from itself. `fields` (optional): more fields of the job record, written in the
+-- same HSET as the state.
+local function move_state(id, from, to, fields)
+  local write = {'HSET', key_job(NS, id), 'state', to, 'updated_ms', NOW}
+  for _, v in ipairs(fields or {}) do write[#write + 1] = v end
+  redis.call(unpack(write))
   if from then redis.call('ZREM', key_jobs_in_state(NS, from), id) end
   redis.call('ZADD', key_jobs_in_state(NS, to), NOW, id)
 end
@@ -234,10 +250,19 @@ local function stop_current(id, state, n, outcome)
   redis.call('ZREM', key_published(NS), member)
 end
 
-local function end_job(id, from, to, reason, err)
-  move_state(id, from, to)
-  redis.call('HSET', key_job(NS, id), 'reason', reason, 'error', err, 'ended_ms', NOW)
-  redis.call('ZREM', key_deadlines(NS), id)
+-- `read` (optional): what the caller read of the record and wants written with the end.
+-- `read.fields`: more fields, written in the same HSET; `read.deadline_ms` and
+-- `read.stream_bytes`, as the record has them (nil if absent), when `read.known`: a job
+-- whose deadline_ms is '' is in no deadline index, and one without stream_bytes never
+-- streamed (emit.lua counts the bytes of every chunk it appends), so it has no stream.
+local function end_job(id, from, to, reason, err, read)
+  read = read or {}
+  local fields = {'reason', reason, 'error', err, 'ended_ms', NOW}
+  for _, v in ipairs(read.fields or {}) do fields[#fields + 1] = v end
+  move_state(id, from, to, fields)
+  if not read.known or read.deadline_ms ~= '' then
+    redis.call('ZREM', key_deadlines(NS), id)
+  end
   if to == 'DEAD_LETTERED' then
     redis.call('ZADD', key_dead_letters(NS), NOW, id)
     bump('dead_lettered')
@@ -245,7 +270,7 @@ local function end_job(id, from, to, reason, err)
   -- A job that streamed gets its end marker in the same step, so a reader blocked on the
   -- stream wakes at once; the stream expires with the record.
   local stream = key_job_stream(NS, id)
-  if redis.call('EXISTS', stream) == 1 then
+  if (not read.known or read.stream_bytes) and redis.call('EXISTS', stream) == 1 then
     redis.call('XADD', stream, '0-' .. (redis.call('XLEN', stream) + 1), 'end', to)
     redis.call('EXPIRE', stream, RETENTION_S)
   end

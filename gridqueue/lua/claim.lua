@@ -6,9 +6,12 @@ local stale_after_ms = tonumber(ARGV[12])
 local member = id .. '.' .. n
 local job = key_job(NS, id)
 -- The job's last checkpoint comes with the claim: resuming costs no extra round trip.
-local state, current, payload, model, workload, liveness_ms, stall_ms, checkpoint, position =
+-- One read of the record for the whole step (the claimed attempt's entry included).
+local state, current, payload, model, workload, liveness_ms, stall_ms, checkpoint, position,
+      chain_start, raw =
   unpack(redis.call('HMGET', job, 'state', 'attempt', 'payload', 'model', 'workload',
-                    'liveness_ms', 'stall_ms', 'checkpoint', 'checkpoint_position'))
+                    'liveness_ms', 'stall_ms', 'checkpoint', 'checkpoint_position',
+                    'chain_start', 'a:' .. n))
 if not state then return {'unknown'} end
 
 -- Placement fence: a worker that is not ALIVE (declared dead, stopped, unknown) never
@@ -31,7 +34,7 @@ if TERMINAL[state] or tonumber(current) ~= n then
   return {'stale', state}
 end
 if state == 'RUNNING' then
-  local held = attempt_get(id, n)
+  local held = raw and cjson.decode(raw) or nil
   if held and held.worker == worker and held.pid == tonumber(pid)
      and held.epoch == tonumber(epoch) then
     return {'ok', payload, model, workload, checkpoint or '', position or ''}  -- our own claim, retried after a lost reply
@@ -55,17 +58,16 @@ end
 -- heartbeating, serving the model, with a free slot, and not itself one that failed under
 -- this job. Deferring to anyone else would bounce the attempt between workers until its
 -- deadline; and even then an attempt is deferred at most MAX_DEFERRALS times.
-local chain_start = tonumber(redis.call('HGET', job, 'chain_start') or '1')
 local failed = {}
 local previous = nil  -- attempt n - 1 of this chain, read once here
-for k = chain_start, n - 1 do
+for k = tonumber(chain_start or '1'), n - 1 do
   local earlier = attempt_get(id, k)
   if earlier and earlier.worker and AVOID_OUTCOMES[earlier.outcome] then
     failed[earlier.worker] = true
   end
   previous = earlier
 end
-local a = attempt_get(id, n) or {n = n}
+local a = raw and cjson.decode(raw) or {n = n}
 if failed[worker] and (a.deferred or 0) < MAX_DEFERRALS then
   for _, other in ipairs(redis.call('HKEYS', key_model(NS, model))) do
     if other ~= worker and not failed[other] and can_take(other, model, stale_after_ms) then
@@ -83,9 +85,8 @@ a.pid = tonumber(pid)
 a.epoch = tonumber(epoch)  -- the incarnation: a restart that reuses the pid is not "us"
 a.started_ms = NOW
 if tag ~= '' then a.delivery_tag = tag end
-attempt_put(id, n, a)
-move_state(id, 'QUEUED', 'RUNNING')
-redis.call('HSET', job, 'worker', worker, 'progress_ms', NOW)
+move_state(id, 'QUEUED', 'RUNNING',
+           {'a:' .. n, cjson.encode(a), 'worker', worker, 'progress_ms', NOW})
 redis.call('ZREM', key_dispatch(NS), member)
 redis.call('ZREM', key_published(NS), member)
 redis.call('ZADD', key_running(NS), NOW, member)

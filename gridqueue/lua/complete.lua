@@ -2,16 +2,18 @@
 -- Attempt fencing: a zombie's late result must not overwrite the current attempt's.
 local id, n, worker, result = ARGV[7], tonumber(ARGV[8]), ARGV[9], ARGV[10]
 local job = key_job(NS, id)
-local state, current = unpack(redis.call('HMGET', job, 'state', 'attempt'))
-local a = attempt_get(id, n)
+-- One read of everything the step needs; its writes to the record go in one HSET.
+local state, current, raw, workload, deadline_ms, stream_bytes = unpack(redis.call('HMGET',
+  job, 'state', 'attempt', 'a:' .. n, 'workload', 'deadline_ms', 'stream_bytes'))
+local a = raw and cjson.decode(raw) or nil
 if state == 'RUNNING' and tonumber(current) == n and a and a.worker == worker then
   a.ended_ms = NOW
   a.outcome = 'succeeded'
-  attempt_put(id, n, a)
-  attempt_ended(id, a, 'succeeded')
+  attempt_ended(id, a, 'succeeded', workload or '')
   release_attempt(id, n, a)
-  redis.call('HSET', job, 'result', result)
-  end_job(id, 'RUNNING', 'SUCCEEDED', '', '')
+  end_job(id, 'RUNNING', 'SUCCEEDED', '', '', {
+    known = true, deadline_ms = deadline_ms, stream_bytes = stream_bytes,
+    fields = {'a:' .. n, cjson.encode(a), 'result', result}})
   emit('succeeded', {'job', id, 'attempt', n, 'worker', worker})
   return {'ok'}
 end

@@ -70,11 +70,11 @@ if deadline_in_ms > 0 then
   deadline = NOW + deadline_in_ms
   redis.call('ZADD', key_deadlines(NS), deadline, id)
 end
-redis.call('HSET', key_job(NS, id), 'id', id, 'model', model, 'workload', workload,
+-- The record, its state and its first attempt, in one write.
+move_state(id, nil, 'QUEUED', {'id', id, 'model', model, 'workload', workload,
   'payload', payload, 'attempt', 1, 'created_ms', NOW, 'deadline_ms', deadline,
-  'idempotency_key', idem, 'liveness_ms', liveness_ms, 'stall_ms', stall_ms)
-move_state(id, nil, 'QUEUED')
-attempt_put(id, 1, {n = 1, queued_ms = NOW})
+  'idempotency_key', idem, 'liveness_ms', liveness_ms, 'stall_ms', stall_ms,
+  'a:1', cjson.encode({n = 1, queued_ms = NOW})})
 -- The dispatch entry is the producer's promise to publish: if it dies before it does,
 -- the watchdog publishes once the grace has passed.
 -- The score is the producer's lease: only it may publish before the grace has passed.

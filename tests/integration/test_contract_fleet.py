@@ -24,7 +24,7 @@ from gridqueue.celeryapp import make_celery, priority_lists
 from gridqueue.fleet import LocalFleet
 from gridqueue.handlers import Context, handler
 from gridqueue.keys import KOMBU_UNACKED, attempt_id, queue_for_model
-from gridqueue.ledger import Ledger, connect_redis
+from gridqueue.ledger import DispatchLease, Ledger, connect_redis
 from gridqueue.runner import WorkerRuntime, install_runtime, run_attempt
 from gridqueue.settings import Settings
 from gridqueue.states import JobState, WorkerState
@@ -236,17 +236,32 @@ def test_an_attempt_beats_until_its_result_is_written(settings: Settings, tmp_pa
 
 
 class BlipAfterCommitLedger(Ledger):
-    """The ledger, with Redis dropping the connection right after submit's commit."""
+    """The ledger, with Redis dropping the connection right after submit's commit: the
+    producer's next ledger step (it ends the dispatch it leased at submit) fails, and so
+    would a lease taken anew."""
 
     def begin_dispatch(self, member: str, own_lease: str = "") -> Any:
         raise redis.ConnectionError("connection reset by peer")
 
+    def end_dispatch(self, lease: DispatchLease) -> None:
+        raise redis.ConnectionError("connection reset by peer")
 
+
+def _connection_reset(*args: Any, **kwargs: Any) -> Any:
+    raise redis.ConnectionError("connection reset by peer")
+
+
+@pytest.mark.parametrize("message_sent", [False, True], ids=["unsent", "sent"])
 def test_submit_returns_the_handle_of_a_committed_job_whatever_the_publish_does(
-    fleet: LocalFleet, settings: Settings
+    fleet: LocalFleet, settings: Settings, monkeypatch: pytest.MonkeyPatch, message_sent: bool
 ) -> None:
+    """The blip either takes the broker's connection (the same Redis) too, and the message
+    never goes out, or comes after the message is out and before its dispatch entry is
+    ended: the entry lingers, and whatever a second publish sends, the claim refuses."""
     gq = GridQueue(settings=settings)
     gq.ledger = BlipAfterCommitLedger(gq.ledger.client, settings)
+    if not message_sent:
+        monkeypatch.setattr(gq.app, "send_task", _connection_reset)
     try:
         job = gq.submit("sim-llm", {"prompt": "committed", "ms": 20}, workload="batch")
         assert gq.get(job.id).state is JobState.QUEUED

@@ -624,6 +624,7 @@ ARGUMENTS: Mapping[str, tuple[st.SearchStrategy[Any], ...]] = {
     "complete": (jobs, deltas, senders),
     "end_attempt": (jobs, deltas, senders, st.sampled_from(ENDINGS), st.booleans()),
     "publish": (jobs, deltas, st.booleans()),
+    "publish_own": (jobs, deltas),
     "begin_dispatch": (jobs, deltas, st.booleans()),
     "end_dispatch": (nths,),
     "deliver": (nths, workers),
@@ -685,7 +686,7 @@ def apply(mirror: MirroredLedger, op: Op) -> None:
                 mirror.end_attempt(job_id, n, outcome, worker, pid=pid, epoch=holder.epoch)
             else:
                 mirror.end_attempt(job_id, n, outcome, worker)
-    elif verb in ("publish", "begin_dispatch", "redeliver", "stall"):
+    elif verb in ("publish", "publish_own", "begin_dispatch", "redeliver", "stall"):
         job_id, delta, *rest = args
         job = mirror.jobs.get(job_id)
         n = max(1, (job.attempt if job else 1) + delta)
@@ -697,8 +698,12 @@ def apply(mirror: MirroredLedger, op: Op) -> None:
         else:
             # With its own lease: the last one written for the attempt (the producer's).
             own = [lease for leased, lease in mirror.issued if leased == member]
-            lease = own[-1] if rest[0] and own else 0
-            getattr(mirror, verb)(member, lease)
+            if verb == "publish_own":
+                if own:  # the producer's publish, under the lease it holds (or held)
+                    mirror.publish_own(member, own[-1])
+            else:
+                lease = own[-1] if rest[0] and own else 0
+                getattr(mirror, verb)(member, lease)
     elif verb == "end_dispatch":
         if mirror.issued:
             mirror.end_dispatch(*mirror.issued[args[0] % len(mirror.issued)])
@@ -966,7 +971,7 @@ def test_the_grid_agrees(ledgers: dict[bool, Ledger]) -> None:
                 self.register(worker)
             for job_id in sorted(set(JOBS) - unpublished):
                 member = attempt_id(job_id, 1)
-                assert self.model.publish(member, self.model.dispatch[member].lease)
+                assert self.model.publish_own(member, self.model.dispatch[member].lease)
 
         def deadline_passes(self, job_id: str) -> None:
             """Redis keeps time itself: deadlines are set at submit, past or far."""

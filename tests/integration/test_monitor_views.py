@@ -17,7 +17,7 @@ from gridqueue.monitor.views import FleetView
 from gridqueue.settings import Settings
 from gridqueue.states import JobState, Outcome
 from gridqueue.watchdog import Watchdog
-from tests.helpers import GIB, register_sim_worker
+from tests.helpers import GIB, hist_count, register_sim_worker
 
 pytestmark = pytest.mark.integration
 
@@ -73,12 +73,12 @@ def test_a_dead_worker_is_one_incident_followed_to_its_jobs_running_again(fast: 
 
     # The histograms the scripts keep: one detection, one recovery, three queue waits.
     hist = ledger.client.hgetall(ledger.keys.hist)
-    assert hist["detect|kind=worker_dead|count"] == "1"
+    assert hist_count(hist, "detect|kind=worker_dead") == 1
     assert int(hist["detect|kind=worker_dead|sum_ms"]) == incident["detect_ms"]
-    assert hist["recovery|workload=realtime|count"] == "1"
-    assert hist["queue_wait|workload=realtime|count"] == "4"
-    assert hist["run|workload=realtime,outcome=succeeded|count"] == "1"
-    assert hist["run|workload=realtime,outcome=node_lost|count"] == "2"
+    assert hist_count(hist, "recovery|workload=realtime") == 1
+    assert hist_count(hist, "queue_wait|workload=realtime") == 4
+    assert hist_count(hist, "run|workload=realtime,outcome=succeeded") == 1
+    assert hist_count(hist, "run|workload=realtime,outcome=node_lost") == 2
 
     # The job's timeline carries the fault's sign on the attempt the failover moved.
     timeline = view.job("j0")["timeline"]

@@ -152,7 +152,7 @@ class GridLifecycle(JobLifecycle):
         for job_id in JOBS:
             member = attempt_id(job_id, 1)
             if job_id not in unpublished:
-                assert self.model.publish(member, self.model.dispatch[member].lease)
+                assert self.model.publish_own(member, self.model.dispatch[member].lease)
 
     @property
     def fixed(self) -> bool:
@@ -621,7 +621,7 @@ def fleet(
     model.submit("j", "batch")
     model.register("w1")
     model.register("w2")
-    assert model.publish("j.1", model.dispatch["j.1"].lease)
+    assert model.publish_own("j.1", model.dispatch["j.1"].lease)
     return model
 
 
