@@ -14,7 +14,9 @@ It submits a steady load and injects faults on a schedule, by mix:
 - ``redis``: kill -9 of the drill's own redis-server (AOF, ``appendfsync everysec``) and a
   restart on the same port and directory ``redis_down_s`` later;
 - ``partition``: a node that reaches Redis through a TCP proxy is cut off for
-  ``partition_s`` (longer than ``stale_after_s``), then healed.
+  ``partition_s`` (longer than ``stale_after_s``), then healed: a silent partition
+  (packets lost, connections left open), so the node must fence itself before the
+  watchdog moves its jobs.
 
 While it runs, and while it drains, it samples the ledger every ``sample_s``: each job's
 state and attempt, since when they are unchanged, and the first terminal state and result
