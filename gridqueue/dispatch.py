@@ -9,6 +9,8 @@ because the claim admits only one delivery of the current attempt.
 
 from __future__ import annotations
 
+from typing import Any
+
 from celery import Celery
 
 from gridqueue.brokers import Broker
@@ -43,7 +45,23 @@ class Dispatcher:
         lease still its own."""
         return self._send(DispatchLease(member, model, workload, lease))
 
+    def publish_many(self, members: list[str]) -> int:
+        """:meth:`publish` for many due attempts (a rack's requeue): the leases are taken
+        in one round trip and released in another; the messages go one by one. Returns
+        how many were published."""
+        leases = [lease for lease in self.ledger.begin_dispatch_many(members) if lease]
+        with self.app.producer_or_acquire() as producer:  # one producer for the batch
+            sent = [lease for lease in leases if self._message(lease, producer)]
+        self.ledger.end_dispatch_many(sent)
+        return len(sent)
+
     def _send(self, lease: DispatchLease) -> bool:
+        if not self._message(lease):
+            return False
+        self.ledger.end_dispatch(lease)
+        return True
+
+    def _message(self, lease: DispatchLease, producer: Any = None) -> bool:
         job_id, attempt = split_attempt_id(lease.member)
         workload = self.ledger.workloads.get(lease.workload)
         if workload is None:
@@ -57,11 +75,11 @@ class Dispatcher:
                 task_id=lease.member,
                 queue=queue_for_model(self.ledger.settings.namespace, lease.model),
                 priority=self.broker.message_priority(priority),
+                producer=producer,
             )
         except Exception as exc:  # kombu and redis errors alike
             # The lease stays in the dispatch index: once it lapses, the watchdog
             # publishes again. Nothing is lost by failing here.
             log.warning("dispatch.failed", attempt=lease.member, error=repr(exc))
             return False
-        self.ledger.end_dispatch(lease)
         return True

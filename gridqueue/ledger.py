@@ -189,6 +189,21 @@ class AttemptEnd:
 
 
 @dataclass(frozen=True)
+class _EndPlan:
+    """A decision to end an attempt, as the ``finish`` script's arguments."""
+
+    args: tuple[str | int, ...]
+    after_s: float
+
+    def reply(self, reply: Any) -> AttemptEnd:
+        if reply[0] == "retry":
+            return AttemptEnd("retry", next_attempt=int(reply[1]), after_s=self.after_s)
+        if reply[0] == "ended":
+            return AttemptEnd("ended", state=reply[1])
+        return AttemptEnd(reply[0])
+
+
+@dataclass(frozen=True)
 class Scan:
     now_ms: int
     stale_workers: list[str]
@@ -545,20 +560,84 @@ class Ledger:
         child of the same node, or another incarnation, cannot end it.
         """
         try:
-            record = self.get(job_id)
+            record: JobRecord | None = self.get(job_id)
         except JobNotFoundError:
-            self.client.hdel(self.keys.lost, attempt_id(job_id, attempt))
-            return AttemptEnd("stale")
-        if record.state is not JobState.RUNNING or record.attempt != attempt:
-            self.client.hdel(self.keys.lost, attempt_id(job_id, attempt))
-            return AttemptEnd("stale")
-        if worker and record.attempts[-1].worker == worker:
+            record = None
+        if worker and record is not None and record.attempts[-1].worker == worker:
             # The watchdog may already have judged this attempt (stalled, evacuated, a GPU
             # fault) and ordered its child killed: the worker then reports the kill, but
             # the verdict is the cause, and the one the policy and the history must see.
             verdict = self.client.hget(self.keys.lost, attempt_id(job_id, attempt))
             if verdict:
                 outcome = Outcome(str(verdict))
+        now_ms = self.time_ms() if record is not None and record.deadline_ms is not None else 0
+        plan = self._plan_end(
+            job_id, attempt, record, outcome, error, worker, token, pid, epoch, now_ms
+        )
+        if isinstance(plan, AttemptEnd):
+            self.client.hdel(self.keys.lost, attempt_id(job_id, attempt))
+            return plan
+        return plan.reply(self._call("finish", *plan.args))
+
+    def end_lost_attempts(
+        self, lost: list[tuple[str, int, Outcome, str]], token: str
+    ) -> list[AttemptEnd]:
+        """The watchdog's :meth:`end_attempt` for many attempts at once (a node's, a
+        rack's): ``(job, attempt, outcome, error)`` each. The records are read in one round
+        trip and the verdicts committed in another; each verdict is still its own
+        compare-and-set script, so a stale one is refused as it would be alone."""
+        pipe = self.client.pipeline(transaction=False)
+        for job_id, _, _, _ in lost:
+            pipe.hgetall(self.keys.job(job_id))
+        pipe.time()
+        *raws, (seconds, micros) = pipe.execute()
+        now_ms = int(seconds) * 1000 + int(micros) // 1000
+        plans: list[AttemptEnd | _EndPlan] = []
+        for (job_id, attempt, outcome, error), raw in zip(lost, raws, strict=True):
+            data = cast(dict[str, str], raw)
+            record = JobRecord.from_hash(data) if data and "state" in data else None
+            plans.append(
+                self._plan_end(
+                    job_id, attempt, record, outcome, error, "", token, None, None, now_ms
+                )
+            )
+        pipe = self.client.pipeline(transaction=False)
+        for (job_id, attempt, _, _), plan in zip(lost, plans, strict=True):
+            if isinstance(plan, AttemptEnd):
+                pipe.hdel(self.keys.lost, attempt_id(job_id, attempt))
+            else:
+                self.queue_call(pipe, "finish", *plan.args)
+        need = self.settings.redis_min_replicas
+        if need:
+            pipe.wait(need, int(self.settings.redis_replica_timeout_s * 1000))
+        replies = pipe.execute()
+        if need and int(replies[-1]) < need:
+            _log.error(
+                "ledger.write_not_replicated", call="finish", replicas=int(replies[-1]),
+                needed=need, attempts=len(lost), timeout_s=self.settings.redis_replica_timeout_s,
+            )  # fmt: skip
+        return [
+            plan if isinstance(plan, AttemptEnd) else plan.reply(reply)
+            for plan, reply in zip(plans, replies, strict=False)
+        ]
+
+    def _plan_end(
+        self,
+        job_id: str,
+        attempt: int,
+        record: JobRecord | None,
+        outcome: Outcome,
+        error: str,
+        worker: str,
+        token: str,
+        pid: int | None,
+        epoch: int | None,
+        now_ms: int,
+    ) -> AttemptEnd | _EndPlan:
+        """The policy's decision for ending ``attempt`` of ``record`` (read beforehand),
+        as the arguments of the ``finish`` script; a stale attempt ends here."""
+        if record is None or record.state is not JobState.RUNNING or record.attempt != attempt:
+            return AttemptEnd("stale")
         # A replay starts a fresh chain: only its attempts count for limits and poison.
         chain = [a for a in record.attempts if a.n >= record.chain_start]
         current = chain[-1]
@@ -566,7 +645,7 @@ class Ledger:
         history.append(EndedAttempt(current.worker, outcome.value))
         remaining_s = None
         if record.deadline_ms is not None:
-            remaining_s = (record.deadline_ms - self.time_ms()) / 1000
+            remaining_s = (record.deadline_ms - now_ms) / 1000
         workload = self.workloads.get(record.workload)
         decision: Retry | GiveUp
         if workload is None:
@@ -583,24 +662,20 @@ class Ledger:
             elif decision.reason == Outcome.WORKER_LOST.value:
                 # Non-idempotent work lost with its process: it may have had effects.
                 error = f"outcome unknown: it may have run partly ({error or outcome.value})"
-        reply = self._call(
-            "finish",
-            job_id,
-            attempt,
-            outcome.value,
-            error,
-            *args,
-            worker,
-            token,
-            "" if pid is None else pid,
-            "" if epoch is None else epoch,
+        return _EndPlan(
+            (
+                job_id,
+                attempt,
+                outcome.value,
+                error,
+                *args,
+                worker,
+                token,
+                "" if pid is None else pid,
+                "" if epoch is None else epoch,
+            ),
+            decision.after_s if isinstance(decision, Retry) else 0.0,
         )
-        if reply[0] == "retry":
-            after_s = decision.after_s if isinstance(decision, Retry) else 0.0
-            return AttemptEnd("retry", next_attempt=int(reply[1]), after_s=after_s)
-        if reply[0] == "ended":
-            return AttemptEnd("ended", state=reply[1])
-        return AttemptEnd(reply[0])
 
     def redeliver(self, job_id: str, attempt: int) -> bool:
         """Attempt ``attempt`` lost its consumer before it was claimed (a pool child died
@@ -837,6 +912,26 @@ class Ledger:
 
     def end_dispatch(self, lease: DispatchLease) -> None:
         self._call("end_dispatch", lease.member, lease.lease)
+
+    def begin_dispatch_many(self, members: list[str]) -> list[DispatchLease | None]:
+        """:meth:`begin_dispatch` for many attempts, in one round trip."""
+        pipe = self.client.pipeline(transaction=False)
+        grace_ms = int(self.settings.dispatch_grace_s * 1000)
+        for member in members:
+            self.queue_call(pipe, "begin_dispatch", member, grace_ms, "")
+        return [
+            DispatchLease(member, r[1], r[2], r[3]) if r[0] == "ok" else None
+            for member, r in zip(members, pipe.execute(), strict=True)
+        ]
+
+    def end_dispatch_many(self, leases: list[DispatchLease]) -> None:
+        """:meth:`end_dispatch` for many leases, in one round trip."""
+        if not leases:
+            return
+        pipe = self.client.pipeline(transaction=False)
+        for lease in leases:
+            self.queue_call(pipe, "end_dispatch", lease.member, lease.lease)
+        pipe.execute()
 
     def sweep_deliveries(self, token: str, batch: int = 256) -> list[str]:
         """Recover deliveries whose consumer died before claiming them (see

@@ -69,6 +69,10 @@ _FORGET_EVERY_S = 1.0
 # exists: it reads the queues, so it runs seldom; and one claim grace after the leader
 # regains Redis (a restart may have cut a consumer between its BRPOP and its unacked write).
 _MESSAGE_CHECK_EVERY_S = 30.0
+# Lost attempts ended (and their successors published) per batch of round trips.
+_REQUEUE_BATCH = 256
+# The first batch, small enough to fit a tick's budget however slow Redis is today.
+_REQUEUE_FIRST_BATCH = 8
 
 _LOST_ERRORS = {
     "worker_lost": "the worker running this attempt was lost",
@@ -354,42 +358,75 @@ class Watchdog:
 
     def _requeue_lost(self, lost: dict[str, str], token: str, report: TickReport) -> None:
         """Apply the class policy to attempts whose worker is gone or evacuated, until the
-        tick's budget ends (a perf_counter time): those left stay in the lost hash."""
-        for done, (member, outcome) in enumerate(lost.items()):
-            if time.perf_counter() >= self._budget_ends:
-                report.lost_deferred = len(lost) - done
+        tick's budget ends (a perf_counter time): those left stay in the lost hash.
+
+        A node's or a rack's attempts go in batches: the records are read in one round
+        trip, the verdicts committed in another (each its own compare-and-set script),
+        the requeued attempts' dispatches leased in one and released in one. A batch that
+        fails as a whole is done again one attempt at a time, so one bad item holds up
+        nothing."""
+        items = list(lost.items())
+        done = 0
+        size = _REQUEUE_FIRST_BATCH  # then sized from what the last batch cost
+        while done < len(items):
+            started = time.perf_counter()
+            if started >= self._budget_ends:
+                report.lost_deferred = len(items) - done
                 break
+            batch = items[done : done + size]
+            done += len(batch)
+            ends: list[AttemptEnd | None] | None = None
+            if len(batch) > 1:
+                ends = self._item(report, self._end_lost_many, batch, token)
+            if ends is None:
+                ends = [
+                    self._item(report, self._end_lost, *split_attempt_id(m), outcome, token)
+                    for m, outcome in batch
+                ]
+            due: list[str] = []
+            for (member, outcome), end in zip(batch, ends, strict=True):
+                if end is not None:
+                    self._account_lost(member, outcome, end, report, due)
+            sent = self._item(report, self.dispatcher.publish_many, due) if len(due) > 1 else None
+            if sent is not None:
+                report.dispatched += sent
+            else:
+                for member in due:
+                    report.dispatched += bool(self._item(report, self.dispatcher.publish, member))
+            per_item_s = (time.perf_counter() - started) / len(batch)
+            left_s = self._budget_ends - time.perf_counter()
+            size = max(1, min(_REQUEUE_BATCH, int(left_s / max(per_item_s, 1e-6))))
+
+    def _end_lost_many(self, batch: list[tuple[str, str]], token: str) -> list[AttemptEnd | None]:
+        lost = []
+        for member, outcome in batch:
             job_id, attempt = split_attempt_id(member)
-            end = self._item(
-                report,
-                self._end_lost,
-                job_id,
-                attempt,
-                outcome,
-                token,
-            )
-            if end is None:
-                continue
-            if end.status == "retry" and end.next_attempt:
-                report.attempts_requeued += 1
-                if end.after_s == 0:
-                    next_member = attempt_id(job_id, end.next_attempt)
-                    report.dispatched += bool(
-                        self._item(report, self.dispatcher.publish, next_member)
-                    )
-            elif end.status == "ended":
-                report.attempts_failed += 1
-            if outcome == Outcome.NODE_LOST.value and end.status in ("retry", "ended"):
-                self.announcer.node_lost(job_id, attempt)
-            log.info(
-                "attempt.lost",
-                job=job_id,
-                attempt=attempt,
-                outcome=outcome,
-                decision=end.status,
-                state=end.state,
-                next_attempt=end.next_attempt,
-            )
+            error = _LOST_ERRORS.get(outcome, "the worker running this attempt was lost")
+            lost.append((job_id, attempt, Outcome(outcome), error))
+        return list(self.ledger.end_lost_attempts(lost, token))
+
+    def _account_lost(
+        self, member: str, outcome: str, end: AttemptEnd, report: TickReport, due: list[str]
+    ) -> None:
+        """Count one lost attempt's verdict, and list its successor to publish if due now."""
+        job_id, attempt = split_attempt_id(member)
+        if end.status == "retry" and end.next_attempt:
+            report.attempts_requeued += 1
+            if end.after_s == 0:
+                due.append(attempt_id(job_id, end.next_attempt))
+        elif end.status == "ended":
+            report.attempts_failed += 1
+        if outcome == Outcome.NODE_LOST.value and end.status in ("retry", "ended"):
+            self.announcer.node_lost(job_id, attempt)
+        log.info(
+            "attempt.lost",
+            job=job_id,
+            attempt=attempt,
+            outcome=outcome,
+            decision=end.status,
+            state=end.state,
+            next_attempt=end.next_attempt,
+        )
 
     def _end_lost(self, job_id: str, attempt: int, outcome: str, token: str) -> AttemptEnd:
         return self.ledger.end_attempt(

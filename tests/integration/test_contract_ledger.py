@@ -455,6 +455,12 @@ class SlowRequeueWatchdog(Watchdog):
         time.sleep(0.1)  # each lost attempt a few slow round trips
         return super()._end_lost(job_id, attempt, outcome, token)
 
+    def _end_lost_many(
+        self, batch: list[tuple[str, str]], token: str
+    ) -> list[AttemptEnd | None]:
+        time.sleep(0.1 * len(batch))  # as slow per attempt in a batch
+        return super()._end_lost_many(batch, token)
+
 
 def test_a_tick_leaves_what_outlasts_half_its_lease_to_the_next(settings: Settings) -> None:
     """Many attempts lost at once (a rack of nodes): a tick requeues them until half the
@@ -595,3 +601,35 @@ def test_every_script_compiles_with_the_part_of_the_prelude_it_carries(ledger: L
     runs it)."""
     for name in _SCRIPTS:
         assert ledger.client.script_load(script_source(name))
+
+
+def test_a_racks_lost_attempts_are_ended_and_published_in_batches(settings: Settings) -> None:
+    """Forty attempts lost at once, one of them ended meanwhile by other means: each live
+    one is requeued once and its successor published once, through the batched round
+    trips; the ended one is left alone, and nothing is left in the lost hash."""
+    watchdog = Watchdog(settings, owner="tick-test")
+    ledger = watchdog.ledger
+    jobs = []
+    for i in range(40):
+        register(ledger, f"r{i:02d}")
+        jobs.append(submit(ledger, f"rack-{i:02d}"))
+        assert ledger.claim(jobs[-1], 1, f"r{i:02d}", 4242, "").status == "ok"
+    watchdog.tick()  # the lease
+    for i in range(40):
+        assert ledger.quarantine(f"r{i:02d}", "operator", "rack down") == 1
+    assert ledger.cancel(jobs[7])  # ended while its lost entry waits
+
+    report = watchdog.tick()
+
+    assert report.attempts_requeued == 39 and report.lost_deferred == 0
+    assert report.dispatched == 39 and report.items_failed == 0
+    assert ledger.lost_attempts() == {}
+    published = ledger.client.zrange(ledger.keys.published, 0, -1)
+    expected = sorted(attempt_id(job, 2) for job in jobs if job != jobs[7])
+    assert sorted(published) == expected
+    assert ledger.client.zcard(ledger.keys.dispatch) == 0
+    queue = queue_for_model(settings.namespace, "sim-llm")
+    messages = sum(int(ledger.client.llen(name)) for name in priority_lists(queue))
+    assert messages == 39  # one message per requeued attempt
+    assert ledger.get(jobs[7]).state is JobState.CANCELLED
+    assert {ledger.get(job).attempt for job in jobs if job != jobs[7]} == {2}
