@@ -23,7 +23,6 @@ from gridqueue.fleet import LocalFleet
 from gridqueue.ledger import Ledger, connect_redis
 from gridqueue.settings import Settings
 from tests.brokers import amqp_vhost, broker_url  # noqa: F401 - fixtures, by name
-from tests.helpers import stop_fleet
 
 hypothesis_settings.register_profile(
     "gridqueue",
@@ -75,4 +74,4 @@ def gq(settings: Settings) -> Iterator[GridQueue]:
 def fleet(redis_url: str, tmp_path: Path) -> Iterator[LocalFleet]:
     fleet = LocalFleet(redis_url, tmp_path / "logs")
     yield fleet
-    stop_fleet(fleet)
+    fleet.stop_all()

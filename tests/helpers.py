@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
 from collections.abc import Callable
 from typing import TypeVar
 
-from gridqueue.fleet import LocalFleet
 from gridqueue.fleet import wait_for as _wait_for
 from gridqueue.ledger import Ledger
 
@@ -21,25 +18,6 @@ def wait_for(predicate: Callable[[], T], timeout_s: float = 30.0, interval_s: fl
         return _wait_for(predicate, timeout_s, interval_s)
     except TimeoutError as exc:
         raise AssertionError(str(exc)) from None
-
-
-def stop_fleet(fleet: LocalFleet, timeout_s: float = 10.0) -> None:
-    """Stop every process of ``fleet`` as ``LocalFleet.stop_all()`` does (SIGCONT, then
-    SIGTERM; SIGKILL after ``timeout_s``; then SIGKILL to anything left in its group), but
-    all at once: the warm shutdowns (a second or two per worker) overlap instead of adding
-    up in every test's teardown."""
-    stopping = list(fleet.processes.items())
-    fleet.processes.clear()
-    for _, proc in stopping:
-        proc.signal_group(signal.SIGCONT)
-        proc.signal_group(signal.SIGTERM)
-    for _, proc in stopping:
-        try:
-            proc.process.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            proc.signal_group(signal.SIGKILL)
-            proc.process.wait(timeout=timeout_s)
-        proc.signal_group(signal.SIGKILL)  # leftovers in the group, if any
 
 
 def watchdog_grace_ms(ledger: Ledger) -> int:

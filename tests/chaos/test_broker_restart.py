@@ -22,7 +22,7 @@ from gridqueue.audit import audit
 from gridqueue.fleet import LocalFleet
 from gridqueue.settings import Settings
 from tests.brokers import HOW_TO_RUN, PrivateRabbitMQ
-from tests.helpers import stop_fleet, wait_for
+from tests.helpers import wait_for
 from workers.simulated import complete_text
 
 pytestmark = pytest.mark.chaos
@@ -90,5 +90,5 @@ def test_every_job_ends_once_when_rabbitmq_is_killed_and_restarted_under_load(
         after = gq.submit("sim-llm", {"prompt": "after", "ms": 50})
         assert after.result(timeout=60)["text"] == complete_text("after")
     finally:
-        stop_fleet(fleet)
+        fleet.stop_all()
         gq.close()

@@ -22,7 +22,7 @@ from gridqueue.fleet import LocalFleet
 from gridqueue.settings import Settings
 from gridqueue.states import JobState, WorkerState
 from tests.chaos.proxy import TcpProxy
-from tests.helpers import stop_fleet, wait_for, wait_until_watchdog_judges
+from tests.helpers import wait_for, wait_until_watchdog_judges
 
 pytestmark = pytest.mark.chaos
 
@@ -173,7 +173,7 @@ def test_redis_restart_with_aof_mid_load_loses_nothing(
         assert result.lost == [] and result.duplicates == []
         assert result.succeeded == len(jobs)
     finally:
-        stop_fleet(fleet)
+        fleet.stop_all()
         gq.close()
 
 

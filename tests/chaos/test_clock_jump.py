@@ -22,7 +22,7 @@ from gridqueue import GridQueue
 from gridqueue.embedded import free_port
 from gridqueue.fleet import LocalFleet
 from gridqueue.states import JobState
-from tests.helpers import stop_fleet, wait_for, wait_until_watchdog_judges
+from tests.helpers import wait_for, wait_until_watchdog_judges
 
 pytestmark = pytest.mark.chaos
 
@@ -114,5 +114,5 @@ def test_a_forward_jump_of_the_redis_clock_declares_no_one_dead(
         assert gq.ledger.stats().get("stalls", 0) == 0
         assert "watchdog.clock_jump" in fleet.processes["watchdog-1"].log_path.read_text()
     finally:
-        stop_fleet(fleet)
+        fleet.stop_all()
         gq.close()

@@ -14,7 +14,7 @@ from gridqueue import GridQueue
 from gridqueue.embedded import EmbeddedRedis
 from gridqueue.fleet import LocalFleet
 from gridqueue.states import WorkerState
-from tests.helpers import stop_fleet, wait_for
+from tests.helpers import wait_for
 
 pytestmark = pytest.mark.chaos
 
@@ -65,5 +65,5 @@ def test_workers_come_through_a_redis_restart(own_redis: EmbeddedRedis, tmp_path
         served = {job.result(timeout=60)["worker"] for job in after}
         assert served == set(WORKERS)
     finally:
-        stop_fleet(fleet)
+        fleet.stop_all()
         gq.close()

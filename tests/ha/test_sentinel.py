@@ -26,7 +26,7 @@ from gridqueue.embedded_sentinel import EmbeddedSentinelSet
 from gridqueue.errors import GridQueueError, JobEndedError, ReplicationTimeoutError
 from gridqueue.fleet import LocalFleet
 from gridqueue.settings import Settings
-from tests.helpers import stop_fleet, wait_for
+from tests.helpers import wait_for
 
 pytestmark = pytest.mark.ha
 
@@ -99,9 +99,7 @@ def test_the_fleet_follows_a_promoted_replica_and_every_acknowledged_job_ends(
         # Back as a replica of the new primary: durable writes have a replica again.
         sentinels.restart(old, new)
         sentinels.wait_replicas(1)
-        wait_for(
-            lambda: sum(t > killed_at for t, _ in producer.acknowledged) >= 30, timeout_s=90
-        )
+        wait_for(lambda: sum(t > killed_at for t, _ in producer.acknowledged) >= 30, timeout_s=90)
         producer.stop()
 
         acknowledged = [job_id for _, job_id in producer.acknowledged]
@@ -123,7 +121,7 @@ def test_the_fleet_follows_a_promoted_replica_and_every_acknowledged_job_ends(
         assert exited == [], [fleet.processes[n].log_path.read_text()[-2000:] for n in exited]
     finally:
         producer.stop()
-        stop_fleet(fleet)
+        fleet.stop_all()
         gq.close()
 
 

@@ -30,7 +30,7 @@ from gridqueue.keys import attempt_id, queue_for_model
 from gridqueue.settings import Settings
 from gridqueue.states import JobState
 from tests.brokers import AmqpVhost, broker_env
-from tests.helpers import stop_fleet, wait_for, wait_until_watchdog_judges
+from tests.helpers import wait_for, wait_until_watchdog_judges
 from workers.simulated import complete_text
 
 pytestmark = pytest.mark.integration
@@ -45,7 +45,7 @@ def settings(redis_url: str, broker_url: str | None) -> Settings:
 def fleet(redis_url: str, broker_url: str | None, tmp_path: Path) -> Iterator[LocalFleet]:
     fleet = LocalFleet(redis_url, tmp_path / "logs", env=broker_env(broker_url))
     yield fleet
-    stop_fleet(fleet)
+    fleet.stop_all()
 
 
 def ready_messages(broker_url: str, queue: str) -> int:

@@ -455,9 +455,7 @@ class SlowRequeueWatchdog(Watchdog):
         time.sleep(0.1)  # each lost attempt a few slow round trips
         return super()._end_lost(job_id, attempt, outcome, token)
 
-    def _end_lost_many(
-        self, batch: list[tuple[str, str]], token: str
-    ) -> list[AttemptEnd | None]:
+    def _end_lost_many(self, batch: list[tuple[str, str]], token: str) -> list[AttemptEnd | None]:
         time.sleep(0.1 * len(batch))  # as slow per attempt in a batch
         return super()._end_lost_many(batch, token)
 

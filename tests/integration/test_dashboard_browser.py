@@ -38,7 +38,7 @@ from gridqueue.fleet import LocalFleet
 from gridqueue.ledger import Ledger, connect_redis
 from gridqueue.settings import Settings
 from gridqueue.states import JobState, Outcome, WorkerState
-from tests.helpers import stop_fleet, wait_for, wait_until_watchdog_judges
+from tests.helpers import wait_for, wait_until_watchdog_judges
 
 pytestmark = pytest.mark.integration
 
@@ -206,7 +206,7 @@ def stack(redis_server: EmbeddedRedis, tmp_path_factory: pytest.TempPathFactory)
     finally:
         for dashboard in dashboards:
             _stop(dashboard.process)
-        stop_fleet(fleet)
+        fleet.stop_all()
         gq.close()
         ledger.client.close()
 

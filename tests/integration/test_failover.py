@@ -21,7 +21,7 @@ from gridqueue.ledger import Ledger
 from gridqueue.settings import Settings
 from gridqueue.states import JobState, WorkerState
 from tests.brokers import broker_env
-from tests.helpers import stop_fleet, wait_for, wait_until_watchdog_judges
+from tests.helpers import wait_for, wait_until_watchdog_judges
 from workers.simulated import complete_text
 
 pytestmark = pytest.mark.integration
@@ -38,7 +38,7 @@ def settings(redis_url: str, broker_url: str | None) -> Settings:
 def fleet(redis_url: str, broker_url: str | None, tmp_path: Path) -> Iterator[LocalFleet]:
     fleet = LocalFleet(redis_url, tmp_path / "logs", env=broker_env(broker_url))
     yield fleet
-    stop_fleet(fleet)
+    fleet.stop_all()
 
 
 def running_on(ledger: Ledger, job_ids: list[str]) -> dict[str, str]:
@@ -255,7 +255,7 @@ def test_producer_killed_between_ledger_write_and_publish(
         "from gridqueue import GridQueue\n"
         "gq = GridQueue(sys.argv[1])\n"
         "job_id = gq.ledger.submit('orphan', 'sim-llm', 'realtime',"
-        " '{\"prompt\": \"orphan\", \"ms\": 50}', 60000, None).job_id\n"
+        ' \'{"prompt": "orphan", "ms": 50}\', 60000, None).job_id\n'
         "print(job_id, flush=True)\n"
         "os.kill(os.getpid(), signal.SIGKILL)\n"
     )
@@ -355,9 +355,11 @@ def test_requeued_attempt_runs_ahead_of_fresh_work(fleet: LocalFleet, gq: GridQu
     # and find the fresh work already started, as the contract allows.)
     requeued = attempt_id(lost.id, 2)
     wait_for(
-        lambda: (r := gq.get(lost.id)).state is JobState.QUEUED
-        and r.attempt == 2
-        and gq.ledger.client.zscore(gq.ledger.keys.dispatch, requeued) is None,
+        lambda: (
+            (r := gq.get(lost.id)).state is JobState.QUEUED
+            and r.attempt == 2
+            and gq.ledger.client.zscore(gq.ledger.keys.dispatch, requeued) is None
+        ),
         timeout_s=30,
     )
     assert all(job.status() is JobState.QUEUED for job in waiting)

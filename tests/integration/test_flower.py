@@ -32,7 +32,7 @@ from gridqueue.keys import KOMBU_UNACKED, attempt_id, queue_for_model
 from gridqueue.records import JobRecord
 from gridqueue.settings import Settings
 from gridqueue.states import JobState
-from tests.helpers import stop_fleet, wait_for
+from tests.helpers import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -118,7 +118,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
             except subprocess.TimeoutExpired:
                 os.killpg(flower.pid, signal.SIGKILL)
                 flower.wait(timeout=15)
-            stop_fleet(fleet)
+            fleet.stop_all()
             gq.close()
 
 

@@ -17,7 +17,7 @@ from gridqueue.fleet import LocalFleet
 from gridqueue.probes.simulated import Fault
 from gridqueue.settings import Settings
 from gridqueue.states import JobState, WorkerState
-from tests.helpers import stop_fleet, wait_for
+from tests.helpers import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -35,7 +35,7 @@ PROBATION_BASE_MS = 1000
 def health_fleet(redis_url: str, tmp_path: Path) -> Iterator[LocalFleet]:
     fleet = LocalFleet(redis_url, tmp_path / "logs", env=HEALTH_ENV)
     yield fleet
-    stop_fleet(fleet)
+    fleet.stop_all()
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from gridqueue.errors import JobNotFoundError
 from gridqueue.fleet import LocalFleet
 from gridqueue.settings import Settings
 from gridqueue.states import JobState
-from tests.helpers import stop_fleet, wait_for, wait_until_watchdog_judges
+from tests.helpers import wait_for, wait_until_watchdog_judges
 
 pytestmark = pytest.mark.integration
 
@@ -157,5 +157,5 @@ def test_kill_9_mid_stream_without_resume_starts_over_but_repeats_nothing(
         # ...and the chunks the reader already had were dropped, and counted.
         assert gq.ledger.stats()["stream_chunks_repeated"] >= 20
     finally:
-        stop_fleet(fleet)
+        fleet.stop_all()
         gq.close()
