@@ -11,9 +11,10 @@ import time
 import pytest
 
 from gridqueue.celeryapp import priority_lists
+from gridqueue.dispatch import Dispatcher
 from gridqueue.errors import DoesNotFitError, NoCapacityError, WorkerNameInUseError
 from gridqueue.keys import KOMBU_UNACKED, KOMBU_UNACKED_INDEX, attempt_id, queue_for_model
-from gridqueue.ledger import _SCRIPTS, AttemptEnd, Ledger, connect_redis
+from gridqueue.ledger import _SCRIPTS, AttemptEnd, DispatchLease, Ledger, connect_redis
 from gridqueue.lua import script_source
 from gridqueue.settings import Settings
 from gridqueue.states import JobState, Outcome, WorkerState
@@ -631,3 +632,36 @@ def test_a_racks_lost_attempts_are_ended_and_published_in_batches(settings: Sett
     assert messages == 39  # one message per requeued attempt
     assert ledger.get(jobs[7]).state is JobState.CANCELLED
     assert {ledger.get(job).attempt for job in jobs if job != jobs[7]} == {2}
+
+
+class OneMessageFails(Dispatcher):
+    """kombu refusing one message of a batch (``_message`` is where its errors land)."""
+
+    failing = ""
+
+    def _message(self, lease: DispatchLease, producer: object = None) -> bool:
+        return lease.member != self.failing and super()._message(lease, producer)
+
+
+def test_an_attempt_whose_batched_publish_fails_keeps_its_owner(settings: Settings) -> None:
+    """One message of a batched publish fails: the others are published, and the failed
+    attempt keeps its leased dispatch entry, so the watchdog publishes it once the lease
+    lapses. An attempt with neither entry would wait for nobody."""
+    watchdog = Watchdog(settings, owner="tick-test")
+    ledger = watchdog.ledger
+    register(ledger, "w1")
+    members = [attempt_id(submit(ledger, f"batch-{i}"), 1) for i in range(3)]
+    ledger.client.zadd(ledger.keys.dispatch, dict.fromkeys(members, 0))  # all due
+    dispatcher = OneMessageFails(ledger, watchdog.dispatcher.app)
+    dispatcher.failing = members[1]
+
+    assert dispatcher.publish_many(members) == 2
+
+    published = set(ledger.client.zrange(ledger.keys.published, 0, -1))
+    assert published == {members[0], members[2]}
+    lease = ledger.client.zscore(ledger.keys.dispatch, members[1])
+    assert lease is not None and lease > ledger.time_ms()  # still owned, leased
+    ledger.client.zadd(ledger.keys.dispatch, {members[1]: 0})  # the lease lapses
+    report = watchdog.tick()
+    assert report.dispatched == 1
+    assert members[1] in set(ledger.client.zrange(ledger.keys.published, 0, -1))
