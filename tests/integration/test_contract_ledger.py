@@ -451,6 +451,22 @@ def test_a_long_tick_opens_no_blind_period(settings: Settings) -> None:
     assert ledger.worker("ghost").state is WorkerState.DEAD  # type: ignore[union-attr]
 
 
+def running_rack(ledger: Ledger, size: int) -> list[str]:
+    """``size`` workers, each running one attempt of its own job; the jobs."""
+    jobs = []
+    for i in range(size):
+        register(ledger, f"r{i:02d}")
+        jobs.append(submit(ledger, f"rack-{i:02d}"))
+        assert ledger.claim(jobs[-1], 1, f"r{i:02d}", 4242, "").status == "ok"
+    return jobs
+
+
+def lose_rack(ledger: Ledger, size: int) -> None:
+    """The rack goes down: every worker of it evacuated, its attempt lost."""
+    for i in range(size):
+        assert ledger.quarantine(f"r{i:02d}", "operator", "rack down") == 1
+
+
 class SlowRequeueWatchdog(Watchdog):
     def _end_lost(self, job_id: str, attempt: int, outcome: str, token: str) -> AttemptEnd:
         time.sleep(0.1)  # each lost attempt a few slow round trips
@@ -470,15 +486,10 @@ def test_a_tick_leaves_what_outlasts_half_its_lease_to_the_next(settings: Settin
         settings.model_copy(update={"watchdog_lease_s": lease_s}), owner="tick-test"
     )
     ledger = watchdog.ledger
-    jobs = []
-    for i in range(12):
-        register(ledger, f"w{i:02d}")
-        jobs.append(submit(ledger, f"j{i:02d}"))
-        assert ledger.claim(jobs[-1], 1, f"w{i:02d}", 4242, "").status == "ok"
+    jobs = running_rack(ledger, 12)
     watchdog.tick()  # the lease
     token = watchdog.token
-    for i in range(12):
-        assert ledger.quarantine(f"w{i:02d}", "operator", "rack down") == 1
+    lose_rack(ledger, 12)
 
     reports = [watchdog.tick()]
     while sum(r.attempts_requeued for r in reports) < 12 and len(reports) < 20:
@@ -608,14 +619,9 @@ def test_a_racks_lost_attempts_are_ended_and_published_in_batches(settings: Sett
     trips; the ended one is left alone, and nothing is left in the lost hash."""
     watchdog = Watchdog(settings, owner="tick-test")
     ledger = watchdog.ledger
-    jobs = []
-    for i in range(40):
-        register(ledger, f"r{i:02d}")
-        jobs.append(submit(ledger, f"rack-{i:02d}"))
-        assert ledger.claim(jobs[-1], 1, f"r{i:02d}", 4242, "").status == "ok"
+    jobs = running_rack(ledger, 40)
     watchdog.tick()  # the lease
-    for i in range(40):
-        assert ledger.quarantine(f"r{i:02d}", "operator", "rack down") == 1
+    lose_rack(ledger, 40)
     assert ledger.cancel(jobs[7])  # ended while its lost entry waits
 
     report = watchdog.tick()
