@@ -189,7 +189,7 @@ class AmqpBroker:
     consumer_timeout_s: int = DEFAULT_CONSUMER_TIMEOUT_S
     name: str = "amqp"
     management_url: str | None = None
-    _cut: _CutOffState = field(default_factory=lambda: _CutOffState(), compare=False, repr=False)
+    _cut: _CutOffState = field(default_factory=_CutOffState, compare=False, repr=False)
 
     def configure(self, app: Celery) -> None:
         app.conf.update(
