@@ -18,6 +18,7 @@ import pytest
 from gridqueue import GridQueue
 from gridqueue.audit import audit
 from gridqueue.chaosproxy import TcpProxy
+from gridqueue.client import Job
 from gridqueue.embedded import EmbeddedRedis
 from gridqueue.fleet import LocalFleet
 from gridqueue.states import WorkerState
@@ -27,20 +28,32 @@ from tests.helpers import wait_for, wait_until_watchdog_judges
 pytestmark = pytest.mark.chaos
 
 
+def _cut_node_running_a_long_job(
+    fleet: LocalFleet, gq: GridQueue, proxy: TcpProxy, prompt: str
+) -> tuple[Job, int]:
+    """Worker "cut" reaches Redis through ``proxy`` and runs a 20 s job (its retry is
+    short); worker "w2" is there for the job to go to. The watchdog judges, and Redis has
+    seen cut's presence subscription. Returns the job and cut's child running it."""
+    fleet.start_worker("cut", concurrency=1, env={"GRIDQUEUE_REDIS_URL": proxy.url()})
+    fleet.start_watchdog()
+    fleet.wait_alive(gq.ledger, ["cut"])
+    wait_until_watchdog_judges(gq.ledger)
+    wait_for(lambda: _presence_seen(gq, "cut"))
+    job = gq.submit("sim-llm", {"prompt": prompt, "ms": 20_000, "retry_ms": 300})
+    record = wait_for(lambda: (r := gq.get(job.id)).worker == "cut" and r)
+    child = record.attempts[0].pid
+    assert child and pid_exists(child)
+    fleet.start_worker("w2", concurrency=1)  # somewhere for the job to go
+    fleet.wait_alive(gq.ledger, ["w2"])
+    return job, child
+
+
 def test_a_partitioned_worker_kills_its_children_before_its_jobs_run_elsewhere(
     fleet: LocalFleet, gq: GridQueue, redis_server: EmbeddedRedis
 ) -> None:
     proxy = TcpProxy("127.0.0.1", redis_server.port)
     try:
-        fleet.start_worker("cut", concurrency=1, env={"GRIDQUEUE_REDIS_URL": proxy.url()})
-        fleet.start_watchdog()
-        fleet.wait_alive(gq.ledger, ["cut"])
-        job = gq.submit("sim-llm", {"prompt": "island", "ms": 20_000, "retry_ms": 300})
-        record = wait_for(lambda: (r := gq.get(job.id)).worker == "cut" and r)
-        child = record.attempts[0].pid
-        assert child and pid_exists(child)
-        fleet.start_worker("w2", concurrency=1)  # somewhere for the job to go
-        fleet.wait_alive(gq.ledger, ["w2"])
+        job, child = _cut_node_running_a_long_job(fleet, gq, proxy, "island")
 
         proxy.partition()  # silent: packets lost, connections open
         # Watch both events at a fine grain: the child's death (the node's own doing, as
@@ -87,17 +100,7 @@ def test_a_partition_that_closes_connections_moves_the_job_at_once_and_shows_not
 ) -> None:
     proxy = TcpProxy("127.0.0.1", redis_server.port)
     try:
-        fleet.start_worker("cut", concurrency=1, env={"GRIDQUEUE_REDIS_URL": proxy.url()})
-        fleet.start_watchdog()
-        fleet.wait_alive(gq.ledger, ["cut"])
-        wait_until_watchdog_judges(gq.ledger)
-        wait_for(lambda: _presence_seen(gq, "cut"))
-        job = gq.submit("sim-llm", {"prompt": "reset", "ms": 20_000, "retry_ms": 300})
-        record = wait_for(lambda: (r := gq.get(job.id)).worker == "cut" and r)
-        child = record.attempts[0].pid
-        assert child and pid_exists(child)
-        fleet.start_worker("w2", concurrency=1)  # somewhere for the job to go
-        fleet.wait_alive(gq.ledger, ["w2"])
+        job, child = _cut_node_running_a_long_job(fleet, gq, proxy, "reset")
 
         cut_at = time.monotonic()
         proxy.partition(reset=True)
