@@ -136,7 +136,9 @@ class AsyncGridQueue:
         """As :meth:`gridqueue.client.GridQueue.submit`."""
         ledger = self.sync.ledger
         request = prepare_submit(ledger, model, payload, workload, deadline_s, idempotency_key)
-        args = [*ledger.fixed_args, *ledger.submit_args(*request.args)]
+        # Rendering does no I/O (the renderer's channel opens once, on first use).
+        message = self.sync.dispatcher.render(attempt_id(request.job_id, 1), model, workload)
+        args = [*ledger.fixed_args, *ledger.submit_args(*request.args, message)]
 
         need = self.settings.redis_min_replicas
         replicated = True
@@ -156,7 +158,7 @@ class AsyncGridQueue:
         submitted = submitted_from_reply(model, await _retrying(run_script))
         if not replicated:
             raise ledger.unreplicated_submit(submitted.job_id)
-        if submitted.created:
+        if submitted.created and submitted.dispatch_lease:
             member = attempt_id(request.job_id, 1)
             try:
                 await asyncio.to_thread(
