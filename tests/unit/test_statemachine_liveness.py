@@ -118,7 +118,11 @@ def hole(model: LedgerModel, job_id: str) -> str:
 
 class GridLifecycle(JobLifecycle):
     def __init__(
-        self, recover_stranded: bool = True, claim_watches: bool = True, requeue_lost: bool = True
+        self,
+        recover_stranded: bool = True,
+        claim_watches: bool = True,
+        requeue_lost: bool = True,
+        scripts_publish: bool = False,
     ) -> None:
         super().__init__()
         self.model = LedgerModel(
@@ -126,6 +130,7 @@ class GridLifecycle(JobLifecycle):
             recover_stranded=recover_stranded,
             claim_watches=claim_watches,
             requeue_lost=requeue_lost,
+            scripts_publish=scripts_publish,
         )
 
     @initialize(
@@ -145,13 +150,14 @@ class GridLifecycle(JobLifecycle):
         probation: bool,
         unpublished: set[str],
     ) -> None:
-        """The workers not ``absent`` are up. The producer publishes each job's first
-        attempt after writing it, unless it died in between (``unpublished``): the
-        dispatch entry is then the watchdog's to publish."""
+        """The workers not ``absent`` are up. On the ledger's Redis (``scripts_publish``)
+        each job's first attempt goes out with the job. On another broker the producer
+        publishes it after writing the job, unless it died in between (``unpublished``):
+        the dispatch entry is then the watchdog's to publish."""
         super().start(jobs, set(WORKERS) - absent, probation)
         for job_id in JOBS:
             member = attempt_id(job_id, 1)
-            if job_id not in unpublished:
+            if job_id not in unpublished and not self.model.scripts_publish:
                 assert self.model.publish_own(member, self.model.dispatch[member].lease)
 
     @property
@@ -529,6 +535,18 @@ class GridLifecycle(JobLifecycle):
 
 GridLifecycle.TestCase.settings = settings(max_examples=400, stateful_step_count=80, deadline=None)
 TestGridLifecycle = GridLifecycle.TestCase
+
+
+class ScriptsPublishGrid(GridLifecycle):
+    """The grid on the ledger's own Redis as the broker: submit publishes attempt 1 with
+    the job, and every other publish goes out inside the end of its dispatch."""
+
+    def __init__(self) -> None:
+        super().__init__(scripts_publish=True)
+
+
+ScriptsPublishGrid.TestCase.settings = GridLifecycle.TestCase.settings
+TestScriptsPublishGrid = ScriptsPublishGrid.TestCase
 
 
 # -- without the fix: hypothesis finds each hole -------------------------------------------
