@@ -949,3 +949,42 @@ def test_a_live_node_is_never_dead_on_the_connection_signal() -> None:
         assert model.watchdog_tick().get("workers_declared_dead", 0) == 0
         assert model.declare_dead("w1", "connection") is None
     assert model.workers["w1"].state is WorkerState.ALIVE
+
+
+def test_on_the_ledgers_redis_a_submitted_job_is_owned_by_its_message_at_once() -> None:
+    """With the scripts publishing, submit writes the job and sends attempt 1 in one step:
+    the job has its message as owner from the first moment, and no dispatch entry (a
+    producer that dies right after submit leaves nothing half done)."""
+    model = LedgerModel(workloads=WORKLOADS, scripts_publish=True)
+    model.submit("j", "batch")
+    assert "j.1" not in model.dispatch
+    (tag,) = model.messages
+    assert model.owners("j") == [f"message {tag} in its queue"]
+    assert model.stats["attempts_published"] == 1
+    model.submit("j", "batch")  # a producer's retry after a lost reply: written once
+    assert list(model.messages) == [tag]
+
+
+def test_on_the_ledgers_redis_a_dispatch_whose_lease_was_taken_sends_nothing() -> None:
+    """With the scripts publishing, the message goes out with the end of the dispatch, and
+    only while the lease is ours: a publisher whose lease lapsed and was taken sends no
+    duplicate; the holder's end sends the one message."""
+    model = LedgerModel(workloads=WORKLOADS, scripts_publish=True)
+    model.submit("j", "batch")
+    model.register("w1")
+    tag = only_message(model)
+    model.deliver(tag, "w1")
+    model.claim("j", 1, "w1", tag=tag)
+    assert model.end_attempt("j", 1, Outcome.WORKER_LOST, "w1") == "retry"
+    model.elapse()  # the backoff passes: the dispatch of attempt 2 is due
+    first = model.begin_dispatch("j.2")
+    assert first is not None
+    model.elapse()  # its lease lapses, and another publisher takes it
+    second = model.begin_dispatch("j.2")
+    assert second is not None
+    sent_before = len(model.messages)
+    assert not model.end_dispatch("j.2", first, message=True)
+    assert len(model.messages) == sent_before
+    assert model.end_dispatch("j.2", second, message=True)
+    assert [m.member for m in model.messages.values()].count("j.2") == 1
+    assert "j.2" not in model.dispatch
