@@ -94,6 +94,12 @@ class MessageRenderer:
         self._channel: Any = None
         self._producer: Any = None
         self._kept: _KeptBatch | None = None
+        self._prefix_args: Any = None
+
+    @property
+    def opened(self) -> bool:
+        """Whether the channel is open: from then on a rendering does no I/O."""
+        return self._channel is not None
 
     def _open(self) -> None:
         from kombu.messaging import Producer
@@ -106,6 +112,8 @@ class MessageRenderer:
         transport.Channel = _keeping_channel(transport.Channel, self._keep_batch)
         channel = connection.default_channel
         self._connection, self._channel = connection, channel
+        # kombu's global_keyprefix, as its client adds it (absent without a prefix).
+        self._prefix_args = getattr(channel.client, "_prefix_args", None)
         self._producer = Producer(channel, auto_declare=False)  # type: ignore[no-untyped-call]
 
     def _keep_batch(self, channel: Any) -> _KeptBatch:
@@ -133,12 +141,12 @@ class MessageRenderer:
                     declare=[],
                 )
             kept, self._kept = self._kept, None
+            prefix_args = self._prefix_args
         assert kept is not None  # the batch above asked for it
-        prefix_args = getattr(self._channel.client, "_prefix_args", None)
         commands = []
         for name, command_args in kept.commands:
             call = [name.upper(), *command_args]
-            if prefix_args is not None:  # kombu's global_keyprefix, as its client adds it
+            if prefix_args is not None:
                 call = prefix_args(call)
             command, key, value = call
             if command not in PUBLISH_COMMANDS:
