@@ -21,7 +21,9 @@ from typing import Any
 import pytest
 import redis
 from celery import Celery
+from kombu.exceptions import OperationalError
 
+from gridqueue import GridQueue
 from gridqueue.brokers.rendering import MessageRenderer, RenderedMessage
 from gridqueue.celeryapp import PRIORITY_STEPS, TASK_NAME, make_celery, priority_lists
 from gridqueue.dispatch import Dispatcher
@@ -123,9 +125,7 @@ def test_the_rendered_message_is_what_send_task_publishes(
     assert mine[1][1].endswith("celeryev/task.sent")
 
 
-def test_without_events_no_task_sent_event_is_rendered(
-    redis_url: str, client: redis.Redis
-) -> None:
+def test_without_events_no_task_sent_event_is_rendered(redis_url: str, client: redis.Redis) -> None:
     """With Celery's events off (``GRIDQUEUE_CELERY_EVENTS=0``), send_task publishes no
     task-sent event, and neither does the rendering."""
     app = _app(redis_url, events=False)
@@ -193,3 +193,25 @@ def test_the_dispatcher_renders_each_attempt_at_its_classs_priority(
             client.flushdb()
     finally:
         app.close()
+
+
+def test_a_submit_whose_message_cannot_be_rendered_is_left_to_its_dispatch_lease(
+    gq: GridQueue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rendering that fails (kombu cannot open its channel: the broker is down) does not
+    fail the submit: the job is written under a dispatch lease, as on a broker the
+    scripts cannot reach, and the watchdog publishes it when the lease lapses."""
+
+    def broker_down(*args: Any, **kwargs: Any) -> Any:
+        raise OperationalError("connection refused")
+
+    renderer = gq.dispatcher.renderer
+    assert renderer is not None
+    monkeypatch.setattr(renderer, "render", broker_down)
+    monkeypatch.setattr(gq.app, "send_task", broker_down)  # the lease path's publish too
+    job = gq.submit("sim-llm", {"prompt": "later"}, workload="batch")
+    member = attempt_id(job.id, 1)
+    assert job.created
+    assert gq.ledger.client.zscore(gq.ledger.keys.dispatch, member) is not None
+    assert gq.ledger.client.zscore(gq.ledger.keys.published, member) is None
+    assert sum(int(gq.ledger.client.llen(name)) for name in priority_lists(QUEUE)) == 0
