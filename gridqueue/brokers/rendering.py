@@ -14,6 +14,11 @@ the batch its final Redis commands (``LPUSH`` on the priority list ``_q_for_pri`
 queue), and the batch keeps them instead of sending them. What the script runs is what
 kombu would have sent, field for field, so a kombu or Celery upgrade cannot make the two
 drift apart unnoticed (``tests/integration/test_message_rendering.py`` compares them).
+
+One difference a Celery user could see: Celery's ``before_task_publish`` and
+``after_task_publish`` signals fire when the message is rendered, whether or not the
+script then publishes it (a submit that finds its job already written, a dispatch whose
+lease was taken meanwhile).
 """
 
 from __future__ import annotations
