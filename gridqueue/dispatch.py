@@ -68,11 +68,13 @@ class Dispatcher:
 
     def publish_own(self, member: str, model: str, workload: str, lease: str) -> bool:
         """Publish attempt 1 under the lease its producer got from submit (the dispatch
-        entry's score): the lease is the producer's until the grace passes, so it is not
-        taken again first. Should the grace have passed meanwhile, or the job have ended,
-        the message may be a second one or a stale one: the claim refuses either, as it
-        refuses any duplicate. The entry stays until :meth:`Ledger.end_dispatch` finds the
-        lease still its own."""
+        entry's score): the submit path of a broker the ledger's scripts cannot reach (on
+        the ledger's Redis, submit publishes attempt 1 itself and writes no lease). The
+        lease is the producer's until the grace passes, so it is not taken again first.
+        Should the grace have passed meanwhile, or the job have ended, the message may be
+        a second one or a stale one: the claim refuses either, as it refuses any
+        duplicate. The entry stays until :meth:`Ledger.end_dispatch` finds the lease still
+        its own."""
         return self._send(DispatchLease(member, model, workload, lease))
 
     def publish_many(self, members: list[str]) -> int:
