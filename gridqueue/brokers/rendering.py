@@ -147,7 +147,8 @@ class MessageRenderer:
                 )
             kept, self._kept = self._kept, None
             prefix_args = self._prefix_args
-        assert kept is not None  # the batch above asked for it
+        if kept is None:  # kombu published outside the batch: nothing to hand the script
+            raise RuntimeError("kombu did not publish through the renderer's batch")
         commands = []
         for name, command_args in kept.commands:
             call = [name.upper(), *command_args]
