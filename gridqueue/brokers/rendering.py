@@ -112,7 +112,7 @@ class MessageRenderer:
         connection = self.app.connection_for_write()
         transport = connection.transport
         # This connection's channels keep what a publish batch would send: kombu asks the
-        # channel for the batch session when a batch starts. Built on the transport's own
+        # channel for the batch object when a batch starts. Built on the transport's own
         # channel class (Redis or Sentinel), so routing and key names stay kombu's.
         transport.Channel = _keeping_channel(transport.Channel, self._keep_batch)
         channel = connection.default_channel
