@@ -7,16 +7,18 @@ reads are the sync client's own (:func:`gridqueue.client.prepare_submit`,
 :func:`gridqueue.ledger.submitted_from_reply`, :func:`gridqueue.ledger.parse_stream`);
 only the I/O differs.
 
-Publishing attempt 1 is kombu's work, and kombu is synchronous: it runs in a worker
-thread (``asyncio.to_thread``) through the sync :class:`~gridqueue.dispatch.Dispatcher`,
-so the event loop never blocks on the broker. As with the sync client, a publish that
-fails is not an error: the job is in the ledger, and the watchdog publishes it once the
-dispatch grace has passed.
+On the ledger's Redis as the broker, attempt 1's message goes out inside the submit
+script, as with the sync client. On another broker publishing it is kombu's work, and
+kombu is synchronous: it runs in a worker thread (``asyncio.to_thread``) through the sync
+:class:`~gridqueue.dispatch.Dispatcher`, so the event loop never blocks on the broker. As
+with the sync client, a publish that fails is not an error: the job is in the ledger, and
+the watchdog publishes it once the dispatch grace has passed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import AsyncIterator
 from typing import Any, cast
@@ -136,7 +138,17 @@ class AsyncGridQueue:
         """As :meth:`gridqueue.client.GridQueue.submit`."""
         ledger = self.sync.ledger
         request = prepare_submit(ledger, model, payload, workload, deadline_s, idempotency_key)
-        args = [*ledger.fixed_args, *ledger.submit_args(*request.args)]
+        # On the Redis broker attempt 1's message goes out with the submit script. A
+        # rendering does no I/O once the renderer's channel is open; opening it does, so the
+        # first one runs in a worker thread.
+        dispatcher = self.sync.dispatcher
+        render = functools.partial(
+            dispatcher.render, attempt_id(request.job_id, 1), model, workload
+        )
+        renderer = dispatcher.renderer
+        opened = renderer is None or renderer.opened
+        message = render() if opened else await asyncio.to_thread(render)
+        args = [*ledger.fixed_args, *ledger.submit_args(*request.args, message)]
 
         need = self.settings.redis_min_replicas
         replicated = True
@@ -156,7 +168,7 @@ class AsyncGridQueue:
         submitted = submitted_from_reply(model, await _retrying(run_script))
         if not replicated:
             raise ledger.unreplicated_submit(submitted.job_id)
-        if submitted.created:
+        if submitted.created and submitted.dispatch_lease:
             member = attempt_id(request.job_id, 1)
             try:
                 await asyncio.to_thread(

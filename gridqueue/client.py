@@ -1,9 +1,12 @@
 """The producer client: ``GridQueue.submit()`` and the job handle it returns.
 
-``submit()`` validates everything before it writes anything, then writes the job and its
-dispatch promise in one ledger step, then publishes attempt 1. If the process dies between
-the two, the watchdog publishes once the dispatch grace has passed: ``submit()`` either
-raises or returns a job that is in the ledger and will run.
+``submit()`` validates everything before it writes anything, then writes the job in one
+ledger step. On the ledger's own Redis as the broker (the default) that step publishes
+attempt 1's message too: one round trip, and a job that is written has its message out.
+On another broker the step writes a dispatch promise and ``submit()`` then publishes
+attempt 1; if the process dies between the two, the watchdog publishes once the dispatch
+grace has passed. Either way ``submit()`` raises or returns a job that is in the ledger
+and will run.
 """
 
 from __future__ import annotations
@@ -86,7 +89,7 @@ class SubmitRequest:
     wait_for_capacity: bool
 
     @property
-    def args(self) -> tuple[Any, ...]:
+    def args(self) -> tuple[str, str, str, str, int, str | None, bool]:
         return (
             self.job_id,
             self.model,
@@ -258,8 +261,9 @@ class GridQueue:
         """Accept a job. Raises an InvalidJobError before writing anything if the input
         is wrong; otherwise the job is in the ledger and will reach a terminal state."""
         request = prepare_submit(self.ledger, model, payload, workload, deadline_s, idempotency_key)
-        submitted = retry_redis(self.ledger.submit)(*request.args)
-        if submitted.created:
+        message = self.dispatcher.render(attempt_id(request.job_id, 1), model, workload)
+        submitted = retry_redis(self.ledger.submit)(*request.args, message)
+        if submitted.created and submitted.dispatch_lease:
             # The job is in the ledger: from here on submit() returns its handle, whatever
             # the publish does. Raising now would tell the caller that a job that exists,
             # and will run, did not; a retry without an idempotency key would run it twice.

@@ -22,6 +22,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_exponential_jitter
 
+from gridqueue.brokers.rendering import RenderedMessage
 from gridqueue.celeryapp import PRIORITY_STEPS, QUEUE_SEP
 from gridqueue.connection import RedisTarget
 from gridqueue.errors import (
@@ -124,7 +125,8 @@ def connect_redis(target: str | RedisTarget) -> redis.Redis:
 class Submitted:
     job_id: str
     created: bool
-    dispatch_lease: str = ""  # the producer's lease on attempt 1's publish
+    # The producer's lease on attempt 1's publish; '' when submit published it itself.
+    dispatch_lease: str = ""
 
 
 @dataclass(frozen=True)
@@ -298,8 +300,11 @@ class Ledger:
         deadline_in_ms: int,
         idempotency_key: str | None,
         wait_for_capacity: bool = True,
+        message: RenderedMessage | None = None,
     ) -> Submitted:
-        """Write a job and its dispatch promise, leased to this producer for the grace.
+        """Write a job and its dispatch promise, leased to this producer for the grace;
+        or, given attempt 1's ``message`` (the broker is this Redis), write the job and
+        publish the message in the same step, with no promise left to keep.
 
         Raises DoesNotFitError if no registered GPU can hold the model, and (unless
         ``wait_for_capacity``) NoCapacityError if no live, unquarantined worker serves it.
@@ -315,6 +320,7 @@ class Ledger:
                 deadline_in_ms,
                 idempotency_key,
                 wait_for_capacity,
+                message,
             ),
         )
         submitted = submitted_from_reply(model, reply)
@@ -343,6 +349,7 @@ class Ledger:
         deadline_in_ms: int,
         idempotency_key: str | None,
         wait_for_capacity: bool = True,
+        message: RenderedMessage | None = None,
     ) -> tuple[str | int, ...]:
         """The submit script's own arguments (shared with the asyncio client)."""
         return (
@@ -356,6 +363,7 @@ class Ledger:
             int(self.settings.dispatch_grace_s * 1000),
             "1" if wait_for_capacity else "0",
             *self._watch_ms(workload),
+            *(message.args if message else ()),
         )
 
     def script_source(self, name: str) -> str:
@@ -910,8 +918,12 @@ class Ledger:
             return None
         return DispatchLease(member, reply[1], reply[2], reply[3])
 
-    def end_dispatch(self, lease: DispatchLease) -> None:
-        self._call("end_dispatch", lease.member, lease.lease)
+    def end_dispatch(self, lease: DispatchLease, message: RenderedMessage | None = None) -> bool:
+        """The attempt is published: list it so, if the lease is still ours. With its
+        ``message`` (the broker is this Redis), publish it in the same step, and only
+        then. Returns whether the lease was still ours."""
+        args = message.args if message else ()
+        return bool(self._call("end_dispatch", lease.member, lease.lease, *args))
 
     def begin_dispatch_many(self, members: list[str]) -> list[DispatchLease | None]:
         """:meth:`begin_dispatch` for many attempts, in one round trip."""
@@ -924,14 +936,19 @@ class Ledger:
             for member, r in zip(members, pipe.execute(), strict=True)
         ]
 
-    def end_dispatch_many(self, leases: list[DispatchLease]) -> None:
-        """:meth:`end_dispatch` for many leases, in one round trip."""
+    def end_dispatch_many(
+        self, leases: list[DispatchLease], messages: Sequence[RenderedMessage | None] = ()
+    ) -> list[bool]:
+        """:meth:`end_dispatch` for many leases (each with its message, if given), in one
+        round trip."""
         if not leases:
-            return
+            return []
         pipe = self.client.pipeline(transaction=False)
-        for lease in leases:
-            self.queue_call(pipe, "end_dispatch", lease.member, lease.lease)
-        pipe.execute()
+        for i, lease in enumerate(leases):
+            message = messages[i] if messages else None
+            args = message.args if message else ()
+            self.queue_call(pipe, "end_dispatch", lease.member, lease.lease, *args)
+        return [bool(reply) for reply in pipe.execute()]
 
     def sweep_deliveries(self, token: str, batch: int = 256) -> list[str]:
         """Recover deliveries whose consumer died before claiming them (see

@@ -321,6 +321,11 @@ class LedgerModel:
     recover_stranded: bool = True
     claim_watches: bool = True
     requeue_lost: bool = True
+    # The broker is the ledger's own Redis, so the ledger's scripts publish: submit sends
+    # attempt 1's message in the step that writes the job (no dispatch entry), and a
+    # dispatch sends inside end_dispatch, only while its lease is still ours. Off: another
+    # broker (RabbitMQ), where the producer publishes under the lease submit wrote.
+    scripts_publish: bool = False
     stall_quarantine_after: int = 3  # stalls of one node that quarantine (drain) it
     dispatch: dict[str, DispatchEntry] = field(default_factory=dict)  # attempt id -> entry
     liveness: dict[str, bool] = field(default_factory=dict)  # attempt id -> lapsed
@@ -335,14 +340,21 @@ class LedgerModel:
     def submit(
         self, job_id: str, workload: str, has_deadline: bool = False, passed: bool = False
     ) -> JobModel:
-        """A producer retrying after a lost reply sends the same id: written once. The
-        dispatch entry is the producer's promise to publish: leased to it (``lease``) until
-        the dispatch grace has passed, then due for the watchdog."""
+        """A producer retrying after a lost reply sends the same id: written once. With
+        ``scripts_publish``, attempt 1's message goes out in the same step (``submit.lua``
+        given the rendered message) and the attempt is published. Otherwise the dispatch
+        entry is the producer's promise to publish: leased to it (``lease``) until the
+        dispatch grace has passed, then due for the watchdog."""
         if (job := self.jobs.get(job_id)) is None:
             job = JobModel(job_id, workload, has_deadline, has_deadline and passed)
             self.jobs[job_id] = job
-            self.serial += 1
-            self.dispatch[attempt_id(job_id, 1)] = DispatchEntry(due=False, lease=self.serial)
+            if self.scripts_publish:
+                self.send(attempt_id(job_id, 1))
+                self.stats["attempts_published"] += 1
+            else:
+                self.serial += 1
+                entry = DispatchEntry(due=False, lease=self.serial)
+                self.dispatch[attempt_id(job_id, 1)] = entry
         return job
 
     def can_take(self, worker: str) -> bool:
@@ -715,12 +727,16 @@ class LedgerModel:
         self.dispatch[member] = DispatchEntry(due=False, lease=self.serial)
         return self.serial
 
-    def end_dispatch(self, member: str, lease: int) -> bool:
+    def end_dispatch(self, member: str, lease: int, message: bool = False) -> bool:
         """``end_dispatch.lua``: drop the entry only if it still holds our lease (a refused
-        claim may have asked for a new publish meanwhile, and that request must survive)."""
+        claim may have asked for a new publish meanwhile, and that request must survive).
+        With the attempt's ``message`` (``scripts_publish``), send it in the same step, and
+        only then: a lease lost means its holder publishes."""
         entry = self.dispatch.get(member)
         if entry is None or entry.lease != lease:
             return False
+        if message:
+            self.send(member)
         del self.dispatch[member]
         self.stats["attempts_published"] += 1
         return True
@@ -810,20 +826,25 @@ class LedgerModel:
         return self.serial
 
     def publish(self, member: str, own_lease: int = 0) -> bool:
-        """``Dispatcher.publish``: lease, send, then drop the entry."""
+        """``Dispatcher.publish``: lease, send, then drop the entry; with
+        ``scripts_publish``, lease, then send and drop the entry in one step while the lease
+        is ours."""
         lease = self.begin_dispatch(member, own_lease)
         if lease is None:
             return False
+        if self.scripts_publish:
+            return self.end_dispatch(member, lease, message=True)
         self.send(member)
         self.end_dispatch(member, lease)
         return True
 
     def publish_own(self, member: str, lease: int) -> bool:
-        """``Dispatcher.publish_own``, the producer's publish of attempt 1: it holds the
-        lease submit wrote, so it sends without taking it again, then drops the entry if
-        the lease is still its own. A lease that lapsed and was taken by another publisher,
-        or an attempt no longer queued, makes this message a duplicate or a stale one,
-        which the claim refuses."""
+        """``Dispatcher.publish_own``, the producer's publish of attempt 1 on a broker the
+        scripts cannot reach (not ``scripts_publish``): it holds the lease submit wrote,
+        so it sends without taking it again, then drops the entry if the lease is still
+        its own. A lease that lapsed and was taken by another publisher, or an attempt no
+        longer queued, makes this message a duplicate or a stale one, which the claim
+        refuses."""
         self.send(member)
         self.end_dispatch(member, lease)
         return True

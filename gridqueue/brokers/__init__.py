@@ -7,7 +7,8 @@ The ledger always lives on Redis. The attempts' messages go to the broker that
 
 - the Celery/kombu configuration for that broker (per-model queues, requeued attempts
   ahead of fresh work, acks_late, prefetch 1, JSON only);
-- how an attempt's priority is written on its message;
+- how an attempt's priority is written on its message, and who publishes it (the ledger's
+  scripts, when the broker is the ledger's own Redis; Celery's ``send_task`` otherwise);
 - what the worker process must change in the transport before it consumes;
 - what a stranded delivery, or a message that is nowhere, means on that broker, and how
   the watchdog takes such an attempt back;
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING, Protocol
 if TYPE_CHECKING:
     from celery import Celery
 
+    from gridqueue.brokers.rendering import MessageRenderer
     from gridqueue.connection import RedisTarget
     from gridqueue.ledger import Ledger
     from gridqueue.settings import Settings
@@ -86,6 +88,11 @@ class Broker(Protocol):
 
     def prepare_worker(self) -> None:
         """Adjust the transport in a worker process before it consumes."""
+
+    def message_renderer(self, app: Celery) -> MessageRenderer | None:
+        """Where the broker is the ledger's own Redis: what renders an attempt's message
+        for the ledger's scripts to publish, in the step that publishes the attempt.
+        None elsewhere: the producer and the watchdog publish with ``send_task``."""
 
     def recover_stranded(self, ledger: Ledger, token: str) -> list[str]:
         """Take back deliveries whose consumer died before claiming; returns the attempts

@@ -225,6 +225,10 @@ class AmqpBroker:
     def prepare_worker(self) -> None:
         """Nothing to change: RabbitMQ's redelivery is harmless (the claim fences it)."""
 
+    def message_renderer(self, app: Celery) -> None:
+        """The ledger's scripts cannot reach RabbitMQ: ``send_task`` publishes."""
+        return None
+
     def recover_stranded(self, ledger: Ledger, token: str) -> list[str]:
         return []  # the broker redelivers a dead consumer's messages itself, at once
 

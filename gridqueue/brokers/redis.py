@@ -17,6 +17,7 @@ from gridqueue.connection import RedisTarget
 if TYPE_CHECKING:
     from celery import Celery
 
+    from gridqueue.brokers.rendering import MessageRenderer
     from gridqueue.ledger import Ledger
 
 
@@ -46,6 +47,13 @@ class RedisBroker:
 
     def message_priority(self, step: int) -> int:
         return step  # kombu's Redis transport serves step 0 first
+
+    def message_renderer(self, app: Celery) -> MessageRenderer:
+        """This broker is the ledger's own server and db (it is built from the ledger's
+        target), so the ledger's scripts publish the messages."""
+        from gridqueue.brokers.rendering import MessageRenderer
+
+        return MessageRenderer(app)
 
     def name_connections(self, app: Celery, client_name: str) -> None:
         """``CLIENT SETNAME`` on every connection kombu opens."""

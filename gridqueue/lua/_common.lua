@@ -347,3 +347,18 @@ local function quarantine(name, by, reason, mode, outcome, sign_ms)
                               'attempts_moved', #moved})
   return #moved
 end
+
+-- An attempt's Celery message, rendered by gridqueue/brokers/rendering.py: the Redis
+-- commands kombu's Redis transport would have sent (LPUSH on the queue's priority list,
+-- PUBLISH of the task-sent event, PEXPIRE of an expiring queue), as (command, key,
+-- value) triples from ARGV[first] on. Only those commands are run.
+local PUBLISH_COMMANDS = {LPUSH = true, PUBLISH = true, PEXPIRE = true}
+local function publish_message(first)
+  for i = first, #ARGV, 3 do
+    local command = ARGV[i]
+    if not PUBLISH_COMMANDS[command] then
+      return redis.error_reply('publish_message: ' .. tostring(command) .. ' is not a publish')
+    end
+    redis.call(command, ARGV[i + 1], ARGV[i + 2])
+  end
+end

@@ -1,8 +1,12 @@
 -- submit(id, model, workload, payload, deadline_in_ms, idempotency_key, idempotency_ttl_s,
---        dispatch_grace_ms, wait_for_capacity, liveness_ms, stall_ms)
+--        dispatch_grace_ms, wait_for_capacity, liveness_ms, stall_ms[, message...])
 --   -> {job_id, 'created', dispatch_lease} | {job_id, 'existing'} | {'does_not_fit', json}
 --      | {'no_capacity', json}
 -- liveness_ms and stall_ms are the class's watch timeouts: the claim registers them.
+-- message: attempt 1's Celery message as kombu's Redis transport would publish it
+-- (command, key, value triples; see gridqueue/brokers/rendering.py), when the broker is
+-- this Redis. Then the job and its message go out together, and there is no dispatch
+-- entry (dispatch_lease is ''); without it the producer publishes under the lease.
 local id, model, workload, payload = ARGV[7], ARGV[8], ARGV[9], ARGV[10]
 local deadline_in_ms = tonumber(ARGV[11])
 local idem, idem_ttl_s, grace_ms = ARGV[12], tonumber(ARGV[13]), tonumber(ARGV[14])
@@ -75,9 +79,17 @@ move_state(id, nil, 'QUEUED', {'id', id, 'model', model, 'workload', workload,
   'payload', payload, 'attempt', 1, 'created_ms', NOW, 'deadline_ms', deadline,
   'idempotency_key', idem, 'liveness_ms', liveness_ms, 'stall_ms', stall_ms,
   'a:1', cjson.encode({n = 1, queued_ms = NOW})})
+emit('submitted', {'job', id, 'attempt', 1, 'model', model, 'workload', workload})
+if #ARGV >= 18 then
+  -- The message is out in this same step: the attempt is published (as end_dispatch
+  -- lists it) and its message owns it.
+  publish_message(18)
+  redis.call('ZADD', key_published(NS), NOW, id .. '.1')
+  bump('attempts_published')
+  return {id, 'created', ''}
+end
 -- The dispatch entry is the producer's promise to publish: if it dies before it does,
 -- the watchdog publishes once the grace has passed.
 -- The score is the producer's lease: only it may publish before the grace has passed.
 redis.call('ZADD', key_dispatch(NS), NOW + grace_ms, id .. '.1')
-emit('submitted', {'job', id, 'attempt', 1, 'model', model, 'workload', workload})
 return {id, 'created', tostring(NOW + grace_ms)}

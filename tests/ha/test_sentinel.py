@@ -8,6 +8,7 @@ process follows it without a restart, and every acknowledged job ends, once.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -22,9 +23,11 @@ from starlette.exceptions import StarletteDeprecationWarning
 
 from gridqueue import GridQueue
 from gridqueue.audit import Seen, audit
+from gridqueue.celeryapp import priority_lists
 from gridqueue.embedded_sentinel import EmbeddedSentinelSet
 from gridqueue.errors import GridQueueError, JobEndedError, ReplicationTimeoutError
 from gridqueue.fleet import LocalFleet
+from gridqueue.keys import queue_for_model
 from gridqueue.settings import Settings
 from tests.helpers import wait_for
 
@@ -147,10 +150,18 @@ def test_durable_submit_fails_clearly_without_a_replica(
         assert raised.value.job_id
         assert "replica" in str(raised.value)
         assert gq.ledger.get(raised.value.job_id).state.value == "QUEUED"
-        # It still has an owner that will move it: its dispatch promise, which the watchdog
-        # publishes once the grace is over (the producer never published it).
+        # It still has an owner that will move it: its message, which the submit script
+        # pushed with the job (the broker is the ledger's Redis, through the Sentinels).
         member = f"{raised.value.job_id}.1"
-        assert gq.ledger.client.zscore(gq.ledger.keys.dispatch, member) is not None
+        assert gq.ledger.client.zscore(gq.ledger.keys.dispatch, member) is None
+        assert gq.ledger.client.zscore(gq.ledger.keys.published, member) is not None
+        queue = queue_for_model(settings.namespace, "sim-llm")
+        waiting = [
+            json.loads(raw)["headers"]["id"]
+            for name in priority_lists(queue)
+            for raw in gq.ledger.client.lrange(name, 0, -1)
+        ]
+        assert waiting == [member]
     finally:
         gq.close()
 

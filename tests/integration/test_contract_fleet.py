@@ -243,7 +243,7 @@ class BlipAfterCommitLedger(Ledger):
     def begin_dispatch(self, member: str, own_lease: str = "") -> Any:
         raise redis.ConnectionError("connection reset by peer")
 
-    def end_dispatch(self, lease: DispatchLease) -> None:
+    def end_dispatch(self, lease: DispatchLease, message: Any = None) -> bool:
         raise redis.ConnectionError("connection reset by peer")
 
 
@@ -255,11 +255,13 @@ def _connection_reset(*args: Any, **kwargs: Any) -> Any:
 def test_submit_returns_the_handle_of_a_committed_job_whatever_the_publish_does(
     fleet: LocalFleet, settings: Settings, monkeypatch: pytest.MonkeyPatch, message_sent: bool
 ) -> None:
-    """The blip either takes the broker's connection (the same Redis) too, and the message
-    never goes out, or comes after the message is out and before its dispatch entry is
-    ended: the entry lingers, and whatever a second publish sends, the claim refuses."""
+    """On the send_task path (a broker the ledger's scripts cannot reach, as RabbitMQ),
+    the blip either takes the broker's connection too, and the message never goes out,
+    or comes after the message is out and before its dispatch entry is ended: the entry
+    lingers, and whatever a second publish sends, the claim refuses."""
     gq = GridQueue(settings=settings)
     gq.ledger = BlipAfterCommitLedger(gq.ledger.client, settings)
+    gq.dispatcher.renderer = None  # the send_task path
     if not message_sent:
         monkeypatch.setattr(gq.app, "send_task", _connection_reset)
     try:
@@ -270,6 +272,30 @@ def test_submit_returns_the_handle_of_a_committed_job_whatever_the_publish_does(
         fleet.start_watchdog()
         fleet.start_worker("w1")
         assert gq.job(job.id).result(timeout=60)["text"] == complete_text("committed")
+        assert len(gq.get(job.id).attempts) == 1
+    finally:
+        gq.close()
+
+
+def test_a_submit_on_the_ledgers_redis_has_its_message_out_when_it_returns(
+    fleet: LocalFleet, settings: Settings
+) -> None:
+    """On the ledger's own Redis as the broker, submit is one step: the job and attempt
+    1's message are written together, so a blip right after the commit (no other ledger
+    step works) leaves nothing to publish: no dispatch entry, the message in its queue,
+    and the job runs once a worker comes, with no watchdog."""
+    gq = GridQueue(settings=settings)
+    gq.ledger = BlipAfterCommitLedger(gq.ledger.client, settings)
+    try:
+        job = gq.submit("sim-llm", {"prompt": "one step", "ms": 20}, workload="batch")
+        member = attempt_id(job.id, 1)
+        assert gq.get(job.id).state is JobState.QUEUED
+        assert gq.ledger.client.zscore(gq.ledger.keys.dispatch, member) is None
+        assert gq.ledger.client.zscore(gq.ledger.keys.published, member) is not None
+        queue = queue_for_model(settings.namespace, "sim-llm")
+        assert sum(int(gq.ledger.client.llen(name)) for name in priority_lists(queue)) == 1
+        fleet.start_worker("w1")
+        assert gq.job(job.id).result(timeout=60)["text"] == complete_text("one step")
         assert len(gq.get(job.id).attempts) == 1
     finally:
         gq.close()

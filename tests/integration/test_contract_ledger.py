@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from gridqueue.brokers.rendering import RenderedMessage
 from gridqueue.celeryapp import priority_lists
 from gridqueue.dispatch import Dispatcher
 from gridqueue.errors import DoesNotFitError, NoCapacityError, WorkerNameInUseError
@@ -641,24 +642,34 @@ def test_a_racks_lost_attempts_are_ended_and_published_in_batches(settings: Sett
 
 
 class OneMessageFails(Dispatcher):
-    """kombu refusing one message of a batch (``_message`` is where its errors land)."""
+    """kombu refusing one message of a batch: ``_message`` is where its errors land on
+    the send_task path, ``render`` on the path where the ledger's script publishes."""
 
     failing = ""
 
     def _message(self, lease: DispatchLease, producer: object = None) -> bool:
         return lease.member != self.failing and super()._message(lease, producer)
 
+    def render(self, member: str, model: str, workload: str) -> RenderedMessage | None:
+        return None if member == self.failing else super().render(member, model, workload)
 
-def test_an_attempt_whose_batched_publish_fails_keeps_its_owner(settings: Settings) -> None:
+
+@pytest.mark.parametrize("scripts_publish", [True, False], ids=["script", "send_task"])
+def test_an_attempt_whose_batched_publish_fails_keeps_its_owner(
+    settings: Settings, scripts_publish: bool
+) -> None:
     """One message of a batched publish fails: the others are published, and the failed
     attempt keeps its leased dispatch entry, so the watchdog publishes it once the lease
-    lapses. An attempt with neither entry would wait for nobody."""
+    lapses. An attempt with neither entry would wait for nobody. Whether the ledger's
+    script publishes (the Redis broker) or ``send_task`` does (as on RabbitMQ)."""
     watchdog = Watchdog(settings, owner="tick-test")
     ledger = watchdog.ledger
     register(ledger, "w1")
     members = [attempt_id(submit(ledger, f"batch-{i}"), 1) for i in range(3)]
     ledger.client.zadd(ledger.keys.dispatch, dict.fromkeys(members, 0))  # all due
     dispatcher = OneMessageFails(ledger, watchdog.dispatcher.app)
+    if not scripts_publish:
+        dispatcher.renderer = None
     dispatcher.failing = members[1]
 
     assert dispatcher.publish_many(members) == 2

@@ -167,6 +167,9 @@ def test_flower_shows_every_worker_online_and_each_attempt_in_its_true_state(
 
     succeeded = wait_for(lambda: live.task_in(attempt_id(ok.id, 1), "SUCCESS"), BOUND_S)
     assert succeeded["worker"] in NODES
+    # The task-sent event (published by the submit script on the Redis broker) reached
+    # Flower: it knows when the attempt was sent, as it would from send_task.
+    assert succeeded["sent"], succeeded
     failed = wait_for(lambda: live.task_in(attempt_id(invalid.id, 1), "FAILURE"), BOUND_S)
     assert "invalid_input" in failed["exception"] and "job FAILED" in failed["exception"]
     # The child died under attempt 1 (Celery says only "rejected"): Flower shows the

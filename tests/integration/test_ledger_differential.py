@@ -44,6 +44,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import initialize, run_state_machine_as_test
 
+from gridqueue.brokers.rendering import RenderedMessage
 from gridqueue.embedded import EmbeddedRedis
 from gridqueue.errors import (
     InvalidJobError,
@@ -163,15 +164,36 @@ class MirroredLedger(LedgerModel):
         payload = dumps({"job": job_id})
         created = job_id not in self.jobs
         self.lease_later()
-        reply = self.ledger.submit(job_id, "sim-llm", workload, payload, deadline_in_ms, None)
+        message = self.message(attempt_id(job_id, 1)) if self.scripts_publish else None
+        reply = self.ledger.submit(
+            job_id, "sim-llm", workload, payload, deadline_in_ms, None, message=message
+        )
         assert (reply.job_id, reply.created) == (job_id, created)
         if deadline_in_ms == 1:
             time.sleep(0.003)  # the 1 ms deadline has passed on the server clock
         job = super().submit(job_id, workload, has_deadline, passed)
-        if created:
-            member = attempt_id(job_id, 1)
+        member = attempt_id(job_id, 1)
+        if created and self.scripts_publish:
+            assert reply.dispatch_lease == "", "a submit that publishes holds no lease"
+            self.same_message(member)
+        elif created:
             self.leased(member, self.dispatch[member].lease, reply.dispatch_lease)
         return cast(JobModel, self.checked(job))
+
+    def message(self, member: str) -> RenderedMessage:
+        """A stand-in for the attempt's Celery message, on its model's queue: the scripts
+        push what they are given, and the model's next delivery tag marks it."""
+        queue = queue_for_model(self.ledger.settings.namespace, "sim-llm")
+        body = json.dumps({"member": member, "tag": self.serial + 1})
+        return RenderedMessage((("LPUSH", queue, body),))
+
+    def same_message(self, member: str) -> None:
+        """The model sent a message for ``member`` just now: the script pushed it."""
+        tag = self.serial
+        assert self.messages[tag].member == member
+        queue = queue_for_model(self.ledger.settings.namespace, "sim-llm")
+        head = self.client.lindex(queue, 0)
+        assert json.loads(head or "{}") == {"member": member, "tag": tag}, "message pushed"
 
     def claim(self, job_id: str, n: int, worker: str, pid: int = 0, tag: int | None = None) -> str:
         status = super().claim(job_id, n, worker, pid, tag)
@@ -342,10 +364,20 @@ class MirroredLedger(LedgerModel):
             self.leased(member, lease, taken.lease)
         return cast("int | None", self.checked(lease))
 
-    def end_dispatch(self, member: str, lease: int) -> bool:
-        dropped = super().end_dispatch(member, lease)
-        self.ledger.end_dispatch(DispatchLease(member, "", "", str(self.leases[lease])))
-        return cast(bool, self.checked(dropped))  # the reply is read from the index
+    def end_dispatch(self, member: str, lease: int, message: bool = False) -> bool:
+        sent = self.message(member) if message else None
+        queue = queue_for_model(self.ledger.settings.namespace, "sim-llm")
+        before = self.client.llen(queue)
+        dropped = super().end_dispatch(member, lease, message)
+        ended = self.ledger.end_dispatch(
+            DispatchLease(member, "", "", str(self.leases[lease])), sent
+        )
+        assert ended == dropped, (member, lease)
+        # The message goes out with the end of the dispatch, and only with it.
+        assert self.client.llen(queue) == before + (1 if message and dropped else 0)
+        if message and dropped:
+            self.same_message(member)
+        return cast(bool, self.checked(dropped))
 
     def stall(self, member: str, kind: str) -> str:
         job = self.jobs.get(member_job(member))
@@ -699,14 +731,17 @@ def apply(mirror: MirroredLedger, op: Op) -> None:
             # With its own lease: the last one written for the attempt (the producer's).
             own = [lease for leased, lease in mirror.issued if leased == member]
             if verb == "publish_own":
-                if own:  # the producer's publish, under the lease it holds (or held)
+                # The producer's publish, under the lease it holds (or held), on a broker
+                # the scripts cannot reach.
+                if own and not mirror.scripts_publish:
                     mirror.publish_own(member, own[-1])
             else:
                 lease = own[-1] if rest[0] and own else 0
                 getattr(mirror, verb)(member, lease)
     elif verb == "end_dispatch":
         if mirror.issued:
-            mirror.end_dispatch(*mirror.issued[args[0] % len(mirror.issued)])
+            member, lease = mirror.issued[args[0] % len(mirror.issued)]
+            mirror.end_dispatch(member, lease, mirror.scripts_publish)
     elif verb in ("deliver", "run", "ack", "reject", "child_died"):
         state = QUEUED if verb == "deliver" else DELIVERED
         tag = nth([t for t, m in sorted(mirror.messages.items()) if m.state == state], args[0])
@@ -877,26 +912,37 @@ DISPATCH_AND_DELIVERIES: list[Op] = [
     probation=False,
     setup=[("batch", "none"), ("batch", "none"), ("batch", "none")],
     ops=STRANGER_FAILURE_REPORT,
+    scripts_publish=False,
 )
 @example(
     probation=False,
     setup=[("fragile", "none"), ("batch", "far"), ("realtime", "passed")],
     ops=FAILOVER_AND_REPLAY,
+    scripts_publish=False,
 )
 @example(
     probation=True,
     setup=[("batch", "none"), ("batch", "none"), ("exclusive", "far")],
     ops=QUARANTINE_AND_PROBATION,
+    scripts_publish=False,
 )
 @example(
     probation=False,
     setup=[("batch", "none"), ("batch", "far"), ("realtime", "none")],
     ops=DEFERRALS_AND_HEALTH,
+    scripts_publish=False,
 )
 @example(
     probation=True,
     setup=[("realtime", "none"), ("batch", "none"), ("batch", "far")],
     ops=DISPATCH_AND_DELIVERIES,
+    scripts_publish=False,
+)
+@example(
+    probation=True,
+    setup=[("realtime", "none"), ("batch", "none"), ("batch", "far")],
+    ops=DISPATCH_AND_DELIVERIES,
+    scripts_publish=True,
 )
 @given(
     probation=st.booleans(),
@@ -906,11 +952,17 @@ DISPATCH_AND_DELIVERIES: list[Op] = [
         max_size=len(JOBS),
     ),
     ops=st.lists(operations, min_size=20, max_size=60),
+    scripts_publish=st.booleans(),
 )
 def test_random_histories_agree(
-    ledgers: dict[bool, Ledger], probation: bool, setup: list[tuple[str, str]], ops: list[Op]
+    ledgers: dict[bool, Ledger],
+    probation: bool,
+    setup: list[tuple[str, str]],
+    ops: list[Op],
+    scripts_publish: bool,
 ) -> None:
     mirror = MirroredLedger(ledgers[probation])
+    mirror.scripts_publish = scripts_publish
     for job_id, (workload, deadline) in zip(JOBS, setup, strict=True):
         mirror.submit(job_id, workload, deadline != "none", deadline == "passed")
     for worker in WORKERS:
@@ -956,6 +1008,7 @@ def test_the_grid_agrees(ledgers: dict[bool, Ledger]) -> None:
             absent=st.sets(workers),
             probation=st.booleans(),
             unpublished=st.sets(st.sampled_from(JOBS)),
+            scripts_publish=st.booleans(),
         )
         def start(
             self,
@@ -963,13 +1016,16 @@ def test_the_grid_agrees(ledgers: dict[bool, Ledger]) -> None:
             absent: set[str],
             probation: bool,
             unpublished: set[str],
+            scripts_publish: bool,
         ) -> None:
             self.model = MirroredLedger(ledgers[probation])
+            self.model.scripts_publish = scripts_publish
             for job_id, (workload, deadline) in zip(JOBS, jobs, strict=True):
                 self.model.submit(job_id, workload, deadline != "none", deadline == "passed")
             for worker in sorted(set(WORKERS) - absent):
                 self.register(worker)
-            for job_id in sorted(set(JOBS) - unpublished):
+            # With scripts_publish the job's message went out with it: nothing to publish.
+            for job_id in [] if scripts_publish else sorted(set(JOBS) - unpublished):
                 member = attempt_id(job_id, 1)
                 assert self.model.publish_own(member, self.model.dispatch[member].lease)
 

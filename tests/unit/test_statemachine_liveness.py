@@ -118,7 +118,11 @@ def hole(model: LedgerModel, job_id: str) -> str:
 
 class GridLifecycle(JobLifecycle):
     def __init__(
-        self, recover_stranded: bool = True, claim_watches: bool = True, requeue_lost: bool = True
+        self,
+        recover_stranded: bool = True,
+        claim_watches: bool = True,
+        requeue_lost: bool = True,
+        scripts_publish: bool = False,
     ) -> None:
         super().__init__()
         self.model = LedgerModel(
@@ -126,6 +130,7 @@ class GridLifecycle(JobLifecycle):
             recover_stranded=recover_stranded,
             claim_watches=claim_watches,
             requeue_lost=requeue_lost,
+            scripts_publish=scripts_publish,
         )
 
     @initialize(
@@ -145,13 +150,14 @@ class GridLifecycle(JobLifecycle):
         probation: bool,
         unpublished: set[str],
     ) -> None:
-        """The workers not ``absent`` are up. The producer publishes each job's first
-        attempt after writing it, unless it died in between (``unpublished``): the
-        dispatch entry is then the watchdog's to publish."""
+        """The workers not ``absent`` are up. On the ledger's Redis (``scripts_publish``)
+        each job's first attempt goes out with the job. On another broker the producer
+        publishes it after writing the job, unless it died in between (``unpublished``):
+        the dispatch entry is then the watchdog's to publish."""
         super().start(jobs, set(WORKERS) - absent, probation)
         for job_id in JOBS:
             member = attempt_id(job_id, 1)
-            if job_id not in unpublished:
+            if job_id not in unpublished and not self.model.scripts_publish:
                 assert self.model.publish_own(member, self.model.dispatch[member].lease)
 
     @property
@@ -529,6 +535,18 @@ class GridLifecycle(JobLifecycle):
 
 GridLifecycle.TestCase.settings = settings(max_examples=400, stateful_step_count=80, deadline=None)
 TestGridLifecycle = GridLifecycle.TestCase
+
+
+class ScriptsPublishGrid(GridLifecycle):
+    """The grid on the ledger's own Redis as the broker: submit publishes attempt 1 with
+    the job, and every other publish goes out inside the end of its dispatch."""
+
+    def __init__(self) -> None:
+        super().__init__(scripts_publish=True)
+
+
+ScriptsPublishGrid.TestCase.settings = GridLifecycle.TestCase.settings
+TestScriptsPublishGrid = ScriptsPublishGrid.TestCase
 
 
 # -- without the fix: hypothesis finds each hole -------------------------------------------
@@ -931,3 +949,42 @@ def test_a_live_node_is_never_dead_on_the_connection_signal() -> None:
         assert model.watchdog_tick().get("workers_declared_dead", 0) == 0
         assert model.declare_dead("w1", "connection") is None
     assert model.workers["w1"].state is WorkerState.ALIVE
+
+
+def test_on_the_ledgers_redis_a_submitted_job_is_owned_by_its_message_at_once() -> None:
+    """With the scripts publishing, submit writes the job and sends attempt 1 in one step:
+    the job has its message as owner from the first moment, and no dispatch entry (a
+    producer that dies right after submit leaves nothing half done)."""
+    model = LedgerModel(workloads=WORKLOADS, scripts_publish=True)
+    model.submit("j", "batch")
+    assert "j.1" not in model.dispatch
+    (tag,) = model.messages
+    assert model.owners("j") == [f"message {tag} in its queue"]
+    assert model.stats["attempts_published"] == 1
+    model.submit("j", "batch")  # a producer's retry after a lost reply: written once
+    assert list(model.messages) == [tag]
+
+
+def test_on_the_ledgers_redis_a_dispatch_whose_lease_was_taken_sends_nothing() -> None:
+    """With the scripts publishing, the message goes out with the end of the dispatch, and
+    only while the lease is ours: a publisher whose lease lapsed and was taken sends no
+    duplicate; the holder's end sends the one message."""
+    model = LedgerModel(workloads=WORKLOADS, scripts_publish=True)
+    model.submit("j", "batch")
+    model.register("w1")
+    tag = only_message(model)
+    model.deliver(tag, "w1")
+    model.claim("j", 1, "w1", tag=tag)
+    assert model.end_attempt("j", 1, Outcome.WORKER_LOST, "w1") == "retry"
+    model.elapse()  # the backoff passes: the dispatch of attempt 2 is due
+    first = model.begin_dispatch("j.2")
+    assert first is not None
+    model.elapse()  # its lease lapses, and another publisher takes it
+    second = model.begin_dispatch("j.2")
+    assert second is not None
+    sent_before = len(model.messages)
+    assert not model.end_dispatch("j.2", first, message=True)
+    assert len(model.messages) == sent_before
+    assert model.end_dispatch("j.2", second, message=True)
+    assert [m.member for m in model.messages.values()].count("j.2") == 1
+    assert "j.2" not in model.dispatch
