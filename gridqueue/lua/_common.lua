@@ -1,12 +1,6 @@
 -- Shared prelude of every ledger script (the key helpers are rendered above it from
 -- gridqueue/keys.py). ARGV[1..6] are always: namespace, event stream cap, retention (s),
 -- and the probation base, cap and flap window (ms). A script's own arguments follow.
-local NS = ARGV[1]
-local EVENTS_MAXLEN = tonumber(ARGV[2])
-local RETENTION_S = tonumber(ARGV[3])
-local PROBATION_BASE_MS = tonumber(ARGV[4])
-local PROBATION_CAP_MS = tonumber(ARGV[5])
-local FLAP_WINDOW_MS = tonumber(ARGV[6])
 local TERMINAL = {SUCCEEDED = true, FAILED = true, EXPIRED = true, CANCELLED = true,
                   DEAD_LETTERED = true}
 
@@ -15,7 +9,19 @@ local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
-local NOW = now_ms()
+
+-- What each call sets on entry, from its ARGV[1..6] and the server's clock: the prelude
+-- may be built once for many calls (a function library), so none of it is read at load.
+local NS, EVENTS_MAXLEN, RETENTION_S, PROBATION_BASE_MS, PROBATION_CAP_MS, FLAP_WINDOW_MS, NOW
+local function enter(argv)
+  NS = argv[1]
+  EVENTS_MAXLEN = tonumber(argv[2])
+  RETENTION_S = tonumber(argv[3])
+  PROBATION_BASE_MS = tonumber(argv[4])
+  PROBATION_CAP_MS = tonumber(argv[5])
+  FLAP_WINDOW_MS = tonumber(argv[6])
+  NOW = now_ms()
+end
 
 -- What a claim registers when the job record predates these fields (seconds as ms).
 local DEFAULT_LIVENESS_MS = 5000
