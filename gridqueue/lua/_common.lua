@@ -237,6 +237,17 @@ local function release_attempt(id, n, a)
   end
 end
 
+-- Order a worker's agent to kill the child running `member`. The worker's record flags
+-- that it may have orders ('kill_orders', among the fields its heartbeat reads anyway),
+-- so a heartbeat reads the set of orders only then. Every order is given here: a test
+-- checks that no script adds to the set otherwise. A worker without a record cannot beat
+-- (it is fenced), and registering again empties its orders.
+local function order_kill(name, member)
+  redis.call('SADD', key_worker_kill(NS, name), member)
+  local wk = key_worker(NS, name)
+  if redis.call('EXISTS', wk) == 1 then redis.call('HSET', wk, 'kill_orders', 1) end
+end
+
 -- Stop the current attempt of a job that is being ended from outside (expiry, cancel):
 -- a running one is killed by its worker agent, a queued one is never dispatched.
 local function stop_current(id, state, n, outcome)
@@ -247,9 +258,7 @@ local function stop_current(id, state, n, outcome)
     a.outcome = outcome
     attempt_put(id, n, a)
     attempt_ended(id, a, outcome)
-    if state == 'RUNNING' and a.worker then
-      redis.call('SADD', key_worker_kill(NS, a.worker), member)
-    end
+    if state == 'RUNNING' and a.worker then order_kill(a.worker, member) end
     release_attempt(id, n, a)
   end
   redis.call('ZREM', key_dispatch(NS), member)
@@ -331,7 +340,7 @@ local function quarantine(name, by, reason, mode, outcome, sign_ms)
   if mode == 'evacuate' then
     for _, member in ipairs(redis.call('SMEMBERS', key_worker_running(NS, name))) do
       redis.call('HSET', key_lost(NS), member, outcome)
-      redis.call('SADD', key_worker_kill(NS, name), member)
+      order_kill(name, member)
       moved[#moved + 1] = member
     end
   end

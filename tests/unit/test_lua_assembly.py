@@ -83,3 +83,15 @@ def test_the_library_is_named_by_its_content() -> None:
     digest = built.name.removeprefix("gridqueue_")
     assert all(f == f"gq_{digest}_{name}" for name, f in built.functions.items())
     assert built.text.startswith(f"#!lua name={built.name}\n")
+
+
+def test_every_kill_order_goes_through_order_kill() -> None:
+    """A heartbeat reads a worker's kill orders only while its record's flag says there may
+    be some: an order added without setting the flag would never reach the worker."""
+    adds = re.compile(r"'SADD',\s*key_worker_kill\(")
+    for name in (*_SCRIPTS, "_common"):
+        code = read_lua(name)
+        found = len(adds.findall(code))
+        assert found == (1 if name == "_common" else 0), name
+    helper = read_lua("_common").split("local function order_kill(", 1)[1].split("\nend\n")[0]
+    assert adds.search(helper) and "'kill_orders', 1" in helper
