@@ -4,17 +4,20 @@ Each test drives the real scripts on a private redis-server."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
+import redis.asyncio
 from redis.exceptions import NoPermissionError, ResponseError
 
 from gridqueue.embedded import EmbeddedRedis
 from gridqueue.ledger import _SCRIPTS, Ledger, connect_redis
 from gridqueue.lua import library, read_lua
+from gridqueue.lua.runner import AsyncScriptRunner
 from gridqueue.settings import Settings
 from gridqueue.states import JobState
 
@@ -140,6 +143,30 @@ def test_two_versions_keep_their_own_libraries(functions: str, ledger_on: list[L
     held = ledger.client.fcall(other.functions["lease"], 0, *args)
     assert held[0] == 1  # the other version's lease script, on the same keys
     assert _libraries(ledger.client) == {ledger.scripts.library.name, other.name}
+
+
+def test_the_asyncio_producer_loads_the_library_again(
+    functions: str, ledger_on: list[Ledger]
+) -> None:
+    """The asyncio client's calls (its submit) find the library gone as the sync ones do:
+    alone, and with the WAIT of durable mode in the same round trip."""
+    ledger = _ledger(functions, "function", ledger_on)
+    args = [*ledger.fixed_args, "watchdog-a", 2000]
+
+    async def scenario() -> None:
+        client = redis.asyncio.Redis.from_url(functions, decode_responses=True)
+        runner = AsyncScriptRunner(client, _SCRIPTS, "function")
+        try:
+            await client.function_flush()
+            assert (await runner.call("lease", args))[0] == 1
+            await client.function_flush()
+            reply, replicas = await runner.call("lease", args, wait=(0, 100))
+            assert (reply[0], replicas) == (1, 0)
+            assert runner.library.name in _libraries(ledger.client)
+        finally:
+            await client.aclose()
+
+    asyncio.run(scenario())
 
 
 def _refused_functions(url: str) -> str:
