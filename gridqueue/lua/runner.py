@@ -98,9 +98,7 @@ class _Runner:
         else:
             at = body_line(name, line)
             where = f"{name}.lua line {at}" if at else f"the prelude of {name}.lua"
-        clear = type(error)(f"ledger script {name!r} failed at {where}: {message}")
-        clear.__cause__ = error
-        return clear
+        return type(error)(f"ledger script {name!r} failed at {where}: {message}")
 
     def _name_of(self, command: tuple[Any, ...]) -> str | None:
         if len(command) > 1 and str(command[0]).upper().startswith("FCALL"):
