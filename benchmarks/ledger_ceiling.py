@@ -111,7 +111,9 @@ def measure(
         "redis_cpu_us_per_job": round(per_job_us, 1),
         "ceiling_jobs_per_s_one_core": round(1e6 / per_job_us) if per_job_us else None,
         "scripts_us_per_job": round(
-            sum(spent.get(name, (0, 0))[1] for name in ("evalsha", "eval")) / jobs, 1
+            sum(spent.get(name, (0, 0))[1] for name in ("evalsha", "eval", "fcall", "fcall_ro"))
+            / jobs,
+            1,
         ),
         "top_commands_per_job": {
             name: {"calls": round(calls / jobs, 2), "us": round(usec / jobs, 1)}

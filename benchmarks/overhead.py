@@ -15,7 +15,7 @@ of workers and pool slots:
 
 For each it prints jobs per second and the ratios, and what the jobs cost Redis, which a
 noisy machine does not blur: Redis commands per job (``INFO commandstats``, which counts
-the commands inside scripts as well as the ``EVALSHA`` that ran them) and Redis CPU per
+the commands inside scripts as well as the ``FCALL`` or ``EVALSHA`` that ran them) and Redis CPU per
 job (``INFO cpu``, user + sys), both over the throughput window, background work
 (heartbeats, the watchdog's ticks, idle ``BRPOP``s) included. Then the single-job latency,
 one job at a time (submit of a 0 ms job -> its result), p50 and p99, against Celery with
@@ -46,6 +46,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+from hashlib import sha1
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,8 @@ from gridqueue.audit import percentile  # noqa: E402
 from gridqueue.client import GridQueue  # noqa: E402
 from gridqueue.embedded import EmbeddedRedis  # noqa: E402
 from gridqueue.fleet import LocalFleet  # noqa: E402
+from gridqueue.ledger import _SCRIPTS  # noqa: E402
+from gridqueue.lua import script_source  # noqa: E402
 from gridqueue.settings import Settings  # noqa: E402
 
 WORKERS = 2
@@ -135,10 +138,18 @@ class RedisWindow:
         }
 
 
+def script_names(ledger: Any) -> dict[str, str]:
+    """The ledger's scripts by what a call names: the SHA of each (EVALSHA), and the
+    function of each (FCALL)."""
+    names = {sha1(script_source(name).encode()).hexdigest(): name for name in _SCRIPTS}
+    names.update({f: name for name, f in ledger.scripts.library.functions.items()})
+    return names
+
+
 class ScriptProfile:
     """Every command Redis runs while it is on, counted against the script that ran it
-    (Redis 7 feeds ``MONITOR`` an ``EVALSHA`` before the commands it calls, and a script
-    runs alone); ``scripts`` maps each script's SHA to its name."""
+    (Redis 7 feeds ``MONITOR`` an ``EVALSHA`` or ``FCALL`` before the commands it calls,
+    and a script runs alone); ``scripts`` maps each script's SHA or function to its name."""
 
     def __init__(self, url: str, scripts: dict[str, str]) -> None:
         self.client = redis.Redis.from_url(url, decode_responses=True)
@@ -173,8 +184,9 @@ class ScriptProfile:
                 if entry.get("client_type") == "lua":
                     self.inner[(current, name)] += 1
                     continue
-                if name == "EVALSHA" and len(words) > 1:
-                    current = self.scripts.get(words[1], words[1][:8])
+                if name in ("EVALSHA", "FCALL", "FCALL_RO") and len(words) > 1:
+                    called = words[1].strip('"')
+                    current = self.scripts.get(called, called[:8])
                     self.calls[current] += 1
                 elif name == "EVAL":
                     current = "EVAL (inline script)"  # not gridqueue's: its run by SHA
@@ -331,7 +343,7 @@ def gridqueue_run(
         )
         report = {"jobs_per_s": jobs / elapsed, **window.per_job(jobs), "latencies_ms": latencies}
         if profile_jobs:
-            scripts = {script.sha: name for name, script in gq.ledger._scripts.items()}
+            scripts = script_names(gq.ledger)
             with ScriptProfile(url, scripts) as profile:
                 batch = [
                     gq.submit("sim-llm", {"prompt": f"p{i}", "ms": 0}) for i in range(profile_jobs)

@@ -11,7 +11,10 @@ sent in pipelines so that no round trip is counted:
 - ``prelude``: the heartbeat's prelude alone, then ``return 1``;
 - ``bare``: ``return 1`` alone, the floor of an EVALSHA;
 - the same heartbeat and prelude with the whole prelude (every helper, as every script
-  carried it before the helpers were chosen by use), measured in the same run.
+  carried it before the helpers were chosen by use), measured in the same run;
+- ``function_heartbeat``: the heartbeat as a function of the ledger's library (FCALL, the
+  path on Redis 7: the prelude is built at load, not per call), and ``bare_function``, a
+  function that returns 1, the floor of an FCALL.
 
 ``--baseline REV`` adds the heartbeat as revision REV loaded it (its ``_common.lua`` and
 ``heartbeat.lua`` whole), for a before and after in one run.
@@ -36,33 +39,56 @@ from benchmarks.watchdog_scale import HEALTH  # noqa: E402
 from gridqueue.embedded import EmbeddedRedis  # noqa: E402
 from gridqueue.keys import lua_prelude  # noqa: E402
 from gridqueue.ledger import Ledger, connect_redis  # noqa: E402
-from gridqueue.lua import read_lua, script_source  # noqa: E402
+from gridqueue.lua import ENTER, read_lua, script_source  # noqa: E402
 from gridqueue.settings import Settings  # noqa: E402
 
+# A function library whose one function returns at once: the floor of an FCALL.
+BARE_LIBRARY = (
+    "#!lua name=script_cost_bare\n"
+    "redis.register_function('script_cost_bare', function(keys, args) return 1 end)\n"
+)
+FUNCTION = "function:"  # a source that starts so names a function (FCALL), not a text
 
-def _evalsha_stats(client: Any) -> tuple[int, int]:
-    stats = client.info("commandstats").get("cmdstat_evalsha", {})
+
+def _stats(client: Any, command: str) -> tuple[int, int]:
+    stats = client.info("commandstats").get(f"cmdstat_{command}", {})
     return int(stats.get("calls", 0)), int(stats.get("usec", 0))
 
 
 def usec_per_call(
     client: Any, sources: dict[str, tuple[str, list[list[str | int]]]], rounds: int
 ) -> dict[str, float]:
-    """Each source EVALSHA'd once per argument list, in one pipeline, round after round,
-    the sources taking turns so that a noisy machine weighs on all alike: the median over
-    the rounds of each one's usec per call."""
-    scripts = {label: client.register_script(source) for label, (source, _) in sources.items()}
+    """Each source called once per argument list, in one pipeline, round after round, the
+    sources taking turns so that a noisy machine weighs on all alike: the median over the
+    rounds of each one's usec per call. A source is a script's text (EVALSHA), or
+    ``function:<name>``, a loaded function (FCALL)."""
+    scripts = {
+        label: client.register_script(source)
+        for label, (source, _) in sources.items()
+        if not source.startswith(FUNCTION)
+    }
+
+    def queue(pipe: Any, label: str, args: list[str | int]) -> None:
+        source = sources[label][0]
+        if label in scripts:
+            scripts[label](keys=[], args=args, client=pipe)
+        else:
+            pipe.fcall(source.removeprefix(FUNCTION), 0, *args)
+
     per_round: dict[str, list[float]] = {label: [] for label in sources}
     for label, (_, args_of) in sources.items():
-        scripts[label](keys=[], args=args_of[0])  # loaded, and its first call out of the count
+        pipe = client.pipeline(transaction=False)
+        queue(pipe, label, args_of[0])  # loaded, and its first call out of the count
+        pipe.execute()
     for _ in range(rounds):
         for label, (_, args_of) in sources.items():
-            calls_before, usec_before = _evalsha_stats(client)
+            command = "evalsha" if label in scripts else "fcall"
+            calls_before, usec_before = _stats(client, command)
             pipe = client.pipeline(transaction=False)
             for args in args_of:
-                scripts[label](keys=[], args=args, client=pipe)
+                queue(pipe, label, args)
             pipe.execute()
-            calls, usec = _evalsha_stats(client)
+            calls, usec = _stats(client, command)
             per_round[label].append((usec - usec_before) / max(1, calls - calls_before))
     return {label: statistics.median(values) for label, values in per_round.items()}
 
@@ -92,10 +118,16 @@ def measure(url: str, workers: int, rounds: int, baseline: str | None) -> dict[s
     with_health = [[*fixed, name, epoch, HEALTH, "HEALTHY", "", 0] for name, epoch in pairs]
     without = [[*fixed, name, epoch, "", "HEALTHY", "", 0] for name, epoch in pairs]
     body = read_lua("heartbeat")
-    whole = lua_prelude() + read_lua("_common")
+    whole = lua_prelude() + read_lua("_common") + ENTER
     chosen = script_source("heartbeat")[: -len(body)]
+    ledger.client.function_load(BARE_LIBRARY, replace=True)
+    ledger.client.function_load(ledger.scripts.library.text, replace=True)
+    heartbeat_function = FUNCTION + ledger.scripts.library.functions["heartbeat"]
     sources = {
         "bare": ("return 1\n", without),
+        "bare_function": (FUNCTION + "script_cost_bare", without),
+        "function_heartbeat": (heartbeat_function, without),
+        "function_heartbeat_health": (heartbeat_function, with_health),
         "whole_prelude": (whole + "return 1\n", without),
         "chosen_prelude": (chosen + "return 1\n", without),
         "whole_heartbeat": (whole + body, without),
@@ -143,12 +175,23 @@ def main() -> None:
         f"  heartbeat as loaded:       {row['heartbeat_us']:6.2f} us, with health "
         f"{row['heartbeat_health_us']:.2f} us"
     )
+    print(
+        f"FCALL: bare 'return 1' {row['bare_function_us']:.2f} us; the heartbeat as a "
+        f"function of the library {row['function_heartbeat_us']:.2f} us, with health "
+        f"{row['function_heartbeat_health_us']:.2f} us; function / EVALSHA as loaded "
+        f"{row['function_heartbeat_us'] / row['heartbeat_us']:.2f}x"
+    )
     if row["baseline"]:
         print(
             f"  heartbeat at {row['baseline']}: {row['baseline_heartbeat_us']:6.2f} us, with "
             f"health {row['baseline_heartbeat_health_us']:.2f} us; now / then "
             f"{row['heartbeat_us'] / row['baseline_heartbeat_us']:.2f}x, with health "
             f"{row['heartbeat_health_us'] / row['baseline_heartbeat_health_us']:.2f}x"
+        )
+        print(
+            f"  the heartbeat function / at {row['baseline']}: "
+            f"{row['function_heartbeat_us'] / row['baseline_heartbeat_us']:.2f}x, with health "
+            f"{row['function_heartbeat_health_us'] / row['baseline_heartbeat_health_us']:.2f}x"
         )
     if args.json:
         print(json.dumps(row, indent=2))

@@ -9,10 +9,11 @@ ledger is compared with the smallest, measured in the same run.
 
 ``--fleet`` measures the watchdog under a live fleet instead: ``--workers`` simulated
 workers (10,000 by default) heartbeating every ``heartbeat_interval_s`` through the real
-``heartbeat.lua`` (EVALSHA from ``--procs`` load processes, not one process per worker,
-in pipelines of ``--batch`` beats spread evenly over the interval, as separate workers
-would send them), and ``--attempts`` attempts in flight (100,000), under the default
-settings (stale_after_s 1 s, the connection signal on). A beat carries the eight-GPU
+``heartbeat.lua``, called as the ledger calls it (FCALL, or EVALSHA) from ``--procs`` load
+processes, not one process per worker, in pipelines of ``--batch`` beats spread evenly
+over the interval, as separate workers would send them; and ``--attempts`` attempts in
+flight (100,000), under the default settings (stale_after_s 1 s, the connection signal
+on). A beat carries the eight-GPU
 health document every ``--health-every-s`` (the agent's ``health_refresh_s``, 5 s; 0 for
 every beat, as agents did before they sent it only on news). It reports the idle tick's
 p50/p99/max and its blind ticks (ticks that judged no one), the heartbeat rate the load
@@ -50,7 +51,6 @@ sys.path.insert(0, str(ROOT))
 from gridqueue.embedded import EmbeddedRedis  # noqa: E402
 from gridqueue.keys import attempt_id  # noqa: E402
 from gridqueue.ledger import Ledger, connect_redis, dumps  # noqa: E402
-from gridqueue.lua import script_source  # noqa: E402
 from gridqueue.settings import Settings  # noqa: E402
 from gridqueue.watchdog import Watchdog  # noqa: E402
 
@@ -159,22 +159,24 @@ def heartbeat_load(
     Redis busy for tens of ms at a time, and the watchdog's tick would wait behind it).
 
     The commands are packed once, so the process spends its time sending them: the real
-    ``heartbeat.lua`` by EVALSHA, with a worker's arguments. Each batch carries the health
-    document every ``health_every_s`` (0: on every beat), the batches out of phase. From
+    ``heartbeat.lua`` as the ledger calls it (FCALL, or EVALSHA), with a worker's arguments.
+    Each batch carries the health document every ``health_every_s`` (0: on every beat),
+    the batches out of phase. From
     ``silence_at`` (shared, monotonic) on, the workers of ``load["rack"]`` beat no more;
     at ``stop_at`` (shared too) the process ends.
     """
     settings = Settings(redis_url=url)
     ledger = Ledger(connect_redis(url), settings)
-    sha = ledger.client.script_load(script_source("heartbeat"))
-    connection = ledger.client.connection_pool.get_connection("EVALSHA")
+    connection = ledger.client.connection_pool.get_connection("FCALL")
     names = list(epochs)
     size, rack = load["batch"], set(load["rack"])
     batches = [names[i : i + size] for i in range(0, len(names), size)]
 
     def packed(batch: list[str], health: str) -> list[bytes]:
         return connection.pack_commands(  # type: ignore[no-any-return]
-            ("EVALSHA", sha, 0, *ledger.fixed_args, name, epochs[name], health, "HEALTHY", "", 0)
+            ledger.scripts.command(
+                "heartbeat", (*ledger.fixed_args, name, epochs[name], health, "HEALTHY", "", 0)
+            )
             for name in batch
         )  # fmt: skip
 

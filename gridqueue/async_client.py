@@ -31,6 +31,7 @@ from gridqueue.errors import JobNotFoundError, JobTimeoutError
 from gridqueue.keys import attempt_id
 from gridqueue.ledger import StreamRead, parse_stream, stream_after, submitted_from_reply
 from gridqueue.logs import get_logger
+from gridqueue.lua.runner import AsyncScriptRunner
 from gridqueue.records import JobRecord
 from gridqueue.settings import Settings
 from gridqueue.states import TERMINAL_STATES, JobState
@@ -121,7 +122,9 @@ class AsyncGridQueue:
             socket_connect_timeout=5.0,
             health_check_interval=10,
         )
-        self._submit_script = self.redis.register_script(self.sync.ledger.script_source("submit"))
+        self._scripts = AsyncScriptRunner(
+            self.redis, self.sync.ledger.scripts.names, self.settings.ledger_scripts
+        )
 
     @classmethod
     def from_env(cls) -> AsyncGridQueue:
@@ -156,12 +159,10 @@ class AsyncGridQueue:
         async def run_script() -> Any:
             nonlocal replicated
             if not need:
-                return await self._submit_script(keys=[], args=args)
+                return await self._scripts.call("submit", args)
             # Durable mode: the script and WAIT in one round trip, as the sync client.
-            pipe = self.redis.pipeline(transaction=False)
-            await self._submit_script(keys=[], args=args, client=pipe)
-            pipe.wait(need, int(self.settings.redis_replica_timeout_s * 1000))
-            reply, confirmed = await pipe.execute()
+            wait = (need, int(self.settings.redis_replica_timeout_s * 1000))
+            reply, confirmed = await self._scripts.call("submit", args, wait=wait)
             replicated = int(confirmed) >= need
             return reply
 

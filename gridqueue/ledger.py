@@ -43,7 +43,7 @@ from gridqueue.errors import (
 )
 from gridqueue.keys import Keys, attempt_id, queue_for_model, split_attempt_id
 from gridqueue.logs import get_logger
-from gridqueue.lua import script_source
+from gridqueue.lua.runner import ScriptRunner
 from gridqueue.policies import EndedAttempt, GiveUp, Retry, decide, node_failures
 from gridqueue.records import JobRecord, WorkerRecord
 from gridqueue.settings import Settings
@@ -241,7 +241,7 @@ class Ledger:
         self.settings = settings
         self.keys = Keys(settings.namespace)
         self.workloads = dict(workloads or load_workloads(settings.workloads_file))
-        self._scripts = {name: client.register_script(script_source(name)) for name in _SCRIPTS}
+        self.scripts = ScriptRunner(client, _SCRIPTS, settings.ledger_scripts)
         self._fixed = (
             settings.namespace,
             settings.events_max_len,
@@ -259,7 +259,7 @@ class Ledger:
         if self.settings.redis_min_replicas and name in _REPLICATED:
             reply, _ = self._call_replicated(name, *args)
             return reply
-        return self._scripts[name](keys=[], args=[*self._fixed, *args])
+        return self.scripts.call(name, [*self._fixed, *args])
 
     def _call_replicated(self, name: str, *args: str | int | float) -> tuple[Any, bool]:
         """Durable mode: the script, then WAIT for GRIDQUEUE_REDIS_MIN_REPLICAS replicas,
@@ -274,7 +274,7 @@ class Ledger:
         pipe = self.client.pipeline(transaction=False)
         self.queue_call(pipe, name, *args)
         pipe.wait(need, timeout_ms)
-        reply, confirmed = pipe.execute()
+        reply, confirmed = self.execute(pipe)
         replicated = int(confirmed) >= need
         if not replicated and name != "submit":
             _log.error(
@@ -285,9 +285,14 @@ class Ledger:
 
     def queue_call(self, pipe: Any, name: str, *args: str | int | float) -> None:
         """Queue one script call on a pipeline (``client.pipeline()``), for bulk loads such
-        as the benchmarks' fills: the raw reply comes back from ``pipe.execute()``, with
-        none of the verb's checks. Arguments as the script takes them."""
-        self._scripts[name](keys=[], args=[*self._fixed, *args], client=pipe)
+        as the benchmarks' fills: the raw reply comes back from :meth:`execute`, with none
+        of the verb's checks. Arguments as the script takes them."""
+        self.scripts.queue(pipe, name, [*self._fixed, *args])
+
+    def execute(self, pipe: Any, raise_on_error: bool = True) -> list[Any]:
+        """``pipe.execute()`` for a pipeline with script calls (:meth:`queue_call`): a call
+        that found the scripts gone from Redis (a restart, a failover) is sent again."""
+        return self.scripts.execute(pipe, raise_on_error)
 
     # -- jobs ------------------------------------------------------------------------
 
@@ -366,17 +371,13 @@ class Ledger:
             *(message.args if message else ()),
         )
 
-    def script_source(self, name: str) -> str:
-        """A script as the ledger loads it (prelude included), for another client."""
-        return script_source(name)
-
     @property
     def fixed_args(self) -> tuple[str | int, ...]:
         """The arguments every script takes first (see ``_common.lua``)."""
         return self._fixed
 
     def _call_plain(self, name: str, *args: str | int | float) -> tuple[Any, bool]:
-        return self._scripts[name](keys=[], args=[*self._fixed, *args]), True
+        return self.scripts.call(name, [*self._fixed, *args]), True
 
     def _watch_ms(self, workload: str) -> tuple[int, int]:
         """The liveness and stall timeouts a claim registers for jobs of this class."""
@@ -618,7 +619,7 @@ class Ledger:
         need = self.settings.redis_min_replicas
         if need:
             pipe.wait(need, int(self.settings.redis_replica_timeout_s * 1000))
-        replies = pipe.execute()
+        replies = self.execute(pipe)
         if need and int(replies[-1]) < need:
             _log.error(
                 "ledger.write_not_replicated", call="finish", replicas=int(replies[-1]),
@@ -820,7 +821,7 @@ class Ledger:
         pipe = self.client.pipeline(transaction=False)
         for name in names:
             self.queue_call(pipe, "apply_health", name, token)
-        replies = pipe.execute(raise_on_error=False)
+        replies = self.execute(pipe, raise_on_error=False)
         return [r if isinstance(r, Exception) else str(r[0]) for r in replies]
 
     def end_probation(self, name: str, token: str) -> bool:
@@ -933,7 +934,7 @@ class Ledger:
             self.queue_call(pipe, "begin_dispatch", member, grace_ms, "")
         return [
             DispatchLease(member, r[1], r[2], r[3]) if r[0] == "ok" else None
-            for member, r in zip(members, pipe.execute(), strict=True)
+            for member, r in zip(members, self.execute(pipe), strict=True)
         ]
 
     def end_dispatch_many(
@@ -948,7 +949,7 @@ class Ledger:
             message = messages[i] if messages else None
             args = message.args if message else ()
             self.queue_call(pipe, "end_dispatch", lease.member, lease.lease, *args)
-        return [bool(reply) for reply in pipe.execute()]
+        return [bool(reply) for reply in self.execute(pipe)]
 
     def sweep_deliveries(self, token: str, batch: int = 256) -> list[str]:
         """Recover deliveries whose consumer died before claiming them (see

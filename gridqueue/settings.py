@@ -55,6 +55,12 @@ class Settings(BaseSettings):
         description="Durable mode: how long a write waits for its replicas before the "
         "call fails with ReplicationTimeoutError.",
     )
+    ledger_scripts: Literal["auto", "function", "eval"] = Field(
+        "auto",
+        description="How the ledger's Lua scripts run: 'function' loads them as one Redis "
+        "function library (Redis 7+; the shared prelude is built once, not on every call), "
+        "'eval' sends each by EVALSHA, 'auto' takes 'function' where the server allows it.",
+    )
     broker_url: str | None = Field(
         None,
         description="Celery's broker for the attempts' messages. Unset: the ledger's Redis "

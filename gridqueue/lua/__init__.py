@@ -12,20 +12,29 @@ The walk reads names, not meaning, and errs on the side of taking too much: any 
 the code (field names included) counts as a use, and a top-level statement that defines
 nothing (there is none today) is always taken. Only strings and comments are skipped:
 they cannot refer to a local. Statements keep their order, so each still sees what it
-used before. Loading is unchanged: the text is still registered as one script, with its
-own SHA and the same NOSCRIPT handling.
+used before. On that path a script is still registered as one text, with its own SHA and the same
+NOSCRIPT handling.
+
+On Redis 7 and later the scripts are loaded instead as one function library
+(:func:`library`): the whole prelude is built once, when Redis loads the library, and each
+script body becomes a function of it, so a call pays for its body alone. What the prelude
+reads per call (the namespace and settings in ARGV[1..6], NOW from ``TIME``) is set by
+``enter(ARGV)`` at the start of every call, on both paths. :mod:`gridqueue.lua.runner`
+chooses the path and calls them.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 
 from gridqueue.keys import lua_prelude
 
-__all__ = ["read_lua", "script_source"]
+__all__ = ["Library", "library", "read_lua", "script_source"]
 
 # Comments and strings (short and long), whose words are not names, then names.
 _LEXEME = re.compile(
@@ -115,8 +124,94 @@ def prelude_for(body: str) -> str:
     return "".join(s.text for s, take in zip(statements, taken, strict=True) if take)
 
 
+# Every call starts here: the per-call values of the prelude, from ARGV and the clock.
+ENTER = "enter(ARGV)\n"
+
+
 @cache
 def script_source(name: str) -> str:
-    """A script as the ledger loads it: the prelude it needs, then its own body."""
-    body = read_lua(name)
+    """A script as the ledger EVALs it: the prelude it needs, its entry, then its body."""
+    body = ENTER + read_lua(name)
     return prelude_for(body) + body
+
+
+def body_line(name: str, line: int) -> int | None:
+    """Line ``line`` of :func:`script_source` as a line of ``<name>.lua``, if it is one."""
+    first = script_source(name).count("\n") - read_lua(name).count("\n") + 1
+    return line - first + 1 if line >= first else None
+
+
+# A script whose text has this line declares the flag to Redis, and is called FCALL_RO.
+_NO_WRITES = re.compile(r"^-- function flags: no-writes$", re.MULTILINE)
+
+
+def no_writes(name: str) -> bool:
+    """Whether the script declares that it writes nothing (FCALL_RO, on a replica too)."""
+    return bool(_NO_WRITES.search(read_lua(name)))
+
+
+@dataclass(frozen=True)
+class Library:
+    """The ledger's scripts as one Redis function library (``FUNCTION LOAD``).
+
+    The library and its functions are named by a hash of the text, so two gridqueue
+    versions on one Redis load two libraries side by side (function names are global in
+    Redis) and never replace each other's.
+    """
+
+    name: str
+    text: str
+    functions: Mapping[str, str]  # script name -> function name
+    starts: Mapping[str, int]  # script name -> the library line before its body's line 1
+    prelude_lines: int
+
+    def where(self, line: int) -> str:
+        """Where line ``line`` of the library comes from, for an error message."""
+        for script, start in self.starts.items():
+            if start < line <= start + read_lua(script).count("\n"):
+                return f"{script}.lua line {line - start}"
+        keys = lua_prelude().count("\n")
+        if 1 < line <= 1 + keys:
+            return "the key helpers (gridqueue/keys.py)"
+        if 1 + keys < line <= 1 + self.prelude_lines:
+            return f"_common.lua line {line - 1 - keys}"
+        return f"the library's own line {line}"
+
+
+@cache
+def _library(names: tuple[str, ...]) -> Library:
+    prelude = lua_prelude() + read_lua("_common")
+    lines = [prelude, "local SCRIPTS = {}\n"]
+    line = 1 + prelude.count("\n") + 1  # the shebang, the prelude, the table
+    starts: dict[str, int] = {}
+    for name in names:
+        body = read_lua(name)
+        if not body.endswith("\n"):
+            body += "\n"
+        # The entry on the function's own line keeps the body's line numbers.
+        lines.append(f"SCRIPTS[{name!r}] = function(KEYS, ARGV) {ENTER.strip()}\n{body}end\n")
+        starts[name] = line + 1
+        line += body.count("\n") + 2
+    code = "".join(lines)
+    digest = hashlib.sha1(code.encode()).hexdigest()[:16]  # a name, not a secret
+    prefix = f"gq_{digest}_"
+    # One call each: the library's load runs with no globals but `redis` (no `pairs`).
+    for name in names:
+        flags = "'no-writes'" if no_writes(name) else ""
+        code += (
+            f"redis.register_function{{function_name = '{prefix}{name}', "
+            f"callback = SCRIPTS[{name!r}], flags = {{{flags}}}}}\n"
+        )
+    text = f"#!lua name=gridqueue_{digest}\n{code}"
+    return Library(
+        name=f"gridqueue_{digest}",
+        text=text,
+        functions={name: prefix + name for name in names},
+        starts=starts,
+        prelude_lines=prelude.count("\n"),
+    )
+
+
+def library(names: Iterable[str]) -> Library:
+    """The scripts ``names`` as one function library (see the module docstring)."""
+    return _library(tuple(names))

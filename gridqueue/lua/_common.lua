@@ -1,12 +1,6 @@
 -- Shared prelude of every ledger script (the key helpers are rendered above it from
 -- gridqueue/keys.py). ARGV[1..6] are always: namespace, event stream cap, retention (s),
 -- and the probation base, cap and flap window (ms). A script's own arguments follow.
-local NS = ARGV[1]
-local EVENTS_MAXLEN = tonumber(ARGV[2])
-local RETENTION_S = tonumber(ARGV[3])
-local PROBATION_BASE_MS = tonumber(ARGV[4])
-local PROBATION_CAP_MS = tonumber(ARGV[5])
-local FLAP_WINDOW_MS = tonumber(ARGV[6])
 local TERMINAL = {SUCCEEDED = true, FAILED = true, EXPIRED = true, CANCELLED = true,
                   DEAD_LETTERED = true}
 
@@ -15,7 +9,19 @@ local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
-local NOW = now_ms()
+
+-- What each call sets on entry, from its ARGV[1..6] and the server's clock: the prelude
+-- may be built once for many calls (a function library), so none of it is read at load.
+local NS, EVENTS_MAXLEN, RETENTION_S, PROBATION_BASE_MS, PROBATION_CAP_MS, FLAP_WINDOW_MS, NOW
+local function enter(argv)
+  NS = argv[1]
+  EVENTS_MAXLEN = tonumber(argv[2])
+  RETENTION_S = tonumber(argv[3])
+  PROBATION_BASE_MS = tonumber(argv[4])
+  PROBATION_CAP_MS = tonumber(argv[5])
+  FLAP_WINDOW_MS = tonumber(argv[6])
+  NOW = now_ms()
+end
 
 -- What a claim registers when the job record predates these fields (seconds as ms).
 local DEFAULT_LIVENESS_MS = 5000
@@ -231,6 +237,17 @@ local function release_attempt(id, n, a)
   end
 end
 
+-- Order a worker's agent to kill the child running `member`. The worker's record flags
+-- that it may have orders ('kill_orders', among the fields its heartbeat reads anyway),
+-- so a heartbeat reads the set of orders only then. Every order is given here: a test
+-- checks that no script adds to the set otherwise. A worker without a record cannot beat
+-- (it is fenced), and registering again empties its orders.
+local function order_kill(name, member)
+  redis.call('SADD', key_worker_kill(NS, name), member)
+  local wk = key_worker(NS, name)
+  if redis.call('EXISTS', wk) == 1 then redis.call('HSET', wk, 'kill_orders', 1) end
+end
+
 -- Stop the current attempt of a job that is being ended from outside (expiry, cancel):
 -- a running one is killed by its worker agent, a queued one is never dispatched.
 local function stop_current(id, state, n, outcome)
@@ -241,9 +258,7 @@ local function stop_current(id, state, n, outcome)
     a.outcome = outcome
     attempt_put(id, n, a)
     attempt_ended(id, a, outcome)
-    if state == 'RUNNING' and a.worker then
-      redis.call('SADD', key_worker_kill(NS, a.worker), member)
-    end
+    if state == 'RUNNING' and a.worker then order_kill(a.worker, member) end
     release_attempt(id, n, a)
   end
   redis.call('ZREM', key_dispatch(NS), member)
@@ -325,7 +340,7 @@ local function quarantine(name, by, reason, mode, outcome, sign_ms)
   if mode == 'evacuate' then
     for _, member in ipairs(redis.call('SMEMBERS', key_worker_running(NS, name))) do
       redis.call('HSET', key_lost(NS), member, outcome)
-      redis.call('SADD', key_worker_kill(NS, name), member)
+      order_kill(name, member)
       moved[#moved + 1] = member
     end
   end
@@ -351,14 +366,19 @@ end
 -- An attempt's Celery message, rendered by gridqueue/brokers/rendering.py: the Redis
 -- commands kombu's Redis transport would have sent (LPUSH on the queue's priority list,
 -- PUBLISH of the task-sent event, PEXPIRE of an expiring queue), as (command, key,
--- value) triples from ARGV[first] on. Only those commands are run.
+-- value) triples from args[first] on. Only those commands are run: check_message refuses
+-- any other, and a script calls it before its first write, so a refused message leaves
+-- nothing half done.
 local PUBLISH_COMMANDS = {LPUSH = true, PUBLISH = true, PEXPIRE = true}
-local function publish_message(first)
-  for i = first, #ARGV, 3 do
-    local command = ARGV[i]
-    if not PUBLISH_COMMANDS[command] then
-      return redis.error_reply('publish_message: ' .. tostring(command) .. ' is not a publish')
+local function check_message(args, first)
+  for i = first, #args, 3 do
+    if not PUBLISH_COMMANDS[args[i]] or args[i + 2] == nil then
+      error('message: ' .. tostring(args[i]) .. ' is not a publish command with a key and a value')
     end
-    redis.call(command, ARGV[i + 1], ARGV[i + 2])
+  end
+end
+local function publish_message(args, first)
+  for i = first, #args, 3 do
+    redis.call(args[i], args[i + 1], args[i + 2])
   end
 end

@@ -6,9 +6,10 @@
 -- gridqueue/brokers/rendering.py) when the broker is this Redis: it is published here,
 -- and only while the lease is still ours (else whoever holds it now publishes).
 local member, lease = ARGV[7], ARGV[8]
+check_message(ARGV, 9)
 local score = redis.call('ZSCORE', key_dispatch(NS), member)
 if score and tonumber(score) == tonumber(lease) then
-  if #ARGV >= 9 then publish_message(9) end
+  if #ARGV >= 9 then publish_message(ARGV, 9) end
   redis.call('ZREM', key_dispatch(NS), member)
   redis.call('ZADD', key_published(NS), NOW, member)
   bump('attempts_published')

@@ -6,6 +6,8 @@
 --
 -- Kill orders are returned, not consumed: an order stays until the worker's heartbeat no
 -- longer lists the attempt among those it holds (held_csv), so a lost reply loses none.
+-- The set of orders is read only while the record's 'kill_orders' flag says there may be
+-- some (order_kill sets it); the beat that finds none left clears it.
 --
 -- present = '1' says the worker's presence subscription is up: from then on, for this
 -- incarnation, the watchdog may read a closed subscription plus a late beat as a process
@@ -13,8 +15,8 @@
 local name, epoch, health, verdict, held = ARGV[7], ARGV[8], ARGV[9], ARGV[10], ARGV[11]
 local present = ARGV[12]
 local wk = key_worker(NS, name)
-local state, current_epoch, old_verdict, presence_epoch = unpack(
-  redis.call('HMGET', wk, 'state', 'epoch', 'verdict', 'presence_epoch'))
+local state, current_epoch, old_verdict, presence_epoch, kill_orders = unpack(
+  redis.call('HMGET', wk, 'state', 'epoch', 'verdict', 'presence_epoch', 'kill_orders'))
 if (state ~= 'ALIVE' and state ~= 'QUARANTINED' and state ~= 'PROBATION')
    or current_epoch ~= epoch then
   bump('heartbeats_refused')
@@ -42,17 +44,17 @@ if verdict_changed then
   emit('health_changed', {'worker', name, 'from', old_verdict or '', 'to', verdict})
 end
 local reply = {'ok', state}
-local kill = key_worker_kill(NS, name)
-local doomed = redis.call('SMEMBERS', kill)
-if #doomed > 0 then
+if kill_orders then
+  local kill = key_worker_kill(NS, name)
   local holds = {}
   for member in string.gmatch(held or '', '[^,]+') do holds[member] = true end
-  for _, member in ipairs(doomed) do
+  for _, member in ipairs(redis.call('SMEMBERS', kill)) do
     if holds[member] then
       reply[#reply + 1] = member
     else
       redis.call('SREM', kill, member)  -- nothing here runs it any more: done
     end
   end
+  if #reply == 2 then redis.call('HDEL', wk, 'kill_orders') end
 end
 return reply

@@ -52,7 +52,7 @@ redis.call('HSET', wk, 'name', name, 'models', table.concat(consumed, ','),
   'unfit_models', table.concat(unfit, ','), 'pid', pid, 'host', host,
   'concurrency', concurrency, 'registered_ms', NOW, 'last_heartbeat_ms', NOW, 'info', info,
   'probe', probe, 'gpus', gpus, 'verdict', '')
-redis.call('HDEL', wk, 'declared_dead_ms', 'health')
+redis.call('HDEL', wk, 'declared_dead_ms', 'health', 'kill_orders')
 redis.call('DEL', key_worker_kill(NS, name))
 redis.call('ZADD', key_workers(NS), NOW, name)
 redis.call('ZREM', key_gone(NS), name)

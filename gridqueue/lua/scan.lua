@@ -8,6 +8,7 @@
 -- which have no subscriber now: their process is likely gone. The watchdog declares one
 -- dead once it has looked twice (declare_dead with signal 'connection'). late_ms = 0 skips
 -- this part. Only late workers are read, so the cost follows what is late, not the fleet.
+-- function flags: no-writes
 local stale_after_ms, batch, late_ms = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
 local stale = redis.call('ZRANGEBYSCORE', key_workers(NS), '-inf', NOW - stale_after_ms,
                          'LIMIT', 0, batch)

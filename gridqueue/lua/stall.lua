@@ -33,7 +33,7 @@ window = tonumber(window) or (kind == 'liveness' and DEFAULT_LIVENESS_MS or DEFA
 local sign_ms = tonumber(due) - window
 incident('stall', a.worker, sign_ms, kind == 'liveness' and 'no liveness beat' or 'no progress',
          {member})
-redis.call('SADD', key_worker_kill(NS, a.worker), member)
+order_kill(a.worker, member)
 bump('stalls')
 emit('stalled', {'job', id, 'attempt', n, 'worker', a.worker, 'kind', kind,
                  'late_ms', NOW - tonumber(due)})

@@ -12,6 +12,7 @@ local deadline_in_ms = tonumber(ARGV[11])
 local idem, idem_ttl_s, grace_ms = ARGV[12], tonumber(ARGV[13]), tonumber(ARGV[14])
 local wait_for_capacity = ARGV[15] == '1'
 local liveness_ms, stall_ms = tonumber(ARGV[16]), tonumber(ARGV[17])
+check_message(ARGV, 18)
 
 if idem ~= '' then
   local existing = redis.call('GET', key_idempotency(NS, idem))
@@ -83,7 +84,7 @@ emit('submitted', {'job', id, 'attempt', 1, 'model', model, 'workload', workload
 if #ARGV >= 18 then
   -- The message is out in this same step: the attempt is published (as end_dispatch
   -- lists it) and its message owns it.
-  publish_message(18)
+  publish_message(ARGV, 18)
   redis.call('ZADD', key_published(NS), NOW, id .. '.1')
   bump('attempts_published')
   return {id, 'created', ''}

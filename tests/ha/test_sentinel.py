@@ -102,6 +102,10 @@ def test_the_fleet_follows_a_promoted_replica_and_every_acknowledged_job_ends(
         # Back as a replica of the new primary: durable writes have a replica again.
         sentinels.restart(old, new)
         sentinels.wait_replicas(1)
+        # The ledger's scripts run from their function library on the new primary too.
+        listed = gq.ledger.client.function_list()
+        names = [dict(zip(e[::2], e[1::2], strict=True))["library_name"] for e in listed]
+        assert gq.ledger.scripts.library.name in names
         wait_for(lambda: sum(t > killed_at for t, _ in producer.acknowledged) >= 30, timeout_s=90)
         producer.stop()
 

@@ -215,3 +215,17 @@ def test_a_submit_whose_message_cannot_be_rendered_is_left_to_its_dispatch_lease
     assert gq.ledger.client.zscore(gq.ledger.keys.dispatch, member) is not None
     assert gq.ledger.client.zscore(gq.ledger.keys.published, member) is None
     assert sum(int(gq.ledger.client.llen(name)) for name in priority_lists(QUEUE)) == 0
+
+
+@pytest.mark.parametrize("bad", [("DEL", "gq:stats", "x"), ("LPUSH", QUEUE)])
+def test_a_message_with_anything_but_a_publish_is_refused_before_any_write(
+    ledger: Ledger, client: redis.Redis, bad: tuple[str, ...]
+) -> None:
+    """The scripts run only kombu's publish commands, each with its key and value; a
+    message with another (or a short triple) fails the submit before the job is written,
+    so nothing is left without its message."""
+    message = RenderedMessage((("LPUSH", QUEUE, "{}"), bad))  # type: ignore[arg-type]
+    with pytest.raises(redis.ResponseError, match="not a publish command"):
+        ledger.submit("job-bad", "sim-llm", "realtime", "{}", 0, None, message=message)
+    assert not client.exists(ledger.keys.job("job-bad"))
+    assert _all_lists(client) == []
