@@ -229,3 +229,33 @@ def test_a_message_with_anything_but_a_publish_is_refused_before_any_write(
         ledger.submit("job-bad", "sim-llm", "realtime", "{}", 0, None, message=message)
     assert not client.exists(ledger.keys.job("job-bad"))
     assert _all_lists(client) == []
+
+
+def test_messages_from_one_template_each_carry_their_own_ids_tag_clock_and_time(
+    redis_url: str, client: redis.Redis
+) -> None:
+    """After the first, a queue and priority's messages come from its template: each is
+    still what ``send_task`` publishes for its own attempt, with a delivery tag of its
+    own, the event clock moving on, and the time it was rendered at. An id of another
+    shape than gridqueue's (one JSON would escape) is rendered by Celery, as before."""
+    app = _app(redis_url)
+    renderer = MessageRenderer(app)
+    tags, clocks = set(), []
+    try:
+        for job in ("job-t1", "job-t2", 'job "quoted"\\', "job-t3"):
+            before = time.time()
+            message = renderer.render(TASK_NAME, f"{job}.2", [job, 2], QUEUE, 6)
+            push, event = (json.loads(value) for _, _, value in message.commands)
+            tags.add(push["properties"]["delivery_tag"])
+            body = json.loads(base64.b64decode(event["body"]))
+            clocks.append(body["clock"])
+            assert before <= body["timestamp"] <= time.time()
+            assert json.loads(base64.b64decode(push["body"]))[0] == [job, 2]
+            celerys, _ = sent_by_celery(app, client, f"{job}.2", [job, 2], 6)
+            assert rendered(message) == celerys
+            client.flushdb()
+    finally:
+        renderer.close()
+        app.close()
+    assert len(tags) == 4
+    assert clocks == sorted(clocks) and len(set(clocks)) == 4
