@@ -39,7 +39,7 @@ from benchmarks.watchdog_scale import HEALTH  # noqa: E402
 from gridqueue.embedded import EmbeddedRedis  # noqa: E402
 from gridqueue.keys import lua_prelude  # noqa: E402
 from gridqueue.ledger import Ledger, connect_redis  # noqa: E402
-from gridqueue.lua import ENTER, read_lua, script_source  # noqa: E402
+from gridqueue.lua import ENTER, prelude_for, read_lua, script_source  # noqa: E402
 from gridqueue.settings import Settings  # noqa: E402
 
 # A function library whose one function returns at once: the floor of an FCALL.
@@ -93,6 +93,21 @@ def usec_per_call(
     return {label: statistics.median(values) for label, values in per_round.items()}
 
 
+BASELINE_FUNCTION = "script_cost_baseline_heartbeat"
+
+
+def _baseline_library(common: str, heartbeat: str) -> str:
+    """A library of one function: ``heartbeat`` on the prelude ``common``, entered as the
+    ledger's library enters its functions."""
+    return (
+        "#!lua name=script_cost_baseline\n"
+        + lua_prelude()
+        + common
+        + f"local function heartbeat(KEYS, ARGV) {ENTER.strip()}\n{heartbeat}\nend\n"
+        + f"redis.register_function('{BASELINE_FUNCTION}', heartbeat)\n"
+    )
+
+
 def _at(revision: str, path: str) -> str:
     return subprocess.run(
         ["git", "show", f"{revision}:{path}"], cwd=ROOT, check=True, capture_output=True,
@@ -136,8 +151,20 @@ def measure(url: str, workers: int, rounds: int, baseline: str | None) -> dict[s
         "heartbeat_health": (chosen + body, with_health),
     }
     if baseline:  # the heartbeat as that revision loaded it (the key helpers are today's)
-        before = lua_prelude() + _at(baseline, "gridqueue/lua/_common.lua")
-        before += _at(baseline, "gridqueue/lua/heartbeat.lua")
+        common = _at(baseline, "gridqueue/lua/_common.lua")
+        then = _at(baseline, "gridqueue/lua/heartbeat.lua")
+        if "function enter(" in common:  # a revision of the function library
+            # Its body after its own prelude and entry, as today's: EVALSHA, and FCALL from
+            # a library of its own (on the same Redis, so the ratio is in-run).
+            ledger.client.function_load(_baseline_library(common, then), replace=True)
+            sources["baseline_function_heartbeat"] = (FUNCTION + BASELINE_FUNCTION, without)
+            sources["baseline_function_heartbeat_health"] = (
+                FUNCTION + BASELINE_FUNCTION,
+                with_health,
+            )
+            before = prelude_for(ENTER + then) + ENTER + then
+        else:
+            before = lua_prelude() + common + then
         sources["baseline_heartbeat"] = (before, without)
         sources["baseline_heartbeat_health"] = (before, with_health)
     row: dict[str, Any] = {"workers": workers, "rounds": rounds, "baseline": baseline}
@@ -192,6 +219,18 @@ def main() -> None:
             f"  the heartbeat function / at {row['baseline']}: "
             f"{row['function_heartbeat_us'] / row['baseline_heartbeat_us']:.2f}x, with health "
             f"{row['function_heartbeat_health_us'] / row['baseline_heartbeat_health_us']:.2f}x"
+        )
+    if "baseline_function_heartbeat_us" in row:
+        now, then = (
+            row["function_heartbeat_health_us"],
+            row["baseline_function_heartbeat_health_us"],
+        )
+        print(
+            f"  FCALL, the heartbeat at {row['baseline']}: "
+            f"{row['baseline_function_heartbeat_us']:.2f} us, with health "
+            f"{row['baseline_function_heartbeat_health_us']:.2f} us; now / then "
+            f"{row['function_heartbeat_us'] / row['baseline_function_heartbeat_us']:.2f}x, "
+            f"with health {now / then:.2f}x"
         )
     if args.json:
         print(json.dumps(row, indent=2))

@@ -19,10 +19,12 @@ Layout (``ns`` is ``GRIDQUEUE_NAMESPACE``, ``gq`` by default; an attempt is ``<j
     {ns}:liveness              zset    attempt -> when its liveness beat lapses (ms)
     {ns}:stalls                zset    attempt -> when its progress mark lapses (ms)
     {ns}:dead_letters          zset    dead-lettered job -> when (ms)
-    {ns}:workers               zset    live worker -> last heartbeat (ms)
+    {ns}:workers               zset    live worker -> last heartbeat (ms): the only copy
+                                       of it while the worker is in the fleet
     {ns}:gone                  zset    dead or stopped worker -> when it left (ms); its keys
                                        are deleted job_retention_s later
-    {ns}:worker:{name}         hash    worker record: state, epoch, models, pid, health...
+    {ns}:worker:{name}         hash    worker record: state, epoch, models, pid, health...;
+                                       last_heartbeat_ms once it left the fleet
     {ns}:worker:{name}:running set     attempts this worker runs
     {ns}:worker:{name}:kill    set     attempts the worker agent must SIGKILL
     {ns}:worker:{name}:faults  hash    simulated GPU faults injected by the drill (gpu -> JSON)

@@ -870,20 +870,39 @@ class Ledger:
         return int(self.settings.heartbeat_interval_s * 1000)
 
     def worker(self, name: str) -> WorkerRecord | None:
-        data = cast(dict[str, str], self.client.hgetall(self.keys.worker(name)))
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hgetall(self.keys.worker(name))
+        pipe.smembers(self.keys.worker_running(name))
+        pipe.zscore(self.keys.workers, name)
+        data, running, beat_ms = pipe.execute()
         if not data:
             return None
-        running = cast(set[str], self.client.smembers(self.keys.worker_running(name)))
-        return WorkerRecord.from_hash(data, list(running))
+        return WorkerRecord.from_hash(data, list(running), beat_ms)
 
     def workers(self) -> list[WorkerRecord]:
-        names = set(cast(list[str], self.client.zrange(self.keys.workers, 0, -1)))
+        """Every registered worker, read in one round trip after the listing."""
+        beats = dict(
+            cast(
+                list[tuple[str, float]],
+                self.client.zrange(self.keys.workers, 0, -1, withscores=True),
+            )
+        )
+        names = set(beats)
         pattern = self.keys.worker("*")
         for key in self.client.scan_iter(match=pattern, count=500):
             if key.count(":") == pattern.count(":"):
                 names.add(key.rsplit(":", 1)[1])
-        records = [self.worker(name) for name in sorted(names)]
-        return [r for r in records if r is not None]
+        ordered = sorted(names)
+        pipe = self.client.pipeline(transaction=False)
+        for name in ordered:
+            pipe.hgetall(self.keys.worker(name))
+            pipe.smembers(self.keys.worker_running(name))
+        replies = pipe.execute()
+        return [
+            WorkerRecord.from_hash(data, list(running), beats.get(name))
+            for name, data, running in zip(ordered, replies[::2], replies[1::2], strict=True)
+            if data
+        ]
 
     # -- watchdog --------------------------------------------------------------------
 

@@ -159,7 +159,11 @@ class WorkerRecord:
     failures: int = 0
 
     @classmethod
-    def from_hash(cls, data: dict[str, str], running: list[str]) -> WorkerRecord:
+    def from_hash(
+        cls, data: dict[str, str], running: list[str], beat_ms: float | None = None
+    ) -> WorkerRecord:
+        """``beat_ms``: the worker's score in the fleet, where a worker in it keeps its last
+        beat; one that left the fleet (dead, stopped) has it in its record."""
         health = data.get("health")
         return cls(
             verdict=data.get("verdict") or None,
@@ -179,7 +183,9 @@ class WorkerRecord:
             host=data.get("host"),
             concurrency=_int(data.get("concurrency")),
             registered_ms=_int(data.get("registered_ms")),
-            last_heartbeat_ms=_int(data.get("last_heartbeat_ms")),
+            last_heartbeat_ms=(
+                int(beat_ms) if beat_ms is not None else _int(data.get("last_heartbeat_ms"))
+            ),
             declared_dead_ms=_int(data.get("declared_dead_ms")),
             running=sorted(running),
             health=json.loads(health) if health else None,

@@ -24,7 +24,9 @@ else
 end
 redis.call('ZREM', key_workers(NS), name)
 redis.call('ZREM', key_probation(NS), name)
-redis.call('HSET', key_worker(NS, name), 'state', 'DEAD', 'declared_dead_ms', NOW)
+-- Its last beat leaves the fleet with it: the record keeps it, for the views.
+redis.call('HSET', key_worker(NS, name), 'state', 'DEAD', 'declared_dead_ms', NOW,
+           'last_heartbeat_ms', last)
 redis.call('ZADD', key_gone(NS), NOW, name)
 local failures = record_failure(name)
 local members = redis.call('SMEMBERS', key_worker_running(NS, name))

@@ -22,9 +22,11 @@ if (state ~= 'ALIVE' and state ~= 'QUARANTINED' and state ~= 'PROBATION')
   bump('heartbeats_refused')
   return {'fenced', state or 'UNKNOWN'}
 end
+-- The beat's time lives only here, as the worker's score in the fleet: the watchdog sweeps
+-- by it and every reader takes the last beat from it. A beat with nothing else to say
+-- writes nothing more (each redis.call is a good part of its cost).
 redis.call('ZADD', key_workers(NS), NOW, name)
--- One HSET for all the fields a beat writes: each redis.call is a good part of its cost.
-local fields = {'HSET', wk, 'last_heartbeat_ms', NOW}
+local fields = {'HSET', wk}
 if present == '1' and presence_epoch ~= epoch then
   fields[#fields + 1] = 'presence_epoch'
   fields[#fields + 1] = epoch
@@ -38,7 +40,7 @@ if verdict_changed then
   fields[#fields + 1] = 'verdict'
   fields[#fields + 1] = verdict
 end
-redis.call(unpack(fields))
+if #fields > 2 then redis.call(unpack(fields)) end
 if verdict_changed then
   redis.call('ZADD', key_health_changes(NS), NOW, name)
   emit('health_changed', {'worker', name, 'from', old_verdict or '', 'to', verdict})

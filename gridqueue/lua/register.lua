@@ -15,8 +15,9 @@ local name, models, pid, host = ARGV[7], ARGV[8], ARGV[9], ARGV[10]
 local concurrency, info, probe, gpus, model_fit = ARGV[11], ARGV[12], ARGV[13], ARGV[14], ARGV[15]
 local stale_after_ms = tonumber(ARGV[16])
 local wk = key_worker(NS, name)
-local previous, old_pid, old_host, last_beat, old_models, old_unfit = unpack(redis.call(
-  'HMGET', wk, 'state', 'pid', 'host', 'last_heartbeat_ms', 'models', 'unfit_models'))
+local previous, old_pid, old_host, old_models, old_unfit = unpack(redis.call(
+  'HMGET', wk, 'state', 'pid', 'host', 'models', 'unfit_models'))
+local last_beat = redis.call('ZSCORE', key_workers(NS), name)  -- the fleet holds the beats
 previous = previous or ''
 if (previous == 'ALIVE' or previous == 'QUARANTINED' or previous == 'PROBATION')
    and (old_pid ~= pid or old_host ~= host)
@@ -50,9 +51,11 @@ end
 local epoch = redis.call('HINCRBY', wk, 'epoch', 1)
 redis.call('HSET', wk, 'name', name, 'models', table.concat(consumed, ','),
   'unfit_models', table.concat(unfit, ','), 'pid', pid, 'host', host,
-  'concurrency', concurrency, 'registered_ms', NOW, 'last_heartbeat_ms', NOW, 'info', info,
+  'concurrency', concurrency, 'registered_ms', NOW, 'info', info,
   'probe', probe, 'gpus', gpus, 'verdict', '')
-redis.call('HDEL', wk, 'declared_dead_ms', 'health', 'kill_orders')
+-- last_heartbeat_ms: the last beat of an incarnation that left the fleet; this one's
+-- beats are its score in the fleet from now on.
+redis.call('HDEL', wk, 'declared_dead_ms', 'health', 'kill_orders', 'last_heartbeat_ms')
 redis.call('DEL', key_worker_kill(NS, name))
 redis.call('ZADD', key_workers(NS), NOW, name)
 redis.call('ZREM', key_gone(NS), name)

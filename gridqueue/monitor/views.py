@@ -178,16 +178,19 @@ class FleetView:
     def models(self) -> list[str]:
         return sorted(cast(set[str], self.client.smembers(self.keys.models)))
 
-    def _names(self) -> tuple[list[str], dict[str, int]]:
+    def _names(self) -> tuple[list[str], dict[str, int], dict[str, int]]:
+        """Every worker's name, when each that left the fleet left it, and the last beat of
+        each still in it (its score there)."""
         pipe = self.client.pipeline(transaction=False)
-        pipe.zrange(self.keys.workers, 0, -1)
+        pipe.zrange(self.keys.workers, 0, -1, withscores=True)
         pipe.zrange(self.keys.gone, 0, -1, withscores=True)
         live, gone = pipe.execute()
         gone_ms = {name: int(score) for name, score in gone}
-        return sorted(set(live) | set(gone_ms)), gone_ms
+        beat_ms = {name: int(score) for name, score in live}
+        return sorted(set(beat_ms) | set(gone_ms)), gone_ms, beat_ms
 
     def _worker_states(self) -> list[str]:
-        names, _ = self._names()
+        names, _, _ = self._names()
         pipe = self.client.pipeline(transaction=False)
         for name in names:
             pipe.hget(self.keys.worker(name), "state")
@@ -198,7 +201,7 @@ class FleetView:
     def workers(self, gone_within_s: float | None = None) -> list[dict[str, Any]]:
         """Every registered worker; with ``gone_within_s``, only those still in the fleet
         or gone (dead, stopped) less than that long ago."""
-        names, gone_ms = self._names()
+        names, gone_ms, beat_ms = self._names()
         now = self.ledger.time_ms()
         if gone_within_s is not None:
             horizon = now - gone_within_s * 1000
@@ -212,7 +215,9 @@ class FleetView:
         for i, name in enumerate(names):
             data, running = replies[2 * i], replies[2 * i + 1]
             if data and "state" in data:
-                rows.append(self._worker_summary(data, running, now, gone_ms.get(name)))
+                rows.append(
+                    self._worker_summary(data, running, now, gone_ms.get(name), beat_ms.get(name))
+                )
         order = {s.value: i for i, s in enumerate(WorkerState)}
         rows.sort(key=lambda r: (order.get(r["state"], 99), r["name"]))
         return rows
@@ -223,21 +228,32 @@ class FleetView:
         pipe.smembers(self.keys.worker_running(name))
         pipe.zscore(self.keys.gone, name)
         pipe.lrange(self.keys.worker_history(name), 0, max(history, 1) - 1)
-        data, running, gone, events = pipe.execute()
+        pipe.zscore(self.keys.workers, name)
+        data, running, gone, events, beat = pipe.execute()
         if not data or "state" not in data:
             raise WorkerNotFoundError(f"no worker {name!r} is registered")
         summary = self._worker_summary(
-            data, running, self.ledger.time_ms(), int(gone) if gone else None
+            data,
+            running,
+            self.ledger.time_ms(),
+            int(gone) if gone else None,
+            int(beat) if beat is not None else None,
         )
         summary["history"] = [e for e in (_decode(raw) for raw in events) if e]
         return summary
 
     @staticmethod
     def _worker_summary(
-        data: dict[str, str], running: set[str], now: int, gone_ms: int | None
+        data: dict[str, str],
+        running: set[str],
+        now: int,
+        gone_ms: int | None,
+        beat_ms: int | None,
     ) -> dict[str, Any]:
         health = _decode(data.get("health")) or {}
-        last = _int(data.get("last_heartbeat_ms"))
+        # A worker in the fleet has its last beat as its score there; one that left it,
+        # in its record.
+        last = beat_ms if beat_ms is not None else _int(data.get("last_heartbeat_ms"))
         return {
             "name": data.get("name", ""),
             "state": data["state"],

@@ -277,6 +277,61 @@ def test_a_name_is_free_again_once_its_heartbeat_is_stale(settings: Settings) ->
     assert ledger.worker("w1").pid == 200  # type: ignore[union-attr]
 
 
+def test_a_name_stays_taken_while_its_process_beats_long_after_it_registered(
+    settings: Settings,
+) -> None:
+    fast = settings.model_copy(update={"stale_after_s": 1.0, "heartbeat_interval_s": 0.2})
+    ledger = Ledger(connect_redis(fast.redis_url), fast)
+    epoch = register(ledger, "w1", pid=100)
+    time.sleep(0.6)
+    ledger.heartbeat("w1", epoch)
+    time.sleep(0.6)  # the registration is stale by now; the last beat is not
+    with pytest.raises(WorkerNameInUseError):
+        register(ledger, "w1", pid=200)
+
+
+# -- the last beat: one index, the fleet's scores ------------------------------------------------
+
+
+def test_a_plain_beat_writes_its_time_only_in_the_fleet(ledger: Ledger) -> None:
+    epoch = register(ledger, "w1")
+    time.sleep(0.01)
+    ledger.heartbeat("w1", epoch)
+    beat_ms = ledger.client.zscore(ledger.keys.workers, "w1")
+    assert beat_ms is not None
+    assert ledger.client.hget(ledger.keys.worker("w1"), "last_heartbeat_ms") is None
+    record = ledger.worker("w1")
+    assert record is not None and record.last_heartbeat_ms == int(beat_ms)
+    (listed,) = ledger.workers()
+    assert listed.last_heartbeat_ms == int(beat_ms)
+
+
+def test_a_worker_that_left_the_fleet_keeps_its_last_beat(settings: Settings) -> None:
+    fast = settings.model_copy(update={"stale_after_s": 0.2, "heartbeat_interval_s": 0.05})
+    ledger = Ledger(connect_redis(fast.redis_url), fast)
+    token = leader(ledger)
+    beats = {}
+    for name in ("dies", "stops"):
+        epoch = register(ledger, name)
+        ledger.heartbeat(name, epoch)
+        beats[name] = int(ledger.client.zscore(ledger.keys.workers, name) or 0)
+        if name == "stops":
+            assert ledger.unregister(name, epoch)
+    time.sleep(0.3)
+    assert ledger.declare_dead("dies", token) == 0
+    assert ledger.client.zcard(ledger.keys.workers) == 0
+    by_name = {w.name: w for w in ledger.workers()}
+    assert by_name["dies"].state is WorkerState.DEAD
+    assert by_name["stops"].state is WorkerState.STOPPED
+    assert {name: w.last_heartbeat_ms for name, w in by_name.items()} == beats
+    # Back in the fleet, its beats are its score there again.
+    epoch = register(ledger, "dies")
+    assert ledger.client.hget(ledger.keys.worker("dies"), "last_heartbeat_ms") is None
+    assert ledger.worker("dies").last_heartbeat_ms == int(  # type: ignore[union-attr]
+        ledger.client.zscore(ledger.keys.workers, "dies") or 0
+    )
+
+
 # -- hole 6: failure reports fenced by process, not name ---------------------------------------
 
 

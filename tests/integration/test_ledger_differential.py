@@ -471,7 +471,6 @@ class MirroredLedger(LedgerModel):
         """The worker's last heartbeat, if it has one that counts (it is in the fleet)."""
         if self.client.zscore(self.keys.workers, worker) is not None:
             self.client.zadd(self.keys.workers, {worker: at_ms})
-            self.client.hset(self.keys.worker(worker), "last_heartbeat_ms", at_ms)
 
     def lease_later(self) -> None:
         """A lease is a score, NOW + grace: two written in the same millisecond would be
