@@ -36,6 +36,8 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from celery import Celery, states
@@ -155,6 +157,19 @@ class NodeLostAnnouncer:
         self._queue: queue.Queue[tuple[str, int]] = queue.Queue(self.BACKLOG)
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._go = threading.Event()
+        self._go.set()
+
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        """Announcements wait while this is open: a rack's requeue puts a thousand of
+        them in the queue, and sending them (a record read and a publish each) on the
+        same interpreter as the requeue would slow the requeue they describe."""
+        self._go.clear()
+        try:
+            yield
+        finally:
+            self._go.set()
 
     def node_lost(self, job_id: str, n: int) -> None:
         """Queue the announcement; it is sent by the announcer's thread."""
@@ -181,6 +196,7 @@ class NodeLostAnnouncer:
     def _run(self) -> None:
         while True:
             job_id, n = self._queue.get()
+            self._go.wait()
             try:
                 self._announce(job_id, n)
             except Exception as exc:  # an event is a courtesy: the ledger has the outcome

@@ -239,7 +239,8 @@ class Watchdog:
         # tick, which finds it where it was, so the lease never lapses mid-tick (a lapse
         # would make the next tick a new leader's, blind for a grace period).
         self._budget_ends = started + self.settings.watchdog_lease_s / 2
-        self._requeue_lost(self.ledger.lost_attempts() if moved else scan.lost, value, report)
+        with self.announcer.held():  # its events wait: the requeue has the process's time
+            self._requeue_lost(self.ledger.lost_attempts() if moved else scan.lost, value, report)
         for name in scan.probation_due:
             if self._item(report, self.ledger.end_probation, name, value):
                 log.info("worker.readmitted", worker=name)

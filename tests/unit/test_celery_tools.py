@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from typing import Any
 
 import pytest
@@ -14,7 +15,7 @@ from celery import states
 from kombu.transport import redis as kombu_redis
 
 from gridqueue.celeryapp import QUEUE_SEP, make_celery, priority_lists
-from gridqueue.celerystate import verdict_of
+from gridqueue.celerystate import NodeLostAnnouncer, verdict_of
 from gridqueue.errors import InvalidModelError
 from gridqueue.handlers import check_model_name
 from gridqueue.records import JobRecord
@@ -124,3 +125,31 @@ def test_an_attempt_without_an_outcome_takes_its_state_from_the_job() -> None:
     superseded = verdict_of(record("RUNNING", 3, {"n": 2}, {"n": 3}), 2)
     assert superseded.state == states.FAILURE and "superseded by attempt 3" in superseded.detail
     assert verdict_of(None, 1).state == states.FAILURE  # no such job
+
+
+class _Recording(NodeLostAnnouncer):
+    """The announcer with its send step recording instead of reading the ledger and
+    publishing: what is under test is when the thread sends, not what."""
+
+    def __init__(self) -> None:
+        super().__init__(app=None, ledger=None, enabled=True)  # type: ignore[arg-type]
+        self.sent: list[tuple[str, int]] = []
+
+    def _announce(self, job_id: str, n: int) -> None:
+        self.sent.append((job_id, n))
+
+
+def test_lost_node_announcements_wait_while_a_requeue_holds_them() -> None:
+    """The watchdog holds its task-failed events while it requeues a node's attempts (they
+    would take the interpreter from the requeue they describe), and sends every one of
+    them after."""
+    announcer = _Recording()
+    announcer.node_lost("job-0", 1)
+    assert announcer.drain(5.0)
+    with announcer.held():
+        for i in range(1, 4):
+            announcer.node_lost(f"job-{i}", 1)
+        time.sleep(0.3)
+        assert announcer.sent == [("job-0", 1)]
+    assert announcer.drain(5.0)
+    assert announcer.sent == [(f"job-{i}", 1) for i in range(4)]
