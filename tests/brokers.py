@@ -121,6 +121,20 @@ def broker_url(request: pytest.FixtureRequest) -> Iterator[str | None]:
     vhost.purge_queues()
 
 
+def unacked_messages(broker_url: str, queue: str) -> int:
+    """Messages of ``queue`` delivered to a consumer and not yet acked, in the vhost of
+    ``broker_url`` on the test RabbitMQ (``rabbitmqctl``: a second or so a call)."""
+    vhost = unquote(urlsplit(broker_url).path[1:])
+    listed = _rabbitmqctl(
+        "list_queues", "-p", vhost, "name", "messages_unacknowledged", "-q", "--no-table-headers"
+    )
+    for line in listed.stdout.splitlines():
+        fields = line.split()
+        if len(fields) == 2 and fields[0] == queue:
+            return int(fields[1])
+    raise AssertionError(f"no queue {queue} in vhost {vhost}: {listed.stderr.strip()}")
+
+
 def broker_env(broker_url: str | None) -> dict[str, str]:
     """The environment that points a gridqueue process at this broker."""
     return {} if broker_url is None else {"GRIDQUEUE_BROKER_URL": broker_url}

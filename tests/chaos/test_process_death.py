@@ -74,6 +74,9 @@ def test_kill9_is_detected_by_the_closed_connection(fleet: LocalFleet, gq: GridQ
     assert result.lost == [] and result.duplicates == [] and result.succeeded == 1
 
 
+# Each of its 25 drops must be healed within 1 s: beside other tests, a worker starved of
+# the CPU can miss that by load alone.
+@pytest.mark.serial
 def test_dropped_subscription_alone_is_no_death(fleet: LocalFleet, gq: GridQueue) -> None:
     """CLIENT KILL of the presence connection, again and again, while the worker heartbeats
     and runs a job: it subscribes again each time, and is never declared dead."""
@@ -127,6 +130,8 @@ def cpu_load() -> Iterator[Callable[[int], None]]:
             hog.wait(timeout=10)
 
 
+# It saturates both CPUs itself: beside other tests it would starve them, and be starved.
+@pytest.mark.serial
 def test_saturated_cpus_declare_no_healthy_worker_dead(
     fleet: LocalFleet, gq: GridQueue, cpu_load: Callable[[int], None]
 ) -> None:

@@ -29,7 +29,7 @@ from gridqueue.fleet import LocalFleet
 from gridqueue.keys import attempt_id, queue_for_model
 from gridqueue.settings import Settings
 from gridqueue.states import JobState
-from tests.brokers import AmqpVhost, broker_env
+from tests.brokers import AmqpVhost, broker_env, unacked_messages
 from tests.helpers import wait_for, wait_until_watchdog_judges
 from workers.simulated import complete_text
 
@@ -53,6 +53,15 @@ def ready_messages(broker_url: str, queue: str) -> int:
     k: Any = kombu
     with k.Connection(broker_url, connect_timeout=5) as connection:
         return int(connection.channel().queue_declare(queue, passive=True).message_count)
+
+
+def wait_for_acks(broker_url: str, queue: str) -> None:
+    """Wait until no message of ``queue`` is held unacked. A worker acks an attempt's
+    message just after the attempt's result is in the ledger; stopped in that moment, it
+    hands the message back, and a test that stops it once the result is in would find a
+    copy in the queue that was never refused. A copy held and never acked still fails
+    here, after the timeout."""
+    wait_for(lambda: unacked_messages(broker_url, queue) == 0, timeout_s=30, interval_s=0.5)
 
 
 def test_a_node_killed_holding_an_unclaimed_message_loses_no_job_and_runs_it_once(
@@ -124,10 +133,11 @@ def test_a_redelivered_copy_of_a_superseded_attempt_is_refused_and_acked(
         refused = stats.get("duplicate_deliveries", 0) + stats.get("stale_deliveries", 0)
         assert refused >= 1, stats
         assert stats.get("stranded_deliveries", 0) == 0, stats
-        # Acked, not held: once the survivor stops (which hands back whatever it holds),
-        # the queue is empty.
-        fleet.stop(survivor)
+        # Acked, not held: nothing is left unacked, and once the survivor stops (which
+        # hands back whatever it holds) the queue is empty.
         queue = queue_for_model(gq.settings.namespace, "sim-llm")
+        wait_for_acks(broker_url, queue)
+        fleet.stop(survivor)
         assert ready_messages(broker_url, queue) == 0
 
 
@@ -162,6 +172,7 @@ def test_a_child_killed_before_its_claim_runs_its_job_once_and_leaves_no_copy(
 
         # Celery's requeue and the agent's publish: the copy that did not run was refused.
         wait_for(lambda: refused() == 1)
+        wait_for_acks(broker_url, queue)
         fleet.stop("w1")  # hands back anything it still held unacked
         assert ready_messages(broker_url, queue) == 0
 

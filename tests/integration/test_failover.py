@@ -172,6 +172,9 @@ def test_exclusive_job_fails_explicitly_when_its_node_dies(
 
     job = gq.submit("sim-llm", {"prompt": "charge card", "ms": 3000}, workload="exclusive")
     victim = wait_for(lambda: running_on(gq.ledger, [job.id]).get(job.id))
+    # RUNNING is the claim; the handler counts its run a moment later. Killed in between
+    # (a busy machine), the node would die before the run the test is about had started.
+    wait_for(lambda: run_counts(gq.ledger.client, gq.settings.namespace, [job.id])[job.id])
     fleet.kill(victim)
 
     with pytest.raises(JobFailed) as failure:
