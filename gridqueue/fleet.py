@@ -134,19 +134,29 @@ class LocalFleet:
         self.processes[name].signal_group(signum)
 
     def stop(self, name: str, timeout_s: float = 10.0) -> None:
+        """A warm shutdown of ``name``: it finishes what runs and takes nothing more."""
         self.stop_many([name], timeout_s)
 
     def stop_all(self, timeout_s: float = 10.0) -> None:
-        self.stop_many(list(self.processes), timeout_s)
+        """Every process down now (a teardown): what runs is lost, as in a node's death."""
+        self.stop_many(list(self.processes), timeout_s, warm=False)
 
-    def stop_many(self, names: list[str], timeout_s: float = 10.0) -> None:
-        """SIGCONT and SIGTERM to each (a warm shutdown), SIGKILL to any still running after
-        ``timeout_s``, then to whatever is left in their groups. All are signalled first,
-        then waited for, so their shutdowns overlap instead of adding up."""
+    def stop_many(self, names: list[str], timeout_s: float = 10.0, warm: bool = True) -> None:
+        """SIGCONT to each group, then SIGTERM: ``warm``, to the main process alone, as
+        ``docker stop`` (or systemd with ``KillMode=mixed``) sends it, so Celery finishes the
+        running attempts before it exits (its pool children take SIGTERM's default action:
+        sent to the whole group, it kills them mid-attempt); else to the whole group.
+        SIGKILL to any still running after ``timeout_s``, then to whatever is left in their
+        groups. All are signalled first, then waited for, so their shutdowns overlap instead
+        of adding up."""
         stopping = [self.processes.pop(name) for name in names]
         for proc in stopping:
             proc.signal_group(signal.SIGCONT)
-            proc.signal_group(signal.SIGTERM)
+            if warm:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.process.send_signal(signal.SIGTERM)
+            else:
+                proc.signal_group(signal.SIGTERM)
         for proc in stopping:
             try:
                 proc.process.wait(timeout=timeout_s)
