@@ -355,6 +355,7 @@ def measure_fleet(
         failure = (
             rack_failure(watchdog, rack_names, attempts, workers, silence_at) if rack else None
         )
+        watchdog.announcer.drain(30.0)  # the node-lost events it held during the requeue
     finally:
         stop_at.value = 0.0
         for loader in loaders:
