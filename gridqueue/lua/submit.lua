@@ -68,6 +68,13 @@ if not admitted and ready == 0 and not wait_for_capacity then
   return {'no_capacity', cjson.encode({workers = workers})}
 end
 
+-- The message goes out before the job is written: Redis does not undo a script's writes
+-- when a later command fails (a WRONGTYPE queue key, an ACL that refuses the channel), so
+-- a publish that fails leaves nothing behind, and one that fails half way leaves at most
+-- a message whose job does not exist, which the claim refuses.
+local publishes = #ARGV >= 18
+if publishes then publish_message(ARGV, 18) end
+
 if idem ~= '' then redis.call('SET', key_idempotency(NS, idem), id, 'EX', idem_ttl_s) end
 
 local deadline = ''
@@ -81,10 +88,9 @@ move_state(id, nil, 'QUEUED', {'id', id, 'model', model, 'workload', workload,
   'idempotency_key', idem, 'liveness_ms', liveness_ms, 'stall_ms', stall_ms,
   'a:1', cjson.encode({n = 1, queued_ms = NOW})})
 emit('submitted', {'job', id, 'attempt', 1, 'model', model, 'workload', workload})
-if #ARGV >= 18 then
-  -- The message is out in this same step: the attempt is published (as end_dispatch
+if publishes then
+  -- The message went out in this same step: the attempt is published (as end_dispatch
   -- lists it) and its message owns it.
-  publish_message(ARGV, 18)
   redis.call('ZADD', key_published(NS), NOW, id .. '.1')
   bump('attempts_published')
   return {id, 'created', ''}

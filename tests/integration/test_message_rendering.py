@@ -259,3 +259,66 @@ def test_messages_from_one_template_each_carry_their_own_ids_tag_clock_and_time(
         app.close()
     assert len(tags) == 4
     assert clocks == sorted(clocks) and len(set(clocks)) == 4
+
+
+def test_a_message_that_cannot_be_pushed_leaves_no_job_behind(
+    ledger: Ledger, client: redis.Redis
+) -> None:
+    """Redis does not undo a script's earlier writes when a command fails, so submit
+    publishes before it writes: a push that fails (here the queue's key holds a string)
+    fails the submit with nothing written, never a job without its message."""
+    client.set("gq-not-a-list", "x")
+    message = RenderedMessage((("LPUSH", "gq-not-a-list", "{}"),))
+    with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+        ledger.submit("job-wt", "sim-llm", "realtime", "{}", 0, None, message=message)
+    assert not client.exists(ledger.keys.job("job-wt"))
+    assert client.zscore(ledger.keys.published, "job-wt.1") is None
+    assert client.zscore(ledger.keys.dispatch, "job-wt.1") is None
+
+
+def test_a_worker_process_keeps_one_dispatcher_and_its_renderer(settings: Settings) -> None:
+    """Every immediate retry a worker publishes goes through the same renderer: one
+    broker channel and one set of templates per process, not one opened per publish."""
+    from gridqueue.runner import WorkerRuntime
+
+    app = make_celery(settings.redis_url)
+    runtime = WorkerRuntime("w1", ["sim-llm"], settings, 1, app)
+    try:
+        first = runtime.dispatcher
+        assert runtime.dispatcher is first
+        assert first.renderer is not None
+        first.render(attempt_id("job-r", 2), "sim-llm", "realtime")
+        assert runtime.dispatcher.renderer is first.renderer and first.renderer.opened
+    finally:
+        if runtime.dispatcher.renderer is not None:
+            runtime.dispatcher.renderer.close()
+        app.close()
+
+
+def test_a_forked_child_renders_on_a_channel_of_its_own(redis_url: str) -> None:
+    """A producer made before a fork (a preloading web server): the child renders on a
+    channel and lock of its own, never on the parent's socket, and the parent's still
+    works after."""
+    import os
+
+    app = _app(redis_url)
+    renderer = MessageRenderer(app)
+    try:
+        renderer.render(TASK_NAME, "job-p.1", ["job-p", 1], QUEUE, 0)
+        parents = renderer._channel
+        pid = os.fork()
+        if pid == 0:  # the child: report through the exit status only
+            ok = False
+            try:
+                message = renderer.render(TASK_NAME, "job-c.1", ["job-c", 1], QUEUE, 0)
+                ok = renderer._channel is not parents and "job-c.1" in message.commands[0][2]
+            finally:
+                os._exit(0 if ok else 1)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert renderer._channel is parents
+        after = renderer.render(TASK_NAME, "job-q.1", ["job-q", 1], QUEUE, 0)
+        assert "job-q.1" in after.commands[0][2]
+    finally:
+        renderer.close()
+        app.close()
