@@ -63,6 +63,7 @@ class WorkerRuntime:
     host: str = field(default_factory=socket.gethostname)
     fatal: Exception | None = None  # why the agent could not join the fleet
     _ledger: Ledger | None = None
+    _dispatcher: Dispatcher | None = None
     _pid: int = 0
 
     @property
@@ -70,12 +71,18 @@ class WorkerRuntime:
         # One client per process: a forked child must not share its parent's sockets.
         if self._ledger is None or self._pid != os.getpid():
             self._ledger = Ledger.connect(self.settings)
+            self._dispatcher = None
             self._pid = os.getpid()
         return self._ledger
 
     @property
     def dispatcher(self) -> Dispatcher:
-        return Dispatcher(self.ledger, self.app)
+        # One per process too: its message renderer holds a broker channel and the
+        # templates, which a dispatcher per publish would open (and leak) each time.
+        ledger = self.ledger
+        if self._dispatcher is None:
+            self._dispatcher = Dispatcher(ledger, self.app)
+        return self._dispatcher
 
     def end_attempt(
         self,
