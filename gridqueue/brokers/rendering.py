@@ -196,6 +196,16 @@ class MessageRenderer:
         self._prefix_args: Any = None
         # (task, queue, priority, pid) -> the template's parts, or None: render each.
         self._templates: dict[tuple[str, str, int, int], tuple[_Part, ...] | None] = {}
+        self._pid = os.getpid()
+
+    def _forked(self) -> None:
+        """In a forked child: start afresh. The parent's channel is its own (closing it
+        here would close the parent's socket), and its lock may have been held by a
+        thread that the fork did not copy."""
+        self._lock = threading.Lock()
+        self._connection = self._channel = self._producer = self._kept = None
+        self._templates = {}
+        self._pid = os.getpid()
 
     @property
     def opened(self) -> bool:
@@ -228,6 +238,8 @@ class MessageRenderer:
         priority=priority)`` would send, as Redis commands. For an attempt (``task_id``
         is ``<job>.<n>``, ``args`` is ``[job, n]``), from its queue and priority's
         template; for anything else, by Celery."""
+        if self._pid != os.getpid():
+            self._forked()
         job_id, n = args if len(args) == 2 else (None, None)
         if (
             isinstance(job_id, str)
