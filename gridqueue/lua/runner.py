@@ -195,6 +195,10 @@ class ScriptRunner(_Runner):
                 else:
                     self.queue(again, name, args[3:])
             for i, reply in zip(resend, again.execute(raise_on_error=False), strict=True):
+                if i in waits and isinstance(replies[i], int) and isinstance(reply, int):
+                    # The first WAIT covered the calls that were not sent again: the
+                    # replicas that confirmed both are the fewer of the two counts.
+                    reply = min(replies[i], reply)
                 replies[i] = reply
         for i, reply in enumerate(replies):
             if isinstance(reply, Exception):
