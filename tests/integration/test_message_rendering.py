@@ -102,6 +102,27 @@ def _app(redis_url: str, events: bool = True, **transport: Any) -> Celery:
     return app
 
 
+Commands = list[tuple[str, str, dict[str, Any]]]
+
+
+def render_and_send(
+    redis_url: str, client: redis.Redis, job: str, attempt: int, priority: int,
+    events: bool = True, **transport: Any,
+) -> tuple[Commands, Commands]:  # fmt: skip
+    """Attempt ``job``.``attempt`` rendered, then sent by ``send_task`` on the same app:
+    (the rendering, what Celery wrote), each as :func:`rendered` gives it."""
+    app = _app(redis_url, events, **transport)
+    renderer = MessageRenderer(app)
+    member = attempt_id(job, attempt)
+    try:
+        mine = rendered(renderer.render(TASK_NAME, member, [job, attempt], QUEUE, priority))
+        celerys, _ = sent_by_celery(app, client, member, [job, attempt], priority)
+    finally:
+        renderer.close()
+        app.close()
+    return mine, celerys
+
+
 @pytest.mark.parametrize("priority", range(10))
 @pytest.mark.parametrize("attempt", [1, 2], ids=["first", "requeue"])
 def test_the_rendered_message_is_what_send_task_publishes(
@@ -109,15 +130,7 @@ def test_the_rendered_message_is_what_send_task_publishes(
 ) -> None:
     """Each priority (kombu's steps take 0-9) and both attempt 1 and a requeue: the same
     list, the same message, the same task-sent event on the same topic."""
-    app = _app(redis_url)
-    renderer = MessageRenderer(app)
-    try:
-        member = attempt_id("job-a", attempt)
-        mine = rendered(renderer.render(TASK_NAME, member, ["job-a", attempt], QUEUE, priority))
-        celerys, _ = sent_by_celery(app, client, member, ["job-a", attempt], priority)
-    finally:
-        renderer.close()
-        app.close()
+    mine, celerys = render_and_send(redis_url, client, "job-a", attempt, priority)
     assert [command for command, _, _ in mine] == ["LPUSH", "PUBLISH"]
     assert mine == celerys
     step = max(s for s in PRIORITY_STEPS if s <= priority)
@@ -128,14 +141,7 @@ def test_the_rendered_message_is_what_send_task_publishes(
 def test_without_events_no_task_sent_event_is_rendered(redis_url: str, client: redis.Redis) -> None:
     """With Celery's events off (``GRIDQUEUE_CELERY_EVENTS=0``), send_task publishes no
     task-sent event, and neither does the rendering."""
-    app = _app(redis_url, events=False)
-    renderer = MessageRenderer(app)
-    try:
-        mine = rendered(renderer.render(TASK_NAME, "job-b.1", ["job-b", 1], QUEUE, 6))
-        celerys, _ = sent_by_celery(app, client, "job-b.1", ["job-b", 1], 6)
-    finally:
-        renderer.close()
-        app.close()
+    mine, celerys = render_and_send(redis_url, client, "job-b", 1, 6, events=False)
     assert [command for command, _, _ in mine] == ["LPUSH"]
     assert mine == celerys
 
@@ -145,14 +151,7 @@ def test_kombus_global_keyprefix_is_on_the_rendered_keys(
 ) -> None:
     """kombu's ``global_keyprefix`` transport option prefixes the queue's list (and the
     event's topic, if kombu does) as kombu's own client would."""
-    app = _app(redis_url, global_keyprefix="tenant-1:")
-    renderer = MessageRenderer(app)
-    try:
-        mine = rendered(renderer.render(TASK_NAME, "job-c.1", ["job-c", 1], QUEUE, 3))
-        celerys, _ = sent_by_celery(app, client, "job-c.1", ["job-c", 1], 3)
-    finally:
-        renderer.close()
-        app.close()
+    mine, celerys = render_and_send(redis_url, client, "job-c", 1, 3, global_keyprefix="tenant-1:")
     assert mine[0][1].startswith("tenant-1:")
     assert mine == celerys
 
