@@ -141,13 +141,28 @@ def body_line(name: str, line: int) -> int | None:
     return line - first + 1 if line >= first else None
 
 
-# A script whose text has this line declares the flag to Redis, and is called FCALL_RO.
-_NO_WRITES = re.compile(r"^-- function flags: no-writes$", re.MULTILINE)
+# A script declares its function flags to Redis in a line of its text:
+#   -- function flags: no-writes     it writes nothing: called with FCALL_RO (a replica too)
+#   -- function flags: allow-oom     it may run when Redis is out of memory: one that frees
+#                                    memory must, since Redis refuses a function without it
+#                                    outright there, where an EVAL ran until its first write
+_FLAGS = re.compile(r"^-- function flags: ([a-z-]+(?:, *[a-z-]+)*)$", re.MULTILINE)
+_KNOWN_FLAGS = frozenset({"no-writes", "allow-oom"})
+
+
+def function_flags(name: str) -> tuple[str, ...]:
+    """The Redis function flags the script declares."""
+    found = _FLAGS.search(read_lua(name))
+    flags = tuple(f.strip() for f in found.group(1).split(",")) if found else ()
+    unknown = set(flags) - _KNOWN_FLAGS
+    if unknown:
+        raise ValueError(f"{name}.lua declares unknown function flags {sorted(unknown)}")
+    return flags
 
 
 def no_writes(name: str) -> bool:
     """Whether the script declares that it writes nothing (FCALL_RO, on a replica too)."""
-    return bool(_NO_WRITES.search(read_lua(name)))
+    return "no-writes" in function_flags(name)
 
 
 @dataclass(frozen=True)
@@ -197,7 +212,7 @@ def _library(names: tuple[str, ...]) -> Library:
     prefix = f"gq_{digest}_"
     # One call each: the library's load runs with no globals but `redis` (no `pairs`).
     for name in names:
-        flags = "'no-writes'" if no_writes(name) else ""
+        flags = ", ".join(f"'{flag}'" for flag in function_flags(name))
         code += (
             f"redis.register_function{{function_name = '{prefix}{name}', "
             f"callback = SCRIPTS[{name!r}], flags = {{{flags}}}}}\n"

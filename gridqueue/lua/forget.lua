@@ -6,6 +6,8 @@
 --   and fault keys, and its fields in the model listings;
 --   dead-letter entries, whose job records have expired by then;
 --   ended jobs in the lists by state.
+-- It frees memory, so it must run when Redis is out of it:
+-- function flags: allow-oom
 local before_ms, batch, token = tonumber(ARGV[7]), tonumber(ARGV[8]), ARGV[9]
 if not leader_is(token) then return {'not_leader'} end
 local forgotten = 0

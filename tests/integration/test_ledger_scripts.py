@@ -232,3 +232,24 @@ def test_auto_keeps_eval_on_a_redis_without_functions(ledger_on: list[Ledger]) -
         assert ledger.scripts.mode == "eval"
     finally:
         server.cleanup()
+
+
+def test_the_pruning_script_runs_when_redis_is_out_of_memory(
+    functions: str, ledger_on: list[Ledger]
+) -> None:
+    """With ``maxmemory`` reached and no eviction, Redis refuses a function that may write
+    before it starts; ``forget.lua``, which frees memory, declares ``allow-oom`` and runs
+    (here as a non-leader, so it prunes nothing: what counts is that it ran)."""
+    ledger = _ledger(functions, "function", ledger_on)
+    _run_a_job(ledger, "job-oom")
+    client = ledger.client
+    policy = client.config_get("maxmemory-policy")["maxmemory-policy"]
+    client.config_set("maxmemory-policy", "noeviction")
+    client.config_set("maxmemory", 1)  # one byte: whatever is in use is over it
+    try:
+        with pytest.raises(ResponseError, match="maxmemory"):
+            ledger.submit("job-oom-2", "sim-llm", "realtime", PAYLOAD, 60_000, None)
+        assert ledger.forget("not-the-leader") == (0, 0)
+    finally:
+        client.config_set("maxmemory", 0)
+        client.config_set("maxmemory-policy", policy)
