@@ -55,6 +55,7 @@ demo: venv
 # Two passes: every test not marked `serial` on $(TEST_PROCESSES) processes, then the
 # `serial` ones (they load both CPUs or bound a time tightly) alone, one after another.
 # A PYTEST_ARGS that selects no serial test leaves the second pass empty (pytest's exit 5).
+# A -m in PYTEST_ARGS replaces each pass's own marker: use -k or paths to select instead.
 test: lint typecheck
 	$(BIN)/pytest -q tests -n $(TEST_PROCESSES) --dist worksteal -m "not serial" $(PYTEST_ARGS)
 	$(BIN)/pytest -q tests -m serial $(PYTEST_ARGS) || test $$? -eq 5
