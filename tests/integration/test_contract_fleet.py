@@ -128,20 +128,28 @@ def test_a_backlog_waiting_in_its_queue_is_never_republished(
     ]
     # Well past the claim grace and the dispatch grace, while the worker works through it.
     time.sleep(3 * (gq.settings.stale_after_s + gq.settings.dispatch_grace_s))
+    working = gq.ledger.stats()
+    # While the backlog waited: every job published once, by its submit, and nothing
+    # taken for stranded, duplicated or stale.
+    assert working.get("attempts_published", 0) == len(jobs), working
+    for stat in ("stranded_deliveries", "duplicate_deliveries", "stale_deliveries"):
+        assert working.get(stat, 0) == 0, (stat, working)
+
     fleet.stop("w1")  # warm shutdown: finishes what runs, takes nothing more
     time.sleep(2 * gq.settings.dispatch_grace_s)  # and the watchdog keeps ticking
 
     queue = queue_for_model(gq.settings.namespace, "sim-llm")
     counts = gq.ledger.counts()
-    stats = gq.ledger.stats()
     assert counts["SUCCEEDED"] > 0, "the fleet was working through the backlog"
     assert counts["SUCCEEDED"] + counts["QUEUED"] == len(jobs)
-    # One message per queued job, exactly: nothing republished, nothing stranded.
-    assert queue_depth(gq.ledger.client, queue) == counts["QUEUED"]
+    # Every queued job still has its message, and nothing is held or owed. Not "exactly
+    # one": a message the consumer took as the shutdown began stays in kombu's unacked
+    # until the worker's last connection closes, which a shutdown longer than the claim
+    # grace outlasts; the sweep then publishes it again and kombu puts the original back,
+    # and the claim admits one of the two.
+    assert queue_depth(gq.ledger.client, queue) >= counts["QUEUED"]
     assert gq.ledger.client.hlen(KOMBU_UNACKED) == 0
     assert gq.ledger.client.zcard(gq.ledger.keys.dispatch) == 0
-    for stat in ("stranded_deliveries", "duplicate_deliveries", "stale_deliveries"):
-        assert stats.get(stat, 0) == 0, (stat, stats)
 
 
 def test_a_second_process_under_a_live_name_is_refused_and_fences_no_one(
