@@ -66,6 +66,13 @@ def ledger_on(redis_url: str) -> Iterator[list[Ledger]]:
         ledger.client.close()
 
 
+def _ledger_in(mode: str, url: str, made: list[Ledger], request: pytest.FixtureRequest) -> Ledger:
+    """A ledger whose scripts run by ``mode``; the function mode skips before Redis 7."""
+    if mode == "function":
+        request.getfixturevalue("functions")
+    return _ledger(url, mode, made)
+
+
 def _ledger(url: str, mode: str, made: list[Ledger]) -> Ledger:
     settings = Settings(redis_url=url, ledger_scripts=mode)
     ledger = Ledger(connect_redis(url), settings)
@@ -77,9 +84,7 @@ def _ledger(url: str, mode: str, made: list[Ledger]) -> Ledger:
 def test_a_job_runs_its_course_on_either_path(
     redis_url: str, ledger_on: list[Ledger], mode: str, request: pytest.FixtureRequest
 ) -> None:
-    if mode == "function":
-        request.getfixturevalue("functions")  # skips before Redis 7
-    ledger = _ledger(redis_url, mode, ledger_on)
+    ledger = _ledger_in(mode, redis_url, ledger_on, request)
     fcalls, evalshas = _calls(ledger.client, "fcall"), _calls(ledger.client, "evalsha")
     _run_a_job(ledger)
     assert ledger.scripts.mode == mode
@@ -196,9 +201,7 @@ def test_a_script_error_names_its_file_and_line(
     redis_url: str, ledger_on: list[Ledger], mode: str, request: pytest.FixtureRequest
 ) -> None:
     """A Lua error reads as the script's own file and line, not the assembled text's."""
-    if mode == "function":
-        request.getfixturevalue("functions")  # skips before Redis 7
-    ledger = _ledger(redis_url, mode, ledger_on)
+    ledger = _ledger_in(mode, redis_url, ledger_on, request)
     with pytest.raises(ResponseError) as error:
         ledger.scripts.call("lease", ledger.fixed_args)  # no owner: nil .. fails
     found = re.search(r"failed at lease\.lua line (\d+)", str(error.value))
