@@ -100,14 +100,18 @@ results_app = make_results_app(os.environ.get(RESULTS_BROKER_ENV, "redis://127.0
 # -- what Redis did ------------------------------------------------------------------------
 
 
-def _redis_counters(client: redis.Redis) -> tuple[Counter[str], float]:
-    """Calls per command so far, and Redis's CPU seconds (user + sys, all threads)."""
+def _redis_counters(client: redis.Redis) -> tuple[Counter[str], Counter[str], float]:
+    """Calls and microseconds per command so far, and Redis's CPU seconds (user + sys,
+    all threads). A script's microseconds include those of the commands it ran."""
     stats = client.info("commandstats")
     calls = Counter(
         {name.removeprefix("cmdstat_"): int(entry["calls"]) for name, entry in stats.items()}
     )
+    usec = Counter(
+        {name.removeprefix("cmdstat_"): int(entry["usec"]) for name, entry in stats.items()}
+    )
     cpu = client.info("cpu")
-    return calls, float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
+    return calls, usec, float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
 
 
 class RedisWindow:
@@ -116,15 +120,18 @@ class RedisWindow:
     def __init__(self, url: str) -> None:
         self.client = redis.Redis.from_url(url, decode_responses=True)
         self.calls: Counter[str] = Counter()
+        self.usec: Counter[str] = Counter()
         self.cpu_s = 0.0
 
     def start(self) -> None:
-        self._calls, self._cpu_s = _redis_counters(self.client)
+        self._calls, self._usec, self._cpu_s = _redis_counters(self.client)
 
     def stop(self) -> None:
-        calls, cpu_s = _redis_counters(self.client)
+        calls, usec, cpu_s = _redis_counters(self.client)
         self.calls = calls - self._calls
+        self.usec = usec - self._usec
         self.calls.pop("info", None)  # the window's own reads
+        self.usec.pop("info", None)
         self.cpu_s = cpu_s - self._cpu_s
         self.client.close()
 
@@ -134,6 +141,9 @@ class RedisWindow:
             "redis_cpu_us_per_job": self.cpu_s * 1e6 / jobs,
             "commands_by_name_per_job": {
                 name: round(calls / jobs, 2) for name, calls in self.calls.most_common()
+            },
+            "usec_by_name_per_job": {
+                name: round(usec / jobs, 1) for name, usec in self.usec.most_common()
             },
         }
 
@@ -437,6 +447,7 @@ def main() -> None:
             "commands_per_job": round(commands, 1),
             "redis_cpu_us_per_job": round(cpu_us, 1),
             "commands_by_name_per_job": runs[kind][-1]["commands_by_name_per_job"],
+            "usec_by_name_per_job": runs[kind][-1]["usec_by_name_per_job"],
             "runs_jobs_per_s": [round(r["jobs_per_s"], 1) for r in runs[kind]],
         }
         latencies = [ms for run in runs[kind] for ms in run.get("latencies_ms", [])]
@@ -468,6 +479,12 @@ def main() -> None:
     print(f"{labels[default]}: commands per job by name (INFO commandstats)")
     top = list(ours["commands_by_name_per_job"].items())[:12]
     print("  " + ", ".join(f"{name} {calls:.1f}" for name, calls in top))
+    print(
+        f"{labels[default]}: Redis µs per job by command "
+        "(INFO commandstats; a script's figure includes its commands)"
+    )
+    top_usec = list(ours["usec_by_name_per_job"].items())[:12]
+    print("  " + ", ".join(f"{name} {usec:.1f}" for name, usec in top_usec))
     if "scripts_per_job" in ours:
         print(f"{labels[default]}: per job, by script (MONITOR, {args.profile_jobs} jobs)")
         for script, row in ours["scripts_per_job"].items():
