@@ -85,7 +85,7 @@ def fill(ledger: Ledger, workers: int, jobs: int) -> list[str]:
         )  # fmt: skip
     pipe.execute()
     for name in names:
-        ledger.queue_call(pipe, "heartbeat", name, 1, health, "HEALTHY", "")
+        ledger.queue_call(pipe, "heartbeat", *ledger.heartbeat_args(name, 1, health, "HEALTHY"))
     pipe.execute()
     # 70% succeed, 10% are cancelled, 10% run now, 10% wait in their queue.
     for first in range(0, jobs, BATCH):

@@ -39,7 +39,7 @@ from benchmarks.watchdog_scale import HEALTH  # noqa: E402
 from gridqueue.embedded import EmbeddedRedis  # noqa: E402
 from gridqueue.keys import lua_prelude  # noqa: E402
 from gridqueue.ledger import Ledger, connect_redis  # noqa: E402
-from gridqueue.lua import ENTER, prelude_for, read_lua, script_source  # noqa: E402
+from gridqueue.lua import ENTER, entry, prelude_for, read_lua, script_source  # noqa: E402
 from gridqueue.settings import Settings  # noqa: E402
 
 # A function library whose one function returns at once: the floor of an FCALL.
@@ -96,14 +96,14 @@ def usec_per_call(
 BASELINE_FUNCTION = "script_cost_baseline_heartbeat"
 
 
-def _baseline_library(common: str, heartbeat: str) -> str:
-    """A library of one function: ``heartbeat`` on the prelude ``common``, entered as the
-    ledger's library enters its functions."""
+def _baseline_library(common: str, heartbeat: str, enter: str) -> str:
+    """A library of one function: ``heartbeat`` on the prelude ``common``, entered by
+    ``enter`` as the ledger's library enters its functions."""
     return (
         "#!lua name=script_cost_baseline\n"
         + lua_prelude()
         + common
-        + f"local function heartbeat(KEYS, ARGV) {ENTER.strip()}\n{heartbeat}\nend\n"
+        + f"local function heartbeat(KEYS, ARGV) {enter.strip()}\n{heartbeat}\nend\n"
         + f"redis.register_function('{BASELINE_FUNCTION}', heartbeat)\n"
     )
 
@@ -128,12 +128,17 @@ def measure(url: str, workers: int, rounds: int, baseline: str | None) -> dict[s
             int(settings.stale_after_s * 1000),
         )  # fmt: skip
     epochs = [int(reply[0]) for reply in pipe.execute()]
-    fixed = list(ledger.fixed_args)
     pairs = list(zip(names, epochs, strict=True))
-    with_health = [[*fixed, name, epoch, HEALTH, "HEALTHY", "", 0] for name, epoch in pairs]
-    without = [[*fixed, name, epoch, "", "HEALTHY", "", 0] for name, epoch in pairs]
+
+    def beats(health: str) -> list[list[Any]]:
+        return [
+            ledger.argv("heartbeat", *ledger.heartbeat_args(name, epoch, health, "HEALTHY"))
+            for name, epoch in pairs
+        ]
+
+    with_health, without = beats(HEALTH), beats("")
     body = read_lua("heartbeat")
-    whole = lua_prelude() + read_lua("_common") + ENTER
+    whole = lua_prelude() + read_lua("_common") + entry("heartbeat")
     chosen = script_source("heartbeat")[: -len(body)]
     ledger.client.function_load(BARE_LIBRARY, replace=True)
     ledger.client.function_load(ledger.scripts.library.text, replace=True)
@@ -153,20 +158,28 @@ def measure(url: str, workers: int, rounds: int, baseline: str | None) -> dict[s
     if baseline:  # the heartbeat as that revision loaded it (the key helpers are today's)
         common = _at(baseline, "gridqueue/lua/_common.lua")
         then = _at(baseline, "gridqueue/lua/heartbeat.lua")
+        then_enter = entry("heartbeat") if "function enter_beat(" in common else ENTER
+        if then_enter == ENTER:  # before the heartbeat took two fixed arguments, not six
+            fixed = list(ledger.fixed_args)
+            then_with = [[*fixed, name, epoch, HEALTH, "HEALTHY", "", 0] for name, epoch in pairs]
+            then_without = [[*fixed, name, epoch, "", "HEALTHY", "", 0] for name, epoch in pairs]
+        else:
+            then_with, then_without = with_health, without
         if "function enter(" in common:  # a revision of the function library
             # Its body after its own prelude and entry, as today's: EVALSHA, and FCALL from
             # a library of its own (on the same Redis, so the ratio is in-run).
-            ledger.client.function_load(_baseline_library(common, then), replace=True)
-            sources["baseline_function_heartbeat"] = (FUNCTION + BASELINE_FUNCTION, without)
+            library = _baseline_library(common, then, then_enter)
+            ledger.client.function_load(library, replace=True)
+            sources["baseline_function_heartbeat"] = (FUNCTION + BASELINE_FUNCTION, then_without)
             sources["baseline_function_heartbeat_health"] = (
                 FUNCTION + BASELINE_FUNCTION,
-                with_health,
+                then_with,
             )
-            before = prelude_for(ENTER + then) + ENTER + then
+            before = prelude_for(then_enter + then) + then_enter + then
         else:
             before = lua_prelude() + common + then
-        sources["baseline_heartbeat"] = (before, without)
-        sources["baseline_heartbeat_health"] = (before, with_health)
+        sources["baseline_heartbeat"] = (before, then_without)
+        sources["baseline_heartbeat_health"] = (before, then_with)
     row: dict[str, Any] = {"workers": workers, "rounds": rounds, "baseline": baseline}
     row["whole_prelude_lines"] = whole.count("\n")
     row["chosen_prelude_lines"] = chosen.count("\n")

@@ -175,7 +175,10 @@ def heartbeat_load(
     def packed(batch: list[str], health: str) -> list[bytes]:
         return connection.pack_commands(  # type: ignore[no-any-return]
             ledger.scripts.command(
-                "heartbeat", (*ledger.fixed_args, name, epochs[name], health, "HEALTHY", "", 0)
+                "heartbeat",
+                ledger.argv(
+                    "heartbeat", *ledger.heartbeat_args(name, epochs[name], health, "HEALTHY")
+                ),
             )
             for name in batch
         )  # fmt: skip

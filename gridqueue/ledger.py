@@ -43,6 +43,7 @@ from gridqueue.errors import (
 )
 from gridqueue.keys import Keys, attempt_id, queue_for_model, split_attempt_id
 from gridqueue.logs import get_logger
+from gridqueue.lua import fixed_count
 from gridqueue.lua.runner import ScriptRunner
 from gridqueue.policies import EndedAttempt, GiveUp, Retry, decide, node_failures
 from gridqueue.records import JobRecord, WorkerRecord
@@ -259,7 +260,12 @@ class Ledger:
         if self.settings.redis_min_replicas and name in _REPLICATED:
             reply, _ = self._call_replicated(name, *args)
             return reply
-        return self.scripts.call(name, [*self._fixed, *args])
+        return self.scripts.call(name, self.argv(name, *args))
+
+    def argv(self, name: str, *args: str | int | float) -> list[str | int | float]:
+        """Script ``name``'s whole ARGV: the fixed arguments it takes (all six, or the
+        heartbeat's two; see ``gridqueue/lua/__init__.py``), then ``args``."""
+        return [*self._fixed[: fixed_count(name)], *args]
 
     def _call_replicated(self, name: str, *args: str | int | float) -> tuple[Any, bool]:
         """Durable mode: the script, then WAIT for GRIDQUEUE_REDIS_MIN_REPLICAS replicas,
@@ -287,7 +293,7 @@ class Ledger:
         """Queue one script call on a pipeline (``client.pipeline()``), for bulk loads such
         as the benchmarks' fills: the raw reply comes back from :meth:`execute`, with none
         of the verb's checks. Arguments as the script takes them."""
-        self.scripts.queue(pipe, name, [*self._fixed, *args])
+        self.scripts.queue(pipe, name, self.argv(name, *args))
 
     def execute(self, pipe: Any, raise_on_error: bool = True) -> list[Any]:
         """``pipe.execute()`` for a pipeline with script calls (:meth:`queue_call`): a call
@@ -377,7 +383,7 @@ class Ledger:
         return self._fixed
 
     def _call_plain(self, name: str, *args: str | int | float) -> tuple[Any, bool]:
-        return self.scripts.call(name, [*self._fixed, *args]), True
+        return self.scripts.call(name, self.argv(name, *args)), True
 
     def _watch_ms(self, workload: str) -> tuple[int, int]:
         """The liveness and stall timeouts a claim registers for jobs of this class."""
@@ -803,11 +809,27 @@ class Ledger:
         orders for them are repeated until they are gone. ``present``: the worker's
         presence subscription is up, so its closing may be read as the process's death."""
         reply = self._call(
-            "heartbeat", name, epoch, health, verdict, ",".join(held or ()), int(present)
+            "heartbeat", *self.heartbeat_args(name, epoch, health, verdict, held, present)
         )
         if reply[0] == "fenced":
             return Heartbeat(fenced=True, kill=[], state=reply[1])
         return Heartbeat(fenced=False, kill=list(reply[2:]), state=reply[1])
+
+    def heartbeat_args(
+        self,
+        name: str,
+        epoch: int,
+        health: str = "",
+        verdict: str = "",
+        held: Sequence[str] | None = None,
+        present: bool = False,
+    ) -> list[str | int]:
+        """The heartbeat script's own arguments (for :meth:`heartbeat`, and for a load
+        generator that packs its own calls), less the empty ones at the end."""
+        args: list[str | int] = [name, epoch, int(present), verdict, health, ",".join(held or ())]
+        while args[-1] == "":
+            args.pop()
+        return args
 
     def apply_health(self, name: str, token: str) -> str:
         """Quarantine, drain or start the probation of a worker, as its verdict says."""

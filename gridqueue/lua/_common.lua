@@ -12,14 +12,17 @@ end
 
 -- What each call sets on entry, from its ARGV[1..6] and the server's clock: the prelude
 -- may be built once for many calls (a function library), so none of it is read at load.
+-- The settings stay strings (Redis takes them as they are; the few sums convert them where
+-- they are made): a heartbeat, the most frequent call, reads none of them.
 local NS, EVENTS_MAXLEN, RETENTION_S, PROBATION_BASE_MS, PROBATION_CAP_MS, FLAP_WINDOW_MS, NOW
 local function enter(argv)
-  NS = argv[1]
-  EVENTS_MAXLEN = tonumber(argv[2])
-  RETENTION_S = tonumber(argv[3])
-  PROBATION_BASE_MS = tonumber(argv[4])
-  PROBATION_CAP_MS = tonumber(argv[5])
-  FLAP_WINDOW_MS = tonumber(argv[6])
+  NS, EVENTS_MAXLEN, RETENTION_S = argv[1], argv[2], argv[3]
+  PROBATION_BASE_MS, PROBATION_CAP_MS, FLAP_WINDOW_MS = argv[4], argv[5], argv[6]
+  NOW = now_ms()
+end
+-- The heartbeat's entry: it takes the namespace and the event stream's cap alone.
+local function enter_beat(argv)
+  NS, EVENTS_MAXLEN = argv[1], argv[2]
   NOW = now_ms()
 end
 
@@ -304,14 +307,15 @@ local function record_failure(name)
   local wk = key_worker(NS, name)
   local last = tonumber(redis.call('HGET', wk, 'last_failure_ms') or '0')
   local failures = tonumber(redis.call('HGET', wk, 'failures') or '0')
-  if NOW - last > FLAP_WINDOW_MS then failures = 0 end
+  if NOW - last > tonumber(FLAP_WINDOW_MS) then failures = 0 end
   failures = failures + 1
   redis.call('HSET', wk, 'failures', failures, 'last_failure_ms', NOW)
   return failures
 end
 
 local function probation_ms(failures)
-  return math.min(PROBATION_CAP_MS, PROBATION_BASE_MS * 2 ^ (math.max(failures, 1) - 1))
+  return math.min(tonumber(PROBATION_CAP_MS),
+                  tonumber(PROBATION_BASE_MS) * 2 ^ (math.max(failures, 1) - 1))
 end
 
 local function start_probation(name, why)

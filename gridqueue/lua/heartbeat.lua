@@ -1,5 +1,7 @@
--- heartbeat(name, epoch, health_json, verdict, held_csv, present)
+-- heartbeat(name, epoch, present[, verdict[, health_json[, held_csv]]])
 --   -> {'ok', state, attempts_to_kill...} | {'fenced', state}
+-- It takes two fixed arguments, not six (see enter_beat), and the empty ones at the end
+-- are left out: the beat with nothing to say is the one sent most.
 -- A worker declared dead (or replaced by a newer incarnation) is fenced: its heartbeat is
 -- refused, and it must kill its children and register again. A change of health verdict
 -- is queued for the watchdog, which quarantines or re-admits the node.
@@ -12,8 +14,8 @@
 -- present = '1' says the worker's presence subscription is up: from then on, for this
 -- incarnation, the watchdog may read a closed subscription plus a late beat as a process
 -- death (the connection signal). Before it, only the heartbeat's stale_after applies.
-local name, epoch, health, verdict, held = ARGV[7], ARGV[8], ARGV[9], ARGV[10], ARGV[11]
-local present = ARGV[12]
+local name, epoch, present = ARGV[3], ARGV[4], ARGV[5]
+local verdict, health, held = ARGV[6] or '', ARGV[7] or '', ARGV[8] or ''
 local wk = key_worker(NS, name)
 local state, current_epoch, old_verdict, presence_epoch, kill_orders = unpack(
   redis.call('HMGET', wk, 'state', 'epoch', 'verdict', 'presence_epoch', 'kill_orders'))
@@ -26,21 +28,25 @@ end
 -- by it and every reader takes the last beat from it. A beat with nothing else to say
 -- writes nothing more (each redis.call is a good part of its cost).
 redis.call('ZADD', key_workers(NS), NOW, name)
-local fields = {'HSET', wk}
-if present == '1' and presence_epoch ~= epoch then
-  fields[#fields + 1] = 'presence_epoch'
-  fields[#fields + 1] = epoch
-end
-if health ~= '' then  -- the agent sends its health document only when it has news
-  fields[#fields + 1] = 'health'
-  fields[#fields + 1] = health
-end
+local presence_news = present == '1' and presence_epoch ~= epoch
 local verdict_changed = verdict ~= '' and verdict ~= old_verdict
-if verdict_changed then
-  fields[#fields + 1] = 'verdict'
-  fields[#fields + 1] = verdict
+-- The agent sends its health document only when it has news.
+if presence_news or health ~= '' or verdict_changed then
+  local fields = {'HSET', wk}
+  if presence_news then
+    fields[#fields + 1] = 'presence_epoch'
+    fields[#fields + 1] = epoch
+  end
+  if health ~= '' then
+    fields[#fields + 1] = 'health'
+    fields[#fields + 1] = health
+  end
+  if verdict_changed then
+    fields[#fields + 1] = 'verdict'
+    fields[#fields + 1] = verdict
+  end
+  redis.call(unpack(fields))
 end
-if #fields > 2 then redis.call(unpack(fields)) end
 if verdict_changed then
   redis.call('ZADD', key_health_changes(NS), NOW, name)
   emit('health_changed', {'worker', name, 'from', old_verdict or '', 'to', verdict})

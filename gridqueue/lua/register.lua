@@ -61,7 +61,7 @@ redis.call('ZADD', key_workers(NS), NOW, name)
 redis.call('ZREM', key_gone(NS), name)
 if previous == 'QUARANTINED' or previous == 'PROBATION' then
   -- keep the state (and any probation deadline) it had
-elseif previous == 'DEAD' and PROBATION_BASE_MS > 0 then
+elseif previous == 'DEAD' and tonumber(PROBATION_BASE_MS) > 0 then
   redis.call('HSET', wk, 'state', 'ALIVE')
   start_probation(name, 'returned after being declared dead')
 else

@@ -10,8 +10,8 @@ import pytest
 from gridqueue.keys import lua_prelude
 from gridqueue.ledger import _SCRIPTS
 from gridqueue.lua import (
-    ENTER,
     _prelude_statements,
+    entry,
     library,
     names_used,
     read_lua,
@@ -38,7 +38,7 @@ def test_every_definition_of_the_prelude_is_found() -> None:
 @pytest.mark.parametrize("name", _SCRIPTS)
 def test_a_script_has_every_prelude_name_it_uses(name: str) -> None:
     source = script_source(name)
-    body = ENTER + read_lua(name)  # every call sets the per-call values first
+    body = entry(name) + read_lua(name)  # every call sets the per-call values first
     assert source.endswith(body)
     prelude = source[: -len(body)]
     taken = [s for s in _prelude_statements() if s.text in prelude]
@@ -52,7 +52,8 @@ def test_a_script_leaves_out_what_it_does_not_use() -> None:
     heartbeat = script_source("heartbeat")
     assert "local function quarantine(" not in heartbeat
     assert "local function key_job(" not in heartbeat
-    assert "local function enter(argv)" in heartbeat
+    assert "local function enter_beat(argv)" in heartbeat
+    assert "local function enter(argv)" not in heartbeat
     assert len(heartbeat) < len(WHOLE) / 3
 
 
