@@ -50,7 +50,13 @@ Layout (``ns`` is ``GRIDQUEUE_NAMESPACE``, ``gq`` by default; an attempt is ``<j
                                        ``<metric>|<labels>|<le_ms or inf>`` -> count in
                                        that bucket (not cumulative), ``...|sum_ms``;
                                        a series' count is the sum of its buckets
-    {ns}:events                stream  every transition, capped at ``events_max_len``
+    {ns}:events                stream  every transition, capped at ``events_max_len``;
+                                       an event may carry a ``tally``: the counts and
+                                       observations of the step that wrote it, which
+                                       the stats fold adds to ``stats``, ``minute`` and
+                                       ``hist``
+    {ns}:stats:folded          hash    the stats fold's cursor: ``id`` of the last event it
+                                       added, ``seen``: events up to it
     {ns}:incidents             stream  one entry per failover incident (worker declared
                                        dead, GPU quarantine, stall...): its last sign of
                                        life, the verdict, the attempts it moved
@@ -105,6 +111,7 @@ _TEMPLATES: dict[str, tuple[str, tuple[str, ...]]] = {
     "worker_jobs": ("{ns}:worker:{name}:jobs", ("name",)),
     "stats": ("{ns}:stats", ()),
     "events": ("{ns}:events", ()),
+    "folded": ("{ns}:stats:folded", ()),
     "leader": ("{ns}:watchdog:leader", ()),
     "leader_token": ("{ns}:watchdog:token", ()),
 }
@@ -254,6 +261,10 @@ class Keys:
     @property
     def events(self) -> str:
         return self._render("events")
+
+    @property
+    def folded(self) -> str:
+        return self._render("folded")
 
     @property
     def leader(self) -> str:

@@ -19,6 +19,7 @@ from typing import Any, cast
 
 import redis
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoPermissionError, ReadOnlyError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_exponential_jitter
 
@@ -83,7 +84,11 @@ _SCRIPTS = (
     "find_lost_messages",
     "emit",
     "checkpoint",
+    "fold",
 )
+
+# Events one stats fold adds at most: a few ms of Redis time.
+FOLD_BATCH = 2000
 
 
 # Durable mode (GRIDQUEUE_REDIS_MIN_REPLICAS > 0) waits for replicas after these: the
@@ -1060,19 +1065,51 @@ class Ledger:
             pipe.zcard(self.keys.jobs_in_state(state.value))
         return {s.value: int(n) for s, n in zip(JobState, pipe.execute(), strict=True)}
 
+    def fold_stats(self, batches: int = 100) -> int:
+        """Add the counts the events carry (their tallies) to the counters, the
+        per-minute counters and the histograms; returns how many events it folded. The
+        watchdog folds on every tick; a reader folds first, so that it reads exact counts.
+        At most ``batches`` rounds of FOLD_BATCH events: a reader waits a bounded time."""
+        folded = 0
+        for _ in range(batches):
+            try:
+                count, more, _gap = self._call("fold", FOLD_BATCH)
+            except (NoPermissionError, ReadOnlyError) as exc:
+                # A reader on a replica, or under an ACL that lets it read only: it reads
+                # the counts as the watchdog last folded them (one tick behind).
+                _log.debug("ledger.fold_refused", error=str(exc))
+                break
+            folded += int(count)
+            if not int(more):
+                break
+        return folded
+
     def stats(self) -> dict[str, int]:
+        self.fold_stats()
         raw = cast(dict[str, str], self.client.hgetall(self.keys.stats))
         return {k: int(v) for k, v in sorted(raw.items())}
+
+    def histograms(self) -> dict[str, int]:
+        """The ``{ns}:hist`` hash (see gridqueue/keys.py), folded first."""
+        self.fold_stats()
+        raw = cast(dict[str, str], self.client.hgetall(self.keys.hist))
+        return {k: int(v) for k, v in raw.items()}
 
     def events(self, count: int = 1000, after: str = "-") -> list[dict[str, str]]:
         rows = cast(
             list[tuple[str, dict[str, str]]],
             self.client.xrange(self.keys.events, min=after, max="+", count=count),
         )
-        return [{"id": event_id, **fields} for event_id, fields in rows]
+        return [{"id": event_id, **event_fields(fields)} for event_id, fields in rows]
 
     def running_attempts(self) -> list[str]:
         return cast(list[str], self.client.zrange(self.keys.running, 0, -1))
+
+
+def event_fields(fields: Mapping[str, str]) -> dict[str, str]:
+    """An event as its readers see it: without its tally, which is the stats fold's
+    (see ``bump`` in ``_common.lua``), not part of what happened."""
+    return {k: v for k, v in fields.items() if k != "tally"}
 
 
 def submitted_from_reply(model: str, reply: Any) -> Submitted:

@@ -266,6 +266,8 @@ class Watchdog:
         if now >= self._next_forget:
             self._next_forget = now + _FORGET_EVERY_S
             self._item(report, self.ledger.forget, value)
+        # The counters: what the steps since the last tick tallied on their events.
+        self._item(report, self.ledger.fold_stats, 1)
         # A long tick is no blind spot: we were in touch with Redis all along.
         self._last_ok = time.monotonic()
         report.duration_s = time.perf_counter() - started

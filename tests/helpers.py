@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TypeVar
 
 from gridqueue.fleet import wait_for as _wait_for
@@ -77,7 +77,7 @@ def register_sim_worker(ledger: Ledger, name: str) -> int:
     return epoch
 
 
-def hist_count(hist: dict[str, str], series: str) -> int:
+def hist_count(hist: Mapping[str, str | int], series: str) -> int:
     """Observations of one histogram series (``metric|labels``) in the ``{ns}:hist`` hash:
     the sum of its buckets (fields named by an upper bound in ms, or ``inf``)."""
     prefix = series + "|"

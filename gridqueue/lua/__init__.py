@@ -34,7 +34,15 @@ from importlib import resources
 
 from gridqueue.keys import lua_prelude
 
-__all__ = ["Library", "entry", "fixed_count", "library", "read_lua", "script_source"]
+__all__ = [
+    "Library",
+    "entry",
+    "exit_of",
+    "fixed_count",
+    "library",
+    "read_lua",
+    "script_source",
+]
 
 # Comments and strings (short and long), whose words are not names, then names.
 _LEXEME = re.compile(
@@ -125,35 +133,52 @@ def prelude_for(body: str) -> str:
 
 
 # Every call starts here: the per-call values of the prelude, from ARGV and the clock.
-ENTER = "enter(ARGV)\n"
+# The body runs as a function whose results pass through ``leave``, which writes what
+# the call tallied after its last event (see ``bump`` in ``_common.lua``); the entry
+# stays on one line and the exit on its own, so the body keeps its line numbers.
+ENTER = "enter(ARGV) return leave((function()\n"
+EXIT = "end)())\n"
 # ...except where a script takes fewer of the fixed arguments: the heartbeat, the most
 # frequent call by far (a fleet of 10,000 beats 50,000 times a second), takes only the
-# namespace and the event stream's cap, as ``enter_beat`` reads them.
-_ENTRIES = {"heartbeat": ("enter_beat(ARGV)\n", 2)}
+# namespace and the event stream's cap, as ``enter_beat`` reads them, and tallies
+# nothing, so it needs no exit.
+_ENTRIES = {"heartbeat": ("enter_beat(ARGV)\n", "", 2)}
 FIXED_ARGS = 6  # what ``enter`` reads: ARGV[1..6]
 
 
 def entry(name: str) -> str:
     """The first line of script ``name``'s body: how it reads its fixed arguments."""
-    return _ENTRIES.get(name, (ENTER, FIXED_ARGS))[0]
+    return _ENTRIES.get(name, (ENTER, EXIT, FIXED_ARGS))[0]
+
+
+def exit_of(name: str) -> str:
+    """What follows script ``name``'s body (its last line, if any)."""
+    return _ENTRIES.get(name, (ENTER, EXIT, FIXED_ARGS))[1]
 
 
 def fixed_count(name: str) -> int:
     """How many of the fixed arguments (see ``_common.lua``) script ``name`` takes first."""
-    return _ENTRIES.get(name, (ENTER, FIXED_ARGS))[1]
+    return _ENTRIES.get(name, (ENTER, EXIT, FIXED_ARGS))[2]
+
+
+def _body(name: str) -> str:
+    body = read_lua(name)
+    return body if body.endswith("\n") else body + "\n"
 
 
 @cache
 def script_source(name: str) -> str:
-    """A script as the ledger EVALs it: the prelude it needs, its entry, then its body."""
-    body = entry(name) + read_lua(name)
+    """A script as the ledger EVALs it: the prelude it needs, its entry, its body, then
+    its exit."""
+    body = entry(name) + _body(name) + exit_of(name)
     return prelude_for(body) + body
 
 
 def body_line(name: str, line: int) -> int | None:
     """Line ``line`` of :func:`script_source` as a line of ``<name>.lua``, if it is one."""
-    first = script_source(name).count("\n") - read_lua(name).count("\n") + 1
-    return line - first + 1 if line >= first else None
+    source = script_source(name)
+    first = source.count("\n") - _body(name).count("\n") - exit_of(name).count("\n") + 1
+    return line - first + 1 if first <= line < first + _body(name).count("\n") else None
 
 
 # A script declares its function flags to Redis in a line of its text:
@@ -215,9 +240,7 @@ def _library(names: tuple[str, ...]) -> Library:
     line = 1 + prelude.count("\n") + 1  # the shebang, the prelude, the table
     starts: dict[str, int] = {}
     for name in names:
-        body = read_lua(name)
-        if not body.endswith("\n"):
-            body += "\n"
+        body = _body(name) + exit_of(name)
         # The entry on the function's own line keeps the body's line numbers.
         lines.append(f"SCRIPTS[{name!r}] = function(KEYS, ARGV) {entry(name).strip()}\n{body}end\n")
         starts[name] = line + 1

@@ -14,16 +14,21 @@ end
 -- may be built once for many calls (a function library), so none of it is read at load.
 -- The settings stay strings (Redis takes them as they are; the few sums convert them where
 -- they are made): a heartbeat, the most frequent call, reads none of them.
+-- TALLY: the counts and observations of this call not yet written (see bump).
 local NS, EVENTS_MAXLEN, RETENTION_S, PROBATION_BASE_MS, PROBATION_CAP_MS, FLAP_WINDOW_MS, NOW
+local TALLY
 local function enter(argv)
   NS, EVENTS_MAXLEN, RETENTION_S = argv[1], argv[2], argv[3]
   PROBATION_BASE_MS, PROBATION_CAP_MS, FLAP_WINDOW_MS = argv[4], argv[5], argv[6]
   NOW = now_ms()
+  TALLY = nil  -- a call that failed half way may have left one: it is not ours
 end
--- The heartbeat's entry: it takes the namespace and the event stream's cap alone.
+-- The heartbeat's entry: it takes the namespace and the event stream's cap alone. It
+-- tallies nothing (its one counter is written at once, by count_now).
 local function enter_beat(argv)
   NS, EVENTS_MAXLEN = argv[1], argv[2]
   NOW = now_ms()
+  TALLY = nil
 end
 
 -- What a claim registers when the job record predates these fields (seconds as ms).
@@ -89,9 +94,17 @@ end
 local WORKER_HISTORY_LEN = 200
 local WORKER_EVENTS = {health_changed = true, stalled = true}
 
+-- The tally's separators: between entries, and between an entry's parts.
+local TALLY_SEP, TALLY_PART = '\30', '\31'
+
 local function emit(kind, fields)
   local args = {'XADD', key_events(NS), 'MAXLEN', '~', EVENTS_MAXLEN, '*', 'type', kind, 'ts', NOW}
   for _, v in ipairs(fields) do args[#args + 1] = v end
+  if TALLY then  -- the step's counts ride on its event (see bump)
+    args[#args + 1] = 'tally'
+    args[#args + 1] = table.concat(TALLY, TALLY_SEP)
+    TALLY = nil
+  end
   local id = redis.call(unpack(args))
   if WORKER_EVENTS[kind] or string.sub(kind, 1, 7) == 'worker_' then
     local event = {id = id, type = kind, ts = NOW}
@@ -120,14 +133,30 @@ local function feeds_rates(stat)
   end
   return false
 end
-local function bump(stat, by)
-  redis.call('HINCRBY', key_stats(NS), stat, by or 1)
-  if not feeds_rates(stat) then return end
-  local minute = key_minute(NS, tostring(math.floor(NOW / 60000)))
-  -- The minute's first count of a stat sets the expiry (a new key counts first).
-  if redis.call('HINCRBY', minute, stat, by or 1) == (by or 1) then
-    redis.call('EXPIRE', minute, MINUTE_KEEP_S)
+-- Write counts now: stat -> by, into the totals and (for those that feed rates) the
+-- minute of `at_ms`.
+local function count_now(counts, at_ms)
+  local minute = key_minute(NS, tostring(math.floor(at_ms / 60000)))
+  for stat, by in pairs(counts) do
+    redis.call('HINCRBY', key_stats(NS), stat, by)
+    -- The minute's first count of a stat sets the expiry (a new key counts first).
+    if feeds_rates(stat) and redis.call('HINCRBY', minute, stat, by) == by then
+      redis.call('EXPIRE', minute, MINUTE_KEEP_S)
+    end
   end
+end
+
+local function tally(kind, field, by)
+  if not TALLY then TALLY = {} end
+  TALLY[#TALLY + 1] = kind .. TALLY_PART .. field .. TALLY_PART .. by
+end
+
+-- A count is tallied, not written: the tally rides on the step's next event, one field
+-- of an XADD the step makes anyway, and the stats fold (fold.lua) adds it to the counters
+-- later; a step that emits nothing after it writes it when it ends (leave). A hot step
+-- (claim, complete) saves a write per counter and histogram it touches.
+local function bump(stat, by)
+  tally('s', stat, by or 1)
 end
 
 -- Histograms for /metrics: one field per (metric, labels, bucket), not cumulative; the
@@ -142,9 +171,30 @@ local function observe(metric, labels, ms)
     if ms <= bound then le = tostring(bound) break end
   end
   local prefix = metric .. '|' .. labels .. '|'
-  local hist = key_hist(NS)
-  redis.call('HINCRBY', hist, prefix .. le, 1)
-  redis.call('HINCRBY', hist, prefix .. 'sum_ms', math.floor(ms))
+  tally('h', prefix .. le, 1)
+  tally('h', prefix .. 'sum_ms', math.floor(ms))
+end
+
+-- Add the tallies `entries` (each a string from tally, a step's) made at `at_ms`.
+local function add_tallies(entries, at_ms)
+  local counts, hist = {}, {}
+  for _, entry in ipairs(entries) do
+    local kind, field, by = string.match(entry, '^(.)\31(.*)\31(%-?%d+)$')
+    local into = kind == 'h' and hist or counts
+    into[field] = (into[field] or 0) + tonumber(by)
+  end
+  count_now(counts, at_ms)
+  for field, by in pairs(hist) do redis.call('HINCRBY', key_hist(NS), field, by) end
+end
+
+-- Every script but the heartbeat ends here (see gridqueue/lua/__init__.py): what it
+-- tallied after its last event is written now.
+local function leave(...)
+  if TALLY then
+    add_tallies(TALLY, NOW)
+    TALLY = nil
+  end
+  return ...
 end
 
 -- An attempt ended: counted by outcome, its run time observed by workload and outcome.

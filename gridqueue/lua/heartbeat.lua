@@ -21,7 +21,7 @@ local state, current_epoch, old_verdict, presence_epoch, kill_orders = unpack(
   redis.call('HMGET', wk, 'state', 'epoch', 'verdict', 'presence_epoch', 'kill_orders'))
 if (state ~= 'ALIVE' and state ~= 'QUARANTINED' and state ~= 'PROBATION')
    or current_epoch ~= epoch then
-  bump('heartbeats_refused')
+  count_now({heartbeats_refused = 1}, NOW)
   return {'fenced', state or 'UNKNOWN'}
 end
 -- The beat's time lives only here, as the worker's score in the fleet: the watchdog sweeps

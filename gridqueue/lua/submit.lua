@@ -87,14 +87,14 @@ move_state(id, nil, 'QUEUED', {'id', id, 'model', model, 'workload', workload,
   'payload', payload, 'attempt', 1, 'created_ms', NOW, 'deadline_ms', deadline,
   'idempotency_key', idem, 'liveness_ms', liveness_ms, 'stall_ms', stall_ms,
   'a:1', cjson.encode({n = 1, queued_ms = NOW})})
-emit('submitted', {'job', id, 'attempt', 1, 'model', model, 'workload', workload})
 if publishes then
   -- The message went out in this same step: the attempt is published (as end_dispatch
   -- lists it) and its message owns it.
   redis.call('ZADD', key_published(NS), NOW, id .. '.1')
-  bump('attempts_published')
-  return {id, 'created', ''}
+  bump('attempts_published')  -- tallied on the event
 end
+emit('submitted', {'job', id, 'attempt', 1, 'model', model, 'workload', workload})
+if publishes then return {id, 'created', ''} end
 -- The dispatch entry is the producer's promise to publish: if it dies before it does,
 -- the watchdog publishes once the grace has passed.
 -- The score is the producer's lease: only it may publish before the grace has passed.

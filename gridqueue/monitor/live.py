@@ -19,6 +19,7 @@ import redis
 
 from gridqueue.connection import RedisTarget
 from gridqueue.errors import RedisUnavailableError
+from gridqueue.ledger import event_fields
 
 # A quiet stream sends a keep-alive comment this often, so no proxy closes it.
 BLOCK_MS = 15_000
@@ -85,7 +86,7 @@ class LiveStreams:
                 for _key, rows in reply:
                     for event_id, fields in rows:
                         position = event_id
-                        yield _sse({"id": event_id, **fields}, event_id=event_id)
+                        yield _sse({"id": event_id, **event_fields(fields)}, event_id=event_id)
         finally:
             self.active -= 1
             with anyio.CancelScope(shield=True):

@@ -147,6 +147,10 @@ STAT_COUNTERS: tuple[tuple[str, str, str], ...] = (
     ("lost_messages", "gridqueue_lost_messages_total",
      "Published attempts whose message was found nowhere (queue or unacked) and was "
      "published again."),
+    ("stats_events_unfolded", "gridqueue_stats_events_unfolded_total",
+     "Events trimmed from the capped event stream before the stats fold added their counts "
+     "(no watchdog folded while GRIDQUEUE_EVENTS_MAX_LEN events were written): the other "
+     "counters miss what those events carried."),
 )  # fmt: skip
 
 QUARANTINE_KINDS = ("health", "watchdog", "operator")
@@ -538,6 +542,7 @@ def read_extras(ledger: Ledger, now_ms: int, queues: Sequence[Mapping[str, Any]]
     longer listed there (claimed, superseded: a stale duplicate) waits for no one.
     """
     keys = ledger.keys
+    ledger.fold_stats()  # the histograms as of now, not as of the watchdog's tick
     pipe = ledger.client.pipeline(transaction=False)
     pipe.hgetall(keys.hist)
     pipe.zcard(keys.dispatch)

@@ -4,7 +4,8 @@ Every method returns plain JSON-ready data (dicts, lists, str, int, float, bool,
 Times are Redis server time in ms (``*_ms``); durations are ms too (``*_age_ms`` and the
 incident durations). Reads are bounded: pages, caps and pipelines, never a scan of every
 job or every key, so a page answers quickly with 1,000 workers and 100,000 jobs in the
-ledger. Nothing here writes: actions go through the ledger's verbs.
+ledger. Nothing here writes but the stats fold, which a reader runs first so that the
+counters it shows are exact (see ``Ledger.fold_stats``); actions go through the ledger's verbs.
 
 Shapes:
 
@@ -105,6 +106,7 @@ class FleetView:
     def overview(self) -> dict[str, Any]:
         now = self.ledger.time_ms()
         models = self.models()
+        self.ledger.fold_stats()  # the counters as of now, not as of the watchdog's tick
         pipe = self.client.pipeline(transaction=False)
         for state in JobState:
             pipe.zcard(self.keys.jobs_in_state(state.value))

@@ -66,7 +66,7 @@ def test_kill9_is_detected_by_the_closed_connection(fleet: LocalFleet, gq: GridQ
     # The verdict came before the heartbeat alone could have brought it.
     stale_ms = gq.ledger.settings.stale_after_s * 1000
     assert int(incident["verdict_ms"]) - int(incident["sign_ms"]) < stale_ms
-    hist = gq.ledger.client.hgetall(gq.ledger.keys.hist)
+    hist = gq.ledger.histograms()
     assert hist_count(hist, "detect|kind=worker_dead_connection") == 1
     assert hist_count(hist, "detect|kind=worker_dead") == 0
     assert gq.get(job.id).attempts[0].outcome == "node_lost"

@@ -80,6 +80,7 @@ def test_keys_return_to_their_floor_after_the_retention(settings: Settings) -> N
     fixed = {
         ledger.keys.stats,
         ledger.keys.events,
+        ledger.keys.folded,
         ledger.keys.hist,
         ledger.keys.models,
         ledger.keys.incidents,

@@ -486,6 +486,7 @@ class MirroredLedger(LedgerModel):
     # -- the stores ----------------------------------------------------------------------
 
     def assert_same(self) -> None:
+        self.ledger.fold_stats()  # the counters: what the steps' events tallied
         keys, pipe = self.keys, self.client.pipeline(transaction=False)
         names = sorted(self.workers)
         for job_id in (*JOBS, GHOST):

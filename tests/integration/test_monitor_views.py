@@ -72,7 +72,7 @@ def test_a_dead_worker_is_one_incident_followed_to_its_jobs_running_again(fast: 
     assert incident["running_again_ms"] is None  # not every moved job runs again yet
 
     # The histograms the scripts keep: one detection, one recovery, three queue waits.
-    hist = ledger.client.hgetall(ledger.keys.hist)
+    hist = ledger.histograms()
     assert hist_count(hist, "detect|kind=worker_dead") == 1
     assert int(hist["detect|kind=worker_dead|sum_ms"]) == incident["detect_ms"]
     assert hist_count(hist, "recovery|workload=realtime") == 1
@@ -168,7 +168,7 @@ def test_dead_letters_are_grouped_by_reason_with_their_evidence(ledger: Ledger) 
         ("w3", "worker_lost"),
     ]
     assert FleetView(ledger).dead_letters(reason="no such reason")["groups"] == []
-    assert ledger.client.hget(ledger.keys.stats, "dead_lettered") == "1"
+    assert ledger.stats()["dead_lettered"] == 1
 
 
 def test_the_cli_mirrors_the_views(ledger: Ledger, settings: Settings) -> None:
@@ -221,7 +221,7 @@ def test_incidents_count_what_moved_once(fast: Settings) -> None:
     stats = ledger.stats()
     assert stats["quarantines:operator"] == 2  # idle once, w1 once
     assert [(i["worker"], i["jobs_moved"]) for i in view.failovers()] == [("w1", 1)]
-    assert "detect|kind=operator_quarantine|count" not in ledger.client.hgetall(ledger.keys.hist)
+    assert "detect|kind=operator_quarantine|count" not in ledger.histograms()
 
     token = ledger.lease("views", 60_000)[1]
     time.sleep(fast.stale_after_s * 1.5)

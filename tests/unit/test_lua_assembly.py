@@ -12,6 +12,7 @@ from gridqueue.ledger import _SCRIPTS
 from gridqueue.lua import (
     _prelude_statements,
     entry,
+    exit_of,
     library,
     names_used,
     read_lua,
@@ -38,7 +39,8 @@ def test_every_definition_of_the_prelude_is_found() -> None:
 @pytest.mark.parametrize("name", _SCRIPTS)
 def test_a_script_has_every_prelude_name_it_uses(name: str) -> None:
     source = script_source(name)
-    body = entry(name) + read_lua(name)  # every call sets the per-call values first
+    # Every call sets the per-call values first; all but the heartbeat end in leave().
+    body = entry(name) + read_lua(name) + exit_of(name)
     assert source.endswith(body)
     prelude = source[: -len(body)]
     taken = [s for s in _prelude_statements() if s.text in prelude]
