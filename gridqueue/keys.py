@@ -15,7 +15,6 @@ Layout (``ns`` is ``GRIDQUEUE_NAMESPACE``, ``gq`` by default; an attempt is ``<j
                                        the message still exists (in its queue or unacked)
     {ns}:lost                  hash    attempt -> outcome, for attempts whose worker is gone;
                                        the watchdog applies the policy to each, crash-safe
-    {ns}:running               zset    attempt -> claim time (ms)
     {ns}:liveness              zset    attempt -> when its liveness beat lapses (ms)
     {ns}:stalls                zset    attempt -> when its progress mark lapses (ms)
     {ns}:dead_letters          zset    dead-lettered job -> when (ms)
@@ -87,7 +86,6 @@ _TEMPLATES: dict[str, tuple[str, tuple[str, ...]]] = {
     "dispatch": ("{ns}:dispatch", ()),
     "published": ("{ns}:published", ()),
     "lost": ("{ns}:lost", ()),
-    "running": ("{ns}:running", ()),
     "liveness": ("{ns}:liveness", ()),
     "stalls": ("{ns}:stalls", ()),
     "dead_letters": ("{ns}:dead_letters", ()),
@@ -205,10 +203,6 @@ class Keys:
     @property
     def lost(self) -> str:
         return self._render("lost")
-
-    @property
-    def running(self) -> str:
-        return self._render("running")
 
     @property
     def liveness(self) -> str:

@@ -1103,7 +1103,13 @@ class Ledger:
         return [{"id": event_id, **event_fields(fields)} for event_id, fields in rows]
 
     def running_attempts(self) -> list[str]:
-        return cast(list[str], self.client.zrange(self.keys.running, 0, -1))
+        """The attempts running now: the current attempt of each job in RUNNING."""
+        jobs = cast(list[str], self.client.zrange(self.keys.jobs_in_state("RUNNING"), 0, -1))
+        pipe = self.client.pipeline(transaction=False)
+        for job_id in jobs:
+            pipe.hget(self.keys.job(job_id), "attempt")
+        attempts = pipe.execute()
+        return [attempt_id(j, int(n)) for j, n in zip(jobs, attempts, strict=True) if n]
 
 
 def event_fields(fields: Mapping[str, str]) -> dict[str, str]:

@@ -279,7 +279,6 @@ end
 -- message out of kombu's unacked structures so that kombu never redelivers it.
 local function release_attempt(id, n, a)
   local member = id .. '.' .. n
-  redis.call('ZREM', key_running(NS), member)
   redis.call('ZREM', key_liveness(NS), member)
   redis.call('ZREM', key_stalls(NS), member)
   redis.call('HDEL', key_lost(NS), member)

@@ -89,7 +89,6 @@ move_state(id, 'QUEUED', 'RUNNING',
            {'a:' .. n, cjson.encode(a), 'worker', worker, 'progress_ms', NOW})
 redis.call('ZREM', key_dispatch(NS), member)
 redis.call('ZREM', key_published(NS), member)
-redis.call('ZADD', key_running(NS), NOW, member)
 redis.call('SADD', key_worker_running(NS, worker), member)
 -- The dashboard lists a worker's jobs from here: its most recent WORKER_JOBS_LISTED.
 local listed = key_worker_jobs(NS, worker)

@@ -110,7 +110,6 @@ class FleetView:
         pipe = self.client.pipeline(transaction=False)
         for state in JobState:
             pipe.zcard(self.keys.jobs_in_state(state.value))
-        pipe.zcard(self.keys.running)
         pipe.hgetall(self.keys.stats)
         pipe.get(self.keys.leader)
         for model in models:
@@ -122,8 +121,10 @@ class FleetView:
             pipe.hgetall(self.keys.minute(m))
         replies = pipe.execute()
         counts = dict(zip((s.value for s in JobState), replies[: len(JobState)], strict=True))
-        running, stats, leader = replies[len(JobState) : len(JobState) + 3]
-        rest = replies[len(JobState) + 3 :]
+        stats, leader = replies[len(JobState) : len(JobState) + 2]
+        # A running job runs one attempt, its current one: so many attempts run.
+        running = counts[JobState.RUNNING.value]
+        rest = replies[len(JobState) + 2 :]
         queues = []
         per_model = len(PRIORITY_STEPS)
         for i, model in enumerate(models):

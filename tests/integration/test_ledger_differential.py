@@ -6,7 +6,7 @@ so must everything the scripts keep. Every job (state, attempt, chain, reason, r
 each attempt's worker, pid, incarnation, outcome, delivery tag, deferrals and late-result
 mark); every worker (state, incarnation, slots, running set, kill orders, health verdict,
 who quarantined it and how, stalls counted, probation, whether its heartbeat is stale,
-whether a health change waits for the watchdog); the lost hash, the running index, the
+whether a health change waits for the watchdog); the lost hash, the
 lists by state and the stats counters; the dispatch index (each entry's lease, or whether it
 is due); the liveness and stall watches (lapsed or not); and kombu's unacked deliveries
 (claimed, or past the claim grace). The broker's side is kombu's own structures, written
@@ -498,7 +498,6 @@ class MirroredLedger(LedgerModel):
             pipe.zscore(keys.probation, name)
         pipe.hgetall(keys.stats)
         pipe.hgetall(keys.lost)
-        pipe.zrange(keys.running, 0, -1)
         for key in (keys.dispatch, keys.liveness, keys.stalls, keys.workers, KOMBU_UNACKED_INDEX):
             pipe.zrange(key, 0, -1, withscores=True)
         pipe.hkeys(KOMBU_UNACKED)
@@ -514,7 +513,7 @@ class MirroredLedger(LedgerModel):
         for name in names:
             record, running, kill, listed = (next(replies) for _ in range(4))
             self.same_worker(name, record, running, kill, listed, now_ms)
-        stats, lost, running = (next(replies) for _ in range(3))
+        stats, lost = (next(replies) for _ in range(2))
         dispatch, liveness, stalls, beats, index = (dict(next(replies)) for _ in range(5))
         unacked, changes = next(replies), next(replies)
         # The job lists (and so the counts) by state: every job in its state's list, and
@@ -527,8 +526,6 @@ class MirroredLedger(LedgerModel):
 
         assert {k: int(v) for k, v in stats.items()} == {k: v for k, v in self.stats.items() if v}
         assert lost == self.lost
-        modelled = [attempt_id(j.id, j.attempt) for j in self.jobs.values() if j.runs(j.attempt)]
-        assert sorted(running) == sorted(modelled)
         assert set(dispatch) == set(self.dispatch), "dispatch index"
         for member, entry in self.dispatch.items():
             if entry.lease:
