@@ -119,6 +119,7 @@ end
 
 -- How many of its most recent jobs a worker lists (the dashboard's jobs-by-worker).
 local WORKER_JOBS_LISTED = 10000
+local WORKER_JOBS_TRIM_EVERY = 50
 
 -- Counters, kept in all, and per minute for those that feed the dashboard's rates (the
 -- others only ever read as totals, and a per-minute copy of them would cost a write each).

@@ -90,10 +90,15 @@ move_state(id, 'QUEUED', 'RUNNING',
 redis.call('ZREM', key_dispatch(NS), member)
 redis.call('ZREM', key_published(NS), member)
 redis.call('SADD', key_worker_running(NS, worker), member)
--- The dashboard lists a worker's jobs from here: its most recent WORKER_JOBS_LISTED.
+-- The dashboard lists a worker's jobs from here: its most recent WORKER_JOBS_LISTED,
+-- trimmed by about one claim in WORKER_JOBS_TRIM_EVERY (a claim in that millisecond of
+-- the clock), so the list runs past its bound by a few dozen at most, and a claim saves
+-- a write.
 local listed = key_worker_jobs(NS, worker)
 redis.call('ZADD', listed, NOW, id)
-redis.call('ZREMRANGEBYRANK', listed, 0, -WORKER_JOBS_LISTED - 1)
+if NOW % WORKER_JOBS_TRIM_EVERY == 0 then
+  redis.call('ZREMRANGEBYRANK', listed, 0, -WORKER_JOBS_LISTED - 1)
+end
 -- The watch starts with the claim, not with the child's first beat: a child frozen right
 -- after claiming, or a claim whose reply was lost, is still a watched attempt.
 redis.call('ZADD', key_liveness(NS), NOW + tonumber(liveness_ms or DEFAULT_LIVENESS_MS), member)

@@ -93,3 +93,24 @@ def test_keys_return_to_their_floor_after_the_retention(settings: Settings) -> N
     assert ledger.client.zcard(ledger.keys.gone) == 0
     assert ledger.client.zcard(ledger.keys.dead_letters) == 0
     assert ledger.workers() == []
+
+
+def test_a_workers_job_list_keeps_about_its_most_recent_ten_thousand(ledger: Ledger) -> None:
+    """The dashboard's jobs-by-worker list is trimmed by about one claim in 50, not by
+    every claim: it stays within a few dozen of its bound, and keeps the newest."""
+    ledger.register("w1", ["sim-llm"], 100, "node-a", 1, "{}", model_fit=FIT)
+    jobs = [f"job-{n:05d}" for n in range(12_000)]
+    for first in range(0, len(jobs), 1000):
+        pipe = ledger.client.pipeline(transaction=False)
+        for job in jobs[first : first + 1000]:
+            ledger.queue_call(
+                pipe, "submit", job, "sim-llm", "realtime", PAYLOAD, 0, "", 0, 5000, "1",
+                5000, 300_000,
+            )  # fmt: skip
+            ledger.queue_call(pipe, "claim", job, 1, "w1", 100, "", 60_000)
+            ledger.queue_call(pipe, "complete", job, 1, "w1", "{}")
+        ledger.execute(pipe)
+        time.sleep(0.002)  # the claims span many milliseconds, as they would in a fleet
+    listed = ledger.client.zrange(ledger.keys.worker_jobs("w1"), 0, -1)
+    assert 10_000 <= len(listed) <= 10_000 + 500, len(listed)
+    assert listed[-1] == jobs[-1] and jobs[-len(listed)] == listed[0]
