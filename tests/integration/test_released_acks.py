@@ -11,6 +11,8 @@ the worker from taking the next one.
 
 from __future__ import annotations
 
+import base64
+import json
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,7 @@ from gridqueue import GridQueue
 from gridqueue.celeryapp import TASK_NAME, ack_released
 from gridqueue.fleet import LocalFleet
 from gridqueue.keys import KOMBU_UNACKED, KOMBU_UNACKED_INDEX, attempt_id, queue_for_model
+from gridqueue.runner import RELEASED_KEY
 from gridqueue.settings import Settings
 from gridqueue.states import JobState
 from tests.brokers import broker_env, unacked_messages
@@ -44,6 +47,23 @@ def calls(client: redis.Redis, command: str) -> int:
 
 def kombu_unacked(client: redis.Redis) -> tuple[int, int]:
     return int(client.hlen(KOMBU_UNACKED)), int(client.zcard(KOMBU_UNACKED_INDEX))
+
+
+def heard_results(pubsub: Any) -> list[str]:
+    """The ``result`` of every ``task-succeeded`` event heard so far."""
+    results = []
+    quiet = 0
+    while quiet < 5:  # half a second with nothing more (a subscription's reply reads None)
+        heard = pubsub.get_message(timeout=0.1)
+        if heard is None:
+            quiet += 1
+            continue
+        quiet = 0
+        body = json.loads(base64.b64decode(json.loads(heard["data"])["body"]))
+        for event in body if isinstance(body, list) else [body]:  # task.multi: a batch
+            if event.get("type") == "task-succeeded":
+                results.append(str(event["result"]))
+    return results
 
 
 def test_an_in_memory_ack_frees_the_prefetch_slot_and_sends_redis_nothing(redis_url: str) -> None:
@@ -82,6 +102,8 @@ def test_attempts_the_ledger_ended_are_acked_in_memory_and_the_worker_keeps_cons
     worker = fleet.start_worker("w1", concurrency=1)
     fleet.wait_alive(gq.ledger, ["w1"])
     client = gq.ledger.client
+    pubsub = client.pubsub(ignore_subscribe_messages=True)
+    pubsub.psubscribe("*celeryev/task.*")
     client.config_resetstat()
 
     succeeding = [gq.submit("sim-llm", {"prompt": f"p{i}", "ms": 0}) for i in range(SUCCEEDING)]
@@ -106,6 +128,11 @@ def test_attempts_the_ledger_ended_are_acked_in_memory_and_the_worker_keeps_cons
     # usual ack doubled both.
     assert calls(client, "exec") <= 1.2 * deliveries, calls(client, "exec")
     assert calls(client, "multi") <= 1.2 * deliveries, calls(client, "multi")
+    # Flower sees the result it always saw: the released tag is not part of it.
+    results = heard_results(pubsub)
+    pubsub.close()
+    assert len(results) == SUCCEEDING, results
+    assert all("'outcome': 'succeeded'" in r and RELEASED_KEY not in r for r in results), results
     # The worker is still taking work, and never acked a message twice.
     late = gq.submit("sim-llm", {"prompt": "late", "ms": 0})
     assert late.result(timeout=60)["text"] == complete_text("late")
