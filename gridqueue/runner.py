@@ -364,7 +364,9 @@ class AttemptRequest(Request):  # type: ignore[misc]
     def __init_subclass__(cls, **kwargs: Any) -> None:
         # Celery's worker runs a subclass of this class made per task
         # (celery.worker.request.create_request_cls) that brings its own on_success:
-        # wrapped here, so the return value is read before that on_success acks.
+        # wrapped here, so the return value is read before that on_success acks (checked
+        # against celery 5.7.0, which hands over the value's saferepr). Should Celery stop
+        # doing so, nothing is read and every message is acked as usual.
         super().__init_subclass__(**kwargs)
         own = cls.__dict__.get("on_success")
         if own is not None:
