@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from celery import Celery
 from kombu.transport import redis as kombu_redis
+from kombu.transport import virtual as kombu_virtual
 
 from gridqueue.connection import RedisTarget
 
@@ -142,3 +143,53 @@ def own_redelivery_in_this_worker() -> None:
     qos.ack = ack_if_connected
     qos.reject = reject_if_connected
     qos._gridqueue_owned = True
+
+
+def ack_released(message: Any) -> bool:
+    """Ack a delivered message in kombu's memory only, without the Redis round trip:
+    for a message whose delivery the ledger already took out of kombu's ``unacked`` and
+    ``unacked_index``, in the same script that ended its attempt (``release_attempt`` in
+    ``_common.lua``, run by ``complete`` and ``finish``). Returns False, having done
+    nothing, whenever that cannot be done exactly as kombu would: the caller then acks
+    as usual.
+
+    kombu's Redis ``QoS.ack`` is two parts: ``ZREM unacked_index tag; HDEL unacked tag``
+    in one MULTI/EXEC (``_remove_from_indices``), then the virtual transport's
+    ``QoS.ack``, which marks the tag dirty (``_quick_ack``, that is ``_dirty.add``): the
+    next ``append`` drops it from ``_delivered``, and ``can_consume`` counts
+    ``len(_delivered) - len(_dirty)`` against the prefetch count, so the consumer keeps
+    consuming. ``Message.ack`` then sets the message's state to ``ACK``
+    (``acknowledged``), so a second ack raises. Here the first part is skipped and the
+    rest is done as kombu does it. This relies on the internals of kombu 5.7 (checked
+    against 5.7.0: ``kombu/transport/redis.py``, ``kombu/transport/virtual/base.py``,
+    ``kombu/message.py``); if they are not as expected (another transport, such as
+    RabbitMQ's; an attribute missing; the tag not among the channel's deliveries), the
+    usual ack is made.
+
+    Safe because the ledger's removal happened atomically with the attempt's end: if
+    this process dies before the in-memory ack, nothing is left in Redis to redeliver,
+    exactly as after a real ack. (And if the same message was delivered again meanwhile,
+    a real ack would take that other delivery's entry away: skipping it is no worse.)
+    """
+    try:
+        channel = message.channel
+        qos = channel.qos
+        tag = message.delivery_tag
+        delivered, dirty = qos._delivered, qos._dirty
+        quick_ack = qos._quick_ack
+        no_ack_consumers = channel.no_ack_consumers
+        consumer_tag = message.delivery_info.get("consumer_tag")
+    except AttributeError:
+        return False
+    if not isinstance(qos, kombu_redis.QoS) or not isinstance(message, kombu_virtual.Message):
+        return False
+    if channel.connection is None:
+        return False  # the usual ack drops it (own_redelivery_in_this_worker)
+    if message.acknowledged or (no_ack_consumers and consumer_tag in no_ack_consumers):
+        return False  # the usual ack raises, or does nothing: let it
+    if not isinstance(dirty, set) or not callable(quick_ack) or tag not in delivered:
+        return False
+    virtual_qos: Any = kombu_virtual.QoS  # kombu ships no type hints
+    virtual_qos.ack(qos, tag)  # _quick_ack(tag): no Redis command
+    message._state = "ACK"
+    return bool(message.acknowledged)

@@ -53,11 +53,16 @@ log = get_logger("gridqueue.celerystate")
 
 
 class AttemptFailed(Exception):
-    """Raised by the task body of an attempt whose ledger verdict is FAILURE."""
+    """Raised by the task body of an attempt whose ledger verdict is FAILURE.
 
-    def __init__(self, detail: str) -> None:
+    ``released``: the broker delivery tag the ledger took out of kombu's unacked when it
+    ended the attempt ('' if it did not): it travels with the exception to the worker's
+    main process, which then acks the message without a round trip to Redis."""
+
+    def __init__(self, detail: str, released: str = "") -> None:
         super().__init__(detail)
         self.detail = detail
+        self.released = released
 
     def __str__(self) -> str:
         return self.detail

@@ -82,12 +82,14 @@ class EmbeddedRedis:
         self.process = subprocess.Popen(
             args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
-        client = redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=0.5)
         give_up_at = time.monotonic() + timeout_s
         while True:
             try:
-                if client.ping():
-                    return self.url
+                with redis.Redis(
+                    host="127.0.0.1", port=self.port, socket_connect_timeout=0.5
+                ) as client:
+                    if client.ping():
+                        return self.url
             except redis.ConnectionError:
                 pass
             if self.process.poll() is not None or time.monotonic() > give_up_at:

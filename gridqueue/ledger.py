@@ -194,6 +194,19 @@ class AttemptEnd:
     next_attempt: int | None = None
     state: str | None = None
     after_s: float = 0.0
+    # The broker delivery tag the end took out of kombu's unacked, in the same step; ''
+    # if none, or if a durable write was not confirmed by its replicas.
+    released: str = ""
+
+
+@dataclass(frozen=True)
+class Completion:
+    """What :meth:`Ledger.complete_attempt` did."""
+
+    ok: bool  # the result is the job's (written now, or by an earlier call of ours)
+    # The broker delivery tag the completion took out of kombu's unacked, in the same
+    # step; '' if none, or if a durable write was not confirmed by its replicas.
+    released: str = ""
 
 
 @dataclass(frozen=True)
@@ -203,11 +216,14 @@ class _EndPlan:
     args: tuple[str | int, ...]
     after_s: float
 
-    def reply(self, reply: Any) -> AttemptEnd:
+    def reply(self, reply: Any, replicated: bool = True) -> AttemptEnd:
+        released = str(reply[2] or "") if replicated and len(reply) > 2 else ""
         if reply[0] == "retry":
-            return AttemptEnd("retry", next_attempt=int(reply[1]), after_s=self.after_s)
+            return AttemptEnd(
+                "retry", next_attempt=int(reply[1]), after_s=self.after_s, released=released
+            )
         if reply[0] == "ended":
-            return AttemptEnd("ended", state=reply[1])
+            return AttemptEnd("ended", state=reply[1], released=released)
         return AttemptEnd(reply[0])
 
 
@@ -262,10 +278,14 @@ class Ledger:
         return cls(connect_redis(settings.redis_target), settings)
 
     def _call(self, name: str, *args: str | int | float) -> Any:
+        reply, _ = self._call_confirmed(name, *args)
+        return reply
+
+    def _call_confirmed(self, name: str, *args: str | int | float) -> tuple[Any, bool]:
+        """:meth:`_call`, and whether the write is as durable as the settings ask."""
         if self.settings.redis_min_replicas and name in _REPLICATED:
-            reply, _ = self._call_replicated(name, *args)
-            return reply
-        return self.scripts.call(name, self.argv(name, *args))
+            return self._call_replicated(name, *args)
+        return self._call_plain(name, *args)
 
     def argv(self, name: str, *args: str | int | float) -> list[str | int | float]:
         """Script ``name``'s whole ARGV: the fixed arguments it takes (all six, or the
@@ -559,7 +579,18 @@ class Ledger:
 
     def complete(self, job_id: str, attempt: int, worker: str, result_json: str) -> bool:
         """Publish the result if the attempt is still current; False if it was discarded."""
-        return bool(self._call("complete", job_id, attempt, worker, result_json)[0] == "ok")
+        return self.complete_attempt(job_id, attempt, worker, result_json).ok
+
+    def complete_attempt(
+        self, job_id: str, attempt: int, worker: str, result_json: str
+    ) -> Completion:
+        """:meth:`complete`, saying also which broker delivery it released: the worker
+        that ran the attempt then acks that delivery without asking Redis again."""
+        reply, replicated = self._call_confirmed("complete", job_id, attempt, worker, result_json)
+        if reply[0] != "ok":
+            return Completion(False)
+        released = str(reply[1] or "") if replicated and len(reply) > 1 else ""
+        return Completion(True, released)
 
     def end_attempt(
         self,
@@ -597,7 +628,7 @@ class Ledger:
         if isinstance(plan, AttemptEnd):
             self.client.hdel(self.keys.lost, attempt_id(job_id, attempt))
             return plan
-        return plan.reply(self._call("finish", *plan.args))
+        return plan.reply(*self._call_confirmed("finish", *plan.args))
 
     def end_lost_attempts(
         self, lost: list[tuple[str, int, Outcome, str]], token: str
@@ -631,13 +662,14 @@ class Ledger:
         if need:
             pipe.wait(need, int(self.settings.redis_replica_timeout_s * 1000))
         replies = self.execute(pipe)
-        if need and int(replies[-1]) < need:
+        replicated = not need or int(replies[-1]) >= need
+        if not replicated:
             _log.error(
                 "ledger.write_not_replicated", call="finish", replicas=int(replies[-1]),
                 needed=need, attempts=len(lost), timeout_s=self.settings.redis_replica_timeout_s,
             )  # fmt: skip
         return [
-            plan if isinstance(plan, AttemptEnd) else plan.reply(reply)
+            plan if isinstance(plan, AttemptEnd) else plan.reply(reply, replicated)
             for plan, reply in zip(plans, replies, strict=False)
         ]
 

@@ -10,6 +10,8 @@ returns for SUCCESS and raises for FAILURE, REVOKED and RETRY, so that Flower an
 
 from __future__ import annotations
 
+import ast
+import functools
 import json
 import os
 import socket
@@ -22,10 +24,11 @@ from billiard.einfo import ExceptionWithTraceback
 from billiard.exceptions import WorkerLostError
 from celery import Celery, Task, states
 from celery.exceptions import Ignore, Reject, Retry
+from celery.utils.saferepr import saferepr
 from celery.worker.request import Request
 from redis.exceptions import RedisError
 
-from gridqueue.celeryapp import TASK_NAME
+from gridqueue.celeryapp import TASK_NAME, ack_released
 from gridqueue.celerystate import (
     AttemptFailed,
     AttemptRequeued,
@@ -45,6 +48,10 @@ from gridqueue.settings import Settings
 from gridqueue.states import Outcome
 
 log = get_logger("gridqueue.runner")
+
+# The key of a successful attempt's return value that names the delivery the ledger
+# released (see conclude): read, and taken out, by the worker's main process.
+RELEASED_KEY = "released_delivery"
 
 
 @dataclass
@@ -190,12 +197,20 @@ def verdict_or(ledger: Ledger, job_id: str, attempt: int, fallback: Verdict) -> 
         return fallback
 
 
-def conclude(verdict: Verdict, job_id: str, attempt: int) -> dict[str, Any]:
-    """End the task body as ``verdict`` says: return for SUCCESS, raise otherwise."""
+def conclude(verdict: Verdict, job_id: str, attempt: int, released: str = "") -> dict[str, Any]:
+    """End the task body as ``verdict`` says: return for SUCCESS, raise otherwise.
+
+    ``released``: this delivery's tag when the ledger took it out of kombu's unacked as it
+    ended the attempt; it goes to the worker's main process with the return value (or
+    with :class:`AttemptFailed`), which then acks the message in memory only (see
+    :func:`gridqueue.celeryapp.ack_released`)."""
     if verdict.state == states.SUCCESS:
-        return {"job": job_id, "attempt": attempt, "outcome": verdict.detail}
+        result: dict[str, Any] = {"job": job_id, "attempt": attempt, "outcome": verdict.detail}
+        if released:
+            result[RELEASED_KEY] = released
+        return result
     if verdict.state == states.FAILURE:
-        raise AttemptFailed(verdict.detail)
+        raise AttemptFailed(verdict.detail, released)
     if verdict.state == states.REVOKED:
         raise AttemptRevoked(verdict.detail, verdict.expired)
     if verdict.state == states.RETRY:
@@ -215,6 +230,11 @@ def ended_verdict(
     else:
         context = f"job {end.state}"
     return Verdict(states.FAILURE, f"{outcome.value}: {error}; {context}")
+
+
+def released_here(end: AttemptEnd) -> str:
+    """The delivery tag an end of the attempt by this process released, if any."""
+    return end.released if end.status in ("retry", "ended") else ""
 
 
 def run_attempt(task: Task, job_id: str, attempt: int) -> dict[str, Any]:
@@ -243,7 +263,7 @@ def run_attempt(task: Task, job_id: str, attempt: int) -> dict[str, Any]:
         error = f"no handler for model {claim.model!r} on this worker"
         end = runtime.end_attempt(job_id, attempt, Outcome.ERROR, error, pid=os.getpid())
         verdict = ended_verdict(runtime, job_id, attempt, Outcome.ERROR, error, end)
-        return conclude(verdict, job_id, attempt)
+        return conclude(verdict, job_id, attempt, ours(delivery_tag, released_here(end)))
     workload = ledger.workloads.get(claim.workload or "")
     liveness_s = workload.liveness_timeout_s if workload else 5.0
     stall_ms = int((workload.stall_timeout_s if workload else 300.0) * 1000)
@@ -265,15 +285,24 @@ def run_attempt(task: Task, job_id: str, attempt: int) -> dict[str, Any]:
     liveness = AttemptLiveness(runtime, job_id, attempt, liveness_s)
     liveness.start()
     try:
-        verdict = _run_claimed(runtime, found.fn, json.loads(claim.payload), ctx)
+        verdict, released = _run_claimed(runtime, found.fn, json.loads(claim.payload), ctx)
     finally:
         liveness.stop()
-    return conclude(verdict, job_id, attempt)
+    return conclude(verdict, job_id, attempt, ours(delivery_tag, released))
 
 
-def _run_claimed(runtime: WorkerRuntime, fn: HandlerFn, payload: Any, ctx: Context) -> Verdict:
+def ours(delivery_tag: str, released: str) -> str:
+    """``released`` if it is this message's delivery: the only one whose ack may skip
+    Redis. A tag the ledger held from another delivery leaves this one to the usual ack."""
+    return released if delivery_tag and released == delivery_tag else ""
+
+
+def _run_claimed(
+    runtime: WorkerRuntime, fn: HandlerFn, payload: Any, ctx: Context
+) -> tuple[Verdict, str]:
     """Run the handler and write its outcome; the caller beats until this returns.
-    Returns the attempt's verdict for Celery."""
+    Returns the attempt's verdict for Celery, and the delivery tag the ledger released
+    with the attempt's end ('' if none)."""
     job_id, attempt, pid = ctx.job_id, ctx.attempt, os.getpid()
     outcome, error = Outcome.ERROR, ""
     try:
@@ -288,14 +317,16 @@ def _run_claimed(runtime: WorkerRuntime, fn: HandlerFn, payload: Any, ctx: Conte
         except (TypeError, ValueError) as exc:
             error = f"handler returned a value that is not JSON: {exc}"
         else:
-            if retry_redis(runtime.ledger.complete)(job_id, attempt, runtime.name, body):
+            done = retry_redis(runtime.ledger.complete_attempt)(job_id, attempt, runtime.name, body)
+            if done.ok:
                 log.info("attempt.succeeded", job=job_id, attempt=attempt)
-                return Verdict(states.SUCCESS, Outcome.SUCCEEDED.value)
+                return Verdict(states.SUCCESS, Outcome.SUCCEEDED.value), done.released
             log.warning("attempt.result_discarded", job=job_id, attempt=attempt, why="superseded")
             superseded = Verdict(states.FAILURE, "its result was discarded: superseded")
-            return verdict_or(runtime.ledger, job_id, attempt, superseded)
+            return verdict_or(runtime.ledger, job_id, attempt, superseded), ""
     end = runtime.end_attempt(job_id, attempt, outcome, error, pid=pid)
-    return ended_verdict(runtime, job_id, attempt, outcome, error[:2000], end)
+    verdict = ended_verdict(runtime, job_id, attempt, outcome, error[:2000], end)
+    return verdict, released_here(end)
 
 
 ChildLostHook = Callable[[str, "int | None", str], None]
@@ -320,7 +351,54 @@ class AttemptRequest(Request):  # type: ignore[misc]
     It also tells Celery's tools what became of the attempt: after a lost child, Celery
     sends only ``task-rejected``, which leaves the task STARTED in Flower, so the ledger's
     verdict is announced here once the agent has recorded the loss; and a task body that
-    raised :class:`AttemptRevoked` is announced as ``task-revoked``."""
+    raised :class:`AttemptRevoked` is announced as ``task-revoked``.
+
+    And it acks, without a round trip to Redis, a message whose delivery the ledger
+    already released when the attempt ended: the pool child says so with the attempt's
+    return value or with :class:`AttemptFailed` (see :func:`conclude`); any other
+    message is acked as usual (:func:`gridqueue.celeryapp.ack_released`)."""
+
+    _released = False  # the ledger took this delivery out of kombu's unacked
+    acknowledged: bool  # Celery's
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # Celery's worker runs a subclass of this class made per task
+        # (celery.worker.request.create_request_cls) that brings its own on_success:
+        # wrapped here, so the return value is read before that on_success acks (checked
+        # against celery 5.7.0, which hands over the value's saferepr). Should Celery stop
+        # doing so, nothing is read and every message is acked as usual.
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("on_success")
+        if own is not None:
+            cls.on_success = _reading_release(own)  # type: ignore[method-assign]
+
+    def on_success(self, failed__retval__runtime: Any, **kwargs: Any) -> Any:
+        return super().on_success(self.note_release(failed__retval__runtime), **kwargs)
+
+    def note_release(self, failed__retval__runtime: Any) -> Any:
+        """Note whether a successful attempt's return value says the ledger released this
+        delivery; return the result as Celery should see it: without that key, so the
+        ``task-succeeded`` event shows what it always did."""
+        try:
+            failed, retval, runtime = failed__retval__runtime
+        except (TypeError, ValueError):
+            return failed__retval__runtime
+        if failed or not isinstance(retval, str) or RELEASED_KEY not in retval:
+            return failed__retval__runtime
+        try:
+            value = ast.literal_eval(retval)  # Celery hands over the value's saferepr
+            tag = value.pop(RELEASED_KEY)
+        except Exception:
+            return failed__retval__runtime  # not the dict conclude returns: ack as usual
+        if isinstance(tag, str) and tag and tag == str(self._message.delivery_tag):
+            self._released = True
+        return failed, saferepr(value, self.task.resultrepr_maxsize), runtime
+
+    def acknowledge(self) -> None:
+        if self._released and not self.acknowledged and ack_released(self._message):
+            self.acknowledged = True
+            return
+        super().acknowledge()
 
     def on_failure(
         self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False
@@ -333,6 +411,9 @@ class AttemptRequest(Request):  # type: ignore[misc]
             isinstance(exc, (SystemExit, KeyboardInterrupt)) and not cancelled
         )
         pid = self.worker_pid
+        released = getattr(exc, "released", "") if isinstance(exc, AttemptFailed) else ""
+        if released and released == str(self._message.delivery_tag):
+            self._released = True
         try:
             return super().on_failure(
                 exc_info, send_failed_event=send_failed_event, return_ok=return_ok
@@ -373,6 +454,14 @@ class AttemptRequest(Request):  # type: ignore[misc]
             self.send_event("task-revoked", terminated=True, signum=why, expired=verdict.expired)
         elif verdict.state == states.RETRY:
             self.send_event("task-retried", exception=verdict.detail, traceback=why)
+
+
+def _reading_release(on_success: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(on_success)
+    def reading_release(self: AttemptRequest, failed__retval__runtime: Any, **kwargs: Any) -> Any:
+        return on_success(self, self.note_release(failed__retval__runtime), **kwargs)
+
+    return reading_release
 
 
 def register_task(app: Celery) -> Task:

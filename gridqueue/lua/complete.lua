@@ -1,5 +1,7 @@
--- complete(id, n, worker, result_json) -> {'ok'} | {'stale', state}
+-- complete(id, n, worker, result_json) -> {'ok', released_tag} | {'stale', state}
 -- Attempt fencing: a zombie's late result must not overwrite the current attempt's.
+-- released_tag: the broker delivery tag this step took out of kombu's unacked (with the
+-- attempt's end), '' if the attempt held none: the worker acks that delivery in memory.
 local id, n, worker, result = ARGV[7], tonumber(ARGV[8]), ARGV[9], ARGV[10]
 local job = key_job(NS, id)
 -- One read of everything the step needs; its writes to the record go in one HSET.
@@ -15,10 +17,11 @@ if state == 'RUNNING' and tonumber(current) == n and a and a.worker == worker th
     known = true, deadline_ms = deadline_ms, stream_bytes = stream_bytes,
     fields = {'a:' .. n, cjson.encode(a), 'result', result}})
   emit('succeeded', {'job', id, 'attempt', n, 'worker', worker})
-  return {'ok'}
+  return {'ok', a.delivery_tag or ''}
 end
 if state == 'SUCCEEDED' and a and a.outcome == 'succeeded' and a.worker == worker then
-  return {'ok'}  -- our own result, retried after a lost reply
+  -- Our own result, retried after a lost reply: the first call released the delivery.
+  return {'ok', a.delivery_tag or ''}
 end
 if a then
   a.late_result_discarded = true

@@ -1,7 +1,10 @@
 -- finish(id, n, outcome, error, decision, after_ms, end_state, reason, expected_worker, token,
 --        expected_pid, expected_epoch)
 --   Ends running attempt n without a result and applies the policy's decision:
---   -> {'retry', next_attempt} | {'ended', end_state} | {'stale'} | {'not_leader'}
+--   -> {'retry', next_attempt, released_tag} | {'ended', end_state, released_tag} | {'stale'}
+--      | {'not_leader'}
+--   released_tag: the broker delivery tag this step took out of kombu's unacked, '' if
+--   the attempt held none.
 local id, n, outcome, err = ARGV[7], tonumber(ARGV[8]), ARGV[9], ARGV[10]
 local decision, after_ms, end_state, reason = ARGV[11], tonumber(ARGV[12]), ARGV[13], ARGV[14]
 local expected_worker, token = ARGV[15], ARGV[16]
@@ -43,9 +46,9 @@ if decision == 'retry' then
   bump('requeues')
   emit('requeued', {'job', id, 'attempt', n, 'next_attempt', next_n, 'outcome', outcome,
                     'worker', a.worker or '', 'after_ms', after_ms})
-  return {'retry', next_n}
+  return {'retry', next_n, a.delivery_tag or ''}
 end
 end_job(id, 'RUNNING', end_state, reason, err)
 emit('ended', {'job', id, 'attempt', n, 'state', end_state, 'reason', reason,
                'outcome', outcome, 'worker', a.worker or ''})
-return {'ended', end_state}
+return {'ended', end_state, a.delivery_tag or ''}

@@ -740,3 +740,55 @@ def test_an_attempt_whose_batched_publish_fails_keeps_its_owner(
     report = watchdog.tick()
     assert report.dispatched == 1
     assert members[1] in set(ledger.client.zrange(ledger.keys.published, 0, -1))
+
+
+# -- the delivery an attempt's end releases -------------------------------------------------
+
+
+def test_the_end_of_an_attempt_names_the_delivery_it_took_out_of_unacked(ledger: Ledger) -> None:
+    """The worker acks that delivery in memory only: the tag must be the one the script
+    removed, and only when it removed it."""
+    register(ledger, "w1")
+    done, failed, untagged = submit(ledger, "j1"), submit(ledger, "j2"), submit(ledger, "j3")
+    for job, tag in ((done, "tag-done"), (failed, "tag-failed")):
+        deliver(ledger, job, 1, tag, age_s=0.0)
+        assert ledger.claim(job, 1, "w1", 4242, tag).status == "ok"
+    assert ledger.claim(untagged, 1, "w1", 4242, "").status == "ok"
+
+    completion = ledger.complete_attempt(done, 1, "w1", '{"text":"ok"}')
+    assert (completion.ok, completion.released) == (True, "tag-done")
+    assert ledger.client.hget(KOMBU_UNACKED, "tag-done") is None
+    assert ledger.client.zscore(KOMBU_UNACKED_INDEX, "tag-done") is None
+    # Our own result again (a lost reply): the first call released it.
+    assert ledger.complete_attempt(done, 1, "w1", '{"text":"ok"}').released == "tag-done"
+    # Another worker's late result releases nothing.
+    late = ledger.complete_attempt(done, 1, "w2", '{"text":"late"}')
+    assert (late.ok, late.released) == (False, "")
+
+    end = ledger.end_attempt(failed, 1, Outcome.INVALID_INPUT, "bad", worker="w1", pid=4242)
+    assert (end.status, end.released) == ("ended", "tag-failed")
+    assert ledger.client.hget(KOMBU_UNACKED, "tag-failed") is None
+    stale = ledger.end_attempt(failed, 1, Outcome.ERROR, "again", worker="w1", pid=4242)
+    assert (stale.status, stale.released) == ("stale", "")
+
+    assert ledger.complete_attempt(untagged, 1, "w1", '{"text":"ok"}').released == ""
+
+
+def test_a_durable_end_no_replica_confirmed_releases_nothing_to_the_worker(
+    ledger: Ledger,
+) -> None:
+    """Durable mode, no replica: the script ran on the primary, but a failover could lose
+    it, so the worker is told nothing was released and acks in Redis as usual."""
+    register(ledger, "w1")
+    job = submit(ledger, "j1")
+    deliver(ledger, job, 1, "tag-1", age_s=0.0)
+    assert ledger.claim(job, 1, "w1", 4242, "tag-1").status == "ok"
+    durable = ledger.settings.model_copy(
+        update={"redis_min_replicas": 1, "redis_replica_timeout_s": 0.05}
+    )
+    unconfirmed = Ledger(ledger.client, durable)
+
+    completion = unconfirmed.complete_attempt(job, 1, "w1", '{"text":"ok"}')
+
+    assert (completion.ok, completion.released) == (True, "")
+    assert ledger.client.hget(KOMBU_UNACKED, "tag-1") is None  # removed all the same
