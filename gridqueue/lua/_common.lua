@@ -176,23 +176,44 @@ local function observe(metric, labels, ms)
   tally('h', prefix .. 'sum_ms', math.floor(ms))
 end
 
--- Add the tallies `entries` (each a string from tally, a step's) made at `at_ms`.
-local function add_tallies(entries, at_ms)
-  local counts, hist = {}, {}
+-- Sum tallies: `entries` (each a string from tally) made at `at_ms`, into `sums`, so
+-- that many steps' tallies cost one write per counter they touch (add_sums).
+local function new_sums() return {stats = {}, hist = {}, minutes = {}} end
+local function gather(sums, entries, at_ms)
+  local minute = tostring(math.floor(at_ms / 60000))
   for _, entry in ipairs(entries) do
     local kind, field, by = string.match(entry, '^(.)\31(.*)\31(%-?%d+)$')
-    local into = kind == 'h' and hist or counts
-    into[field] = (into[field] or 0) + tonumber(by)
+    by = tonumber(by)
+    if kind == 'h' then
+      sums.hist[field] = (sums.hist[field] or 0) + by
+    else
+      sums.stats[field] = (sums.stats[field] or 0) + by
+      if feeds_rates(field) then
+        local counts = sums.minutes[minute]
+        if not counts then counts = {} sums.minutes[minute] = counts end
+        counts[field] = (counts[field] or 0) + by
+      end
+    end
   end
-  count_now(counts, at_ms)
-  for field, by in pairs(hist) do redis.call('HINCRBY', key_hist(NS), field, by) end
+end
+local function add_sums(sums)
+  for stat, by in pairs(sums.stats) do redis.call('HINCRBY', key_stats(NS), stat, by) end
+  for field, by in pairs(sums.hist) do redis.call('HINCRBY', key_hist(NS), field, by) end
+  for m, counts in pairs(sums.minutes) do
+    local minute = key_minute(NS, m)
+    local fresh = redis.call('EXISTS', minute) == 0
+    for stat, by in pairs(counts) do redis.call('HINCRBY', minute, stat, by) end
+    if fresh then redis.call('EXPIRE', minute, MINUTE_KEEP_S) end
+  end
 end
 
 -- Every script but the heartbeat ends here (see gridqueue/lua/__init__.py): what it
 -- tallied after its last event is written now.
 local function leave(...)
   if TALLY then
-    add_tallies(TALLY, NOW)
+    local sums = new_sums()
+    gather(sums, TALLY, NOW)
+    add_sums(sums)
     TALLY = nil
   end
   return ...

@@ -46,14 +46,17 @@ if added then
 end
 
 -- Each event: 'type', kind, 'ts', ms, its fields..., and 'tally', entries last if any.
+-- Summed first: one write per counter, bucket and minute the batch touched.
+local sums = new_sums()
 for _, event in ipairs(events) do
   local fields = event[2]
   if fields[#fields - 1] == 'tally' then
     local entries = {}
     for entry in string.gmatch(fields[#fields], '[^\30]+') do entries[#entries + 1] = entry end
-    add_tallies(entries, tonumber(fields[4]))
+    gather(sums, entries, tonumber(fields[4]))
   end
 end
+add_sums(sums)
 if lost > 0 then count_now({stats_events_unfolded = lost}, NOW) end
 redis.call('HSET', folded, 'id', events[#events][1], 'seen', seen + #events)
 return {#events, #events == limit and 1 or 0, lost}
