@@ -184,18 +184,25 @@ class AttemptLiveness:
 class _Beater:
     """The thread that beats for every attempt its process runs, each on its own
     interval. Beats go out of the lock: a slow one (a Redis blip) delays the others of
-    the process, never an attempt's start or stop."""
+    the process, never an attempt's start or stop.
+
+    An idle beater looks again every IDLE_S, so an attempt whose first beat is due after
+    that starts without waking it: a short attempt costs no thread switch at all."""
+
+    IDLE_S = 1.0
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._watches: dict[int, AttemptLiveness] = {}
+        self._wakes_at = 0.0  # monotonic: when the thread looks again
         self._thread = threading.Thread(target=self._run, name="gq-liveness", daemon=True)
         self._thread.start()
 
     def add(self, watch: AttemptLiveness) -> None:
         with self._cond:
             self._watches[id(watch)] = watch
-            self._cond.notify()
+            if watch.due < self._wakes_at:
+                self._cond.notify()
 
     def remove(self, watch: AttemptLiveness) -> None:
         with self._cond:
@@ -209,8 +216,9 @@ class _Beater:
                 due = [w for w in self._watches.values() if w.due <= now]
                 if due:
                     return due
-                soonest = min((w.due for w in self._watches.values()), default=None)
-                self._cond.wait(None if soonest is None else soonest - now)
+                soonest = min((w.due for w in self._watches.values()), default=now + self.IDLE_S)
+                self._wakes_at = soonest
+                self._cond.wait(soonest - now)
 
     def _run(self) -> None:
         while True:
