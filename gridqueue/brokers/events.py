@@ -28,17 +28,23 @@ serializer). A publish that fails is buffered and sent again as Celery does.
 from __future__ import annotations
 
 import base64
+import contextlib
 from typing import Any
 
 from celery.app.events import Events
 from celery.events.dispatcher import EventDispatcher
 from kombu.transport import redis as kombu_redis
 from kombu.utils import json as _kombu_json
+from vine import promise  # type: ignore[import-untyped]  # vine ships no hints
 
 from gridqueue.brokers.rendering import _KeptBatch
 
 # kombu's JSON encoder and decoder, those of its messages (kombu ships no hints).
 kombu_json: Any = _kombu_json
+
+# How long a worker's buffered task events wait before they are sent: the events of
+# about that much time share one message (one PUBLISH) instead of one per loop tick.
+FLUSH_DELAY_S = 0.01
 
 # Marks of the fields that change from one message to the next, in a template's text.
 _BODY = "gq-event-template-body"
@@ -91,6 +97,47 @@ class RedisEventDispatcher(EventDispatcher):  # type: ignore[misc]  # celery shi
 
     _templates: dict[str, _Template | None]
     _templates_of: Any = None
+    # How long a buffered task event may wait for others to share its message.
+    flush_delay_s = FLUSH_DELAY_S
+    _hub: Any = None
+    _flush_due = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # In a worker on the event loop, Celery hands the dispatcher the consumer's
+        # ``on_send_event_buffered``, which flushes on the loop's next tick; the consumer
+        # it is bound to holds the loop (``hub``). Flush a little later instead.
+        on_send_buffered = kwargs.get("on_send_buffered")
+        hub = getattr(getattr(on_send_buffered, "__self__", None), "hub", None)
+        if hub is not None and self.flush_delay_s > 0:
+            self._hub = hub
+            self._schedule_flush = promise(self._flush_after_delay)
+            kwargs["on_send_buffered"] = self._buffered
+        super().__init__(*args, **kwargs)
+
+    def _buffered(self) -> None:
+        """An event was buffered (in any thread): the loop schedules its flush, as
+        Celery's consumer does (one pending callback, however many events)."""
+        self._hub.call_soon(self._schedule_flush)
+
+    def _flush_after_delay(self) -> None:
+        """On the loop's thread: one flush ``flush_delay_s`` from the first event that
+        waits for it (the loop's timer is not for other threads)."""
+        if not self._flush_due:
+            self._flush_due = True
+            self._hub.call_later(self.flush_delay_s, self._flush_due_events)
+
+    def _flush_due_events(self) -> None:
+        self._flush_due = False
+        self.flush()
+
+    def close(self) -> None:
+        """Send what is still buffered, then close as Celery does: a worker's last
+        events, those of a warm shutdown, are not left behind."""
+        if not self._closed and any(self._group_buffer.values()):
+            with contextlib.suppress(Exception):  # an event is not worth a failed stop
+                self.flush(errors=False)
+        super().close()
+
     _fast = False
     _client: Any = None
 

@@ -154,6 +154,23 @@ def test_the_dispatcher_sends_celerys_own_messages_from_a_template(
     assert [e["clock"] for e in events] == list(range(clock_before + 1, clock_before + 7))
 
 
+def test_closing_sends_the_events_still_buffered(redis_url: str, events_pubsub: Any) -> None:
+    """A worker's last task events wait for the next flush; closing the dispatcher (a warm
+    shutdown) sends them first, where Celery's would leave them behind."""
+    app = make_celery(redis_url)
+    connection: Any = app.connection_for_write()
+    dispatcher = app.events.Dispatcher(connection, hostname="n1@host", buffer_group=["task"])
+    dispatcher.send("task-succeeded", uuid="j3.1", result="'ok'", runtime=0.5)
+    assert heard_messages(events_pubsub, quiet_s=0.3) == []  # buffered, not sent
+    dispatcher.close()
+    dispatcher.close()  # once only
+    connection.release()
+    [(channel, payload)] = heard_messages(events_pubsub)
+    assert_celerys_own(app, channel, payload)
+    [event] = body_of(payload)
+    assert (event["type"], event["uuid"], event["result"]) == ("task-succeeded", "j3.1", "'ok'")
+
+
 def _listed(body: Any) -> list[dict[str, Any]]:
     return body if isinstance(body, list) else [body]
 
