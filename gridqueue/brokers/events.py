@@ -8,16 +8,20 @@ publishes costs a few hundred µs of Python before Redis sees it: kombu builds a
 checks the message, declares the exchange again, base64-encodes the body, makes a new
 redis-py client, and routes it through the virtual fanout exchange.
 
-:class:`RedisEventDispatcher` is Celery's ``EventDispatcher`` with one change, the last
-step: on kombu's Redis transport it writes the very ``PUBLISH`` kombu would, from a
-template, on one redis-py client it keeps. Celery still builds every event (type,
-hostname, timestamp, utcoffset, pid, the Lamport clock, the fields) and decides when to
-flush; only the message around the events is made differently. The template is learnt
-from kombu itself: the first publish of each routing key runs Celery's own publish inside
-a kombu publish batch that keeps the final Redis commands instead of sending them, and
-the template is kept only if filling it with that message's body and delivery tag gives
-back kombu's text exactly. Consumers (Flower, ``celery events``, ``events.State``) read
-the same channel, envelope and body as before.
+:class:`RedisEventDispatcher` is Celery's ``EventDispatcher`` with two changes. First, on
+kombu's Redis transport it writes the very ``PUBLISH`` kombu would, from a template, on
+one redis-py client it keeps. Celery still builds every event (type, hostname,
+timestamp, utcoffset, pid, the Lamport clock, the fields); only the message around the
+events is made differently. The template is learnt from kombu itself: the first publish
+of each routing key runs Celery's own publish inside a kombu publish batch that keeps the
+final Redis commands instead of sending them, and the template is kept only if filling it
+with that message's body and delivery tag gives back kombu's text exactly. Second, in a
+worker it flushes the buffered task events :data:`FLUSH_DELAY_S` after the first of them
+rather than on the loop's next tick, so the events of that time share one ``task.multi``
+message (about 0.3 a job instead of 2.3 under load), and it sends what is still buffered
+when it closes. Consumers (Flower, ``celery events``, ``events.State``) read the same
+events, with the timestamps Celery gave them, on the same channel in the same envelope,
+at most that much later.
 
 Anything else takes Celery's own path: another transport (RabbitMQ), a producer other
 than the dispatcher's own (the task-sent event of ``send_task``), a publish with retry, a
@@ -29,6 +33,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import time
 from typing import Any
 
 from celery.app.events import Events
@@ -100,7 +105,7 @@ class RedisEventDispatcher(EventDispatcher):  # type: ignore[misc]  # celery shi
     # How long a buffered task event may wait for others to share its message.
     flush_delay_s = FLUSH_DELAY_S
     _hub: Any = None
-    _flush_due = False
+    _flush_due: float | None = None  # when the pending flush was armed (monotonic)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         # In a worker on the event loop, Celery hands the dispatcher the consumer's
@@ -122,12 +127,14 @@ class RedisEventDispatcher(EventDispatcher):  # type: ignore[misc]  # celery shi
     def _flush_after_delay(self) -> None:
         """On the loop's thread: one flush ``flush_delay_s`` from the first event that
         waits for it (the loop's timer is not for other threads)."""
-        if not self._flush_due:
-            self._flush_due = True
+        now = time.monotonic()
+        # Armed long ago and never run (the loop's timer was cleared): arm it again.
+        if self._flush_due is None or now - self._flush_due > 1.0 + self.flush_delay_s:
+            self._flush_due = now
             self._hub.call_later(self.flush_delay_s, self._flush_due_events)
 
     def _flush_due_events(self) -> None:
-        self._flush_due = False
+        self._flush_due = None
         self.flush()
 
     def close(self) -> None:
