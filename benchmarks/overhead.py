@@ -17,7 +17,9 @@ For each it prints jobs per second and the ratios, and what the jobs cost Redis,
 noisy machine does not blur: Redis commands per job (``INFO commandstats``, which counts
 the commands inside scripts as well as the ``FCALL`` or ``EVALSHA`` that ran them) and Redis CPU per
 job (``INFO cpu``, user + sys), both over the throughput window, background work
-(heartbeats, the watchdog's ticks, idle ``BRPOP``s) included. Then the single-job latency,
+(heartbeats, the watchdog's ticks, idle ``BRPOP``s) included. For gridqueue, also the
+CPU per job of the workers' main processes (``/proc``, user + sys), where Celery's events
+are made and sent. Then the single-job latency,
 one job at a time (submit of a 0 ms job -> its result), p50 and p99, against Celery with
 results. Then, for gridqueue, where its commands go: a few jobs more under ``MONITOR``,
 each command counted against the script that ran it.
@@ -250,6 +252,15 @@ def _stop_processes(procs: list[subprocess.Popen[bytes]]) -> None:
         proc.wait(timeout=10)
 
 
+def _cpu_s(pid: int) -> float:
+    """A process's CPU so far (user + sys, all its threads), from /proc; 0 elsewhere."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _latencies_ms(run_one: Callable[[int], object], jobs: int) -> list[float]:
     samples = []
     for i in range(jobs):
@@ -339,19 +350,29 @@ def gridqueue_run(
         fleet.start_watchdog()
         fleet.wait_alive(gq.ledger, names)
         gq.submit("sim-llm", {"prompt": "warm", "ms": 0}).result(timeout=30)
+        # The workers' main processes (consumer, event loop, Celery's events), not their
+        # pool children: what events cost them shows here.
+        mains = [fleet.processes[name].pid for name in names]
         window = RedisWindow(url)
         window.start()
+        main_cpu_s = -sum(_cpu_s(pid) for pid in mains)
         started = time.perf_counter()
         handles = [gq.submit("sim-llm", {"prompt": f"{i}", "ms": 0}) for i in range(jobs)]
         for job in handles:
             job.result(timeout=300)
         elapsed = time.perf_counter() - started
+        main_cpu_s += sum(_cpu_s(pid) for pid in mains)
         window.stop()
         latencies = _latencies_ms(
             lambda i: gq.submit("sim-llm", {"prompt": f"l{i}", "ms": 0}).result(timeout=60),
             latency_jobs,
         )
-        report = {"jobs_per_s": jobs / elapsed, **window.per_job(jobs), "latencies_ms": latencies}
+        report = {
+            "jobs_per_s": jobs / elapsed,
+            **window.per_job(jobs),
+            "main_cpu_us_per_job": main_cpu_s * 1e6 / jobs,
+            "latencies_ms": latencies,
+        }
         if profile_jobs:
             scripts = script_names(gq.ledger)
             with ScriptProfile(url, scripts) as profile:
@@ -454,6 +475,8 @@ def main() -> None:
         if latencies:
             summary["latency_p50_ms"] = round(percentile(latencies, 50), 2)
             summary["latency_p99_ms"] = round(percentile(latencies, 99), 2)
+        if "main_cpu_us_per_job" in runs[kind][-1]:
+            summary["main_cpu_us_per_job"] = round(_median_of(runs[kind], "main_cpu_us_per_job"))
         if "scripts_per_job" in runs[kind][-1]:
             summary["scripts_per_job"] = runs[kind][-1]["scripts_per_job"]
         report["kinds"][kind] = summary
@@ -461,6 +484,10 @@ def main() -> None:
             f"{label:24}{rate:8.0f}{rate / bare_rate:7.2f}{rate / results_rate:9.2f}"
             f"{commands:10.1f}{cpu_us:12.0f} µs"
         )
+    for kind in ("on", "off"):
+        if kind in report["kinds"]:
+            main_us = report["kinds"][kind]["main_cpu_us_per_job"]
+            print(f"{labels[kind]}: workers' main processes {main_us} µs CPU per job")
     if runs["on"] and runs["off"]:
         on, off = _median_of(runs["on"], "jobs_per_s"), _median_of(runs["off"], "jobs_per_s")
         report["events_cost"] = round(1 - on / off, 3)  # share of throughput events take

@@ -71,7 +71,14 @@ def make_celery(
         from gridqueue.brokers import broker_of
 
         broker = broker_of(target)
-    app = Celery("gridqueue", broker=broker.url, set_as_current=False)
+    # Celery's event dispatcher, publishing its events from a template on kombu's Redis
+    # transport (gridqueue.brokers.events); on any other, Celery's own.
+    app = Celery(
+        "gridqueue",
+        broker=broker.url,
+        set_as_current=False,
+        events="gridqueue.brokers.events:GridQueueEvents",
+    )
     app.conf.update(
         broker_connection_retry_on_startup=True,
         result_backend=None,
