@@ -333,7 +333,7 @@ def run_attempt(task: Task, job_id: str, attempt: int) -> str:
         unknown = Verdict(None, f"refused at claim ({claim.status}); the ledger is unreachable")
         return conclude(verdict_or(ledger, job_id, attempt, unknown), job_id, attempt)
     assert claim.model is not None and claim.payload is not None
-    log.info("attempt.started", job=job_id, attempt=attempt, model=claim.model)
+    log.debug("attempt.started", job=job_id, attempt=attempt, model=claim.model)
     found = get_handler(claim.model)
     if found is None:
         error = f"no handler for model {claim.model!r} on this worker"
@@ -395,7 +395,7 @@ def _run_claimed(
         else:
             done = retry_redis(runtime.ledger.complete_attempt)(job_id, attempt, runtime.name, body)
             if done.ok:
-                log.info("attempt.succeeded", job=job_id, attempt=attempt)
+                log.debug("attempt.succeeded", job=job_id, attempt=attempt)
                 return Verdict(states.SUCCESS, Outcome.SUCCEEDED.value), done.released
             log.warning("attempt.result_discarded", job=job_id, attempt=attempt, why="superseded")
             superseded = Verdict(states.FAILURE, "its result was discarded: superseded")
