@@ -32,7 +32,7 @@ from gridqueue.keys import attempt_id
 from gridqueue.ledger import StreamRead, parse_stream, stream_after, submitted_from_reply
 from gridqueue.logs import get_logger
 from gridqueue.lua.runner import AsyncScriptRunner
-from gridqueue.records import JobRecord
+from gridqueue.records import ENDING_FIELDS, Ending, JobRecord
 from gridqueue.settings import Settings
 from gridqueue.states import TERMINAL_STATES, JobState
 
@@ -69,7 +69,7 @@ class AsyncJob:
 
     async def result(self, timeout: float | None = 60.0) -> Any:
         """As :meth:`gridqueue.client.Job.result`: the result, or the Job* error."""
-        return outcome_of(await self._client.wait(self.id, timeout))
+        return outcome_of(await self._client.wait_ending(self.id, timeout))
 
     async def stream(self, timeout: float | None = 60.0) -> AsyncIterator[Any]:
         """As :meth:`gridqueue.client.Job.stream`: each chunk once, in order, then the end
@@ -209,12 +209,29 @@ class AsyncGridQueue:
             entries.extend(rows)
         return parse_stream(position, entries)
 
+    async def ending(self, job_id: str) -> Ending:
+        """As :meth:`gridqueue.ledger.Ledger.ending`."""
+        values = await self.redis.hmget(self.keys.job(job_id), ENDING_FIELDS)
+        ending = Ending.from_fields(cast(list[str | None], values))
+        if ending is None:
+            raise JobNotFoundError(
+                f"no job {job_id} in the ledger (ended jobs are kept "
+                f"{self.settings.job_retention_s} s)"
+            )
+        return ending
+
     async def wait(self, job_id: str, timeout_s: float | None) -> JobRecord:
         """As :meth:`gridqueue.ledger.Ledger.wait`, without blocking the loop."""
+        await self.wait_ending(job_id, timeout_s)
+        record: JobRecord = await _retrying(self.get, job_id)
+        return record
+
+    async def wait_ending(self, job_id: str, timeout_s: float | None) -> Ending:
+        """As :meth:`gridqueue.ledger.Ledger.wait_ending`, without blocking the loop."""
         give_up_at = None if timeout_s is None else time.monotonic() + timeout_s
         done_key = self.keys.job_done(job_id)
         while True:
-            record: JobRecord = await _retrying(self.get, job_id)
+            record: Ending = await _retrying(self.ending, job_id)
             if record.terminal:
                 return record
             slice_s = 1.0

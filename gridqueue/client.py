@@ -40,7 +40,7 @@ from gridqueue.handlers import check_model_name
 from gridqueue.keys import attempt_id
 from gridqueue.ledger import Ledger, connect_redis, dumps, retry_redis
 from gridqueue.logs import get_logger
-from gridqueue.records import JobRecord
+from gridqueue.records import Ending, JobRecord
 from gridqueue.settings import Settings
 from gridqueue.states import TERMINAL_STATES, JobState
 
@@ -152,7 +152,7 @@ def prepare_submit(
     )
 
 
-def outcome_of(record: JobRecord) -> Any:
+def outcome_of(record: JobRecord | Ending) -> Any:
     """The result of an ended job, or the Job* error it ended with."""
     if record.state is JobState.SUCCEEDED:
         return record.result
@@ -177,7 +177,7 @@ class Job:
     def result(self, timeout: float | None = 60.0) -> Any:
         """The job's one visible result. Raises JobFailed, JobExpired, JobCancelled,
         JobDeadLettered if it ended otherwise, JobTimeoutError if it is still running."""
-        return outcome_of(self._client.ledger.wait(self.id, timeout))
+        return outcome_of(self._client.ledger.wait_ending(self.id, timeout))
 
     def stream(self, timeout: float | None = 60.0) -> Iterator[Any]:
         """Yield the job's output chunks (``ctx.emit()``) in order, each once, as they

@@ -47,7 +47,7 @@ from gridqueue.logs import get_logger
 from gridqueue.lua import fixed_count
 from gridqueue.lua.runner import ScriptRunner
 from gridqueue.policies import EndedAttempt, GiveUp, Retry, decide, node_failures
-from gridqueue.records import JobRecord, WorkerRecord
+from gridqueue.records import ENDING_FIELDS, Ending, JobRecord, WorkerRecord
 from gridqueue.settings import Settings
 from gridqueue.states import JobState, Outcome
 from gridqueue.workloads import WorkloadClass, load_workloads
@@ -784,10 +784,27 @@ class Ledger:
 
     def wait(self, job_id: str, timeout_s: float | None) -> JobRecord:
         """Block until the job is terminal; JobTimeoutError after ``timeout_s``."""
+        self.wait_ending(job_id, timeout_s)
+        return retry_redis(self.get)(job_id)
+
+    def ending(self, job_id: str) -> Ending:
+        """The job's state and, if it ended, its result or why not: one light read."""
+        values = self.client.hmget(self.keys.job(job_id), ENDING_FIELDS)
+        ending = Ending.from_fields(cast(list[str | None], values))
+        if ending is None:
+            raise JobNotFoundError(
+                f"no job {job_id} in the ledger (ended jobs are kept "
+                f"{self.settings.job_retention_s} s)"
+            )
+        return ending
+
+    def wait_ending(self, job_id: str, timeout_s: float | None) -> Ending:
+        """Block until the job is terminal, and return how it ended (what ``result()``
+        needs); JobTimeoutError after ``timeout_s``."""
         give_up_at = None if timeout_s is None else time.monotonic() + timeout_s
         done_key = self.keys.job_done(job_id)
         while True:
-            record = retry_redis(self.get)(job_id)
+            record = retry_redis(self.ending)(job_id)
             if record.terminal:
                 return record
             slice_s = 1.0

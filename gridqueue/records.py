@@ -43,6 +43,40 @@ class AttemptRecord:
         return cls(**known)
 
 
+# What result() reads of a job: a few fields, not the record with its payload and every
+# attempt (HGETALL and the parse of each attempt's JSON were most of a producer's wait).
+ENDING_FIELDS = ("id", "state", "result", "reason", "error")
+
+
+@dataclass(frozen=True)
+class Ending:
+    """A job's state and, once it has ended, its result or why it has none."""
+
+    id: str
+    state: JobState
+    result: Any
+    reason: str | None
+    error: str | None
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in TERMINAL_STATES
+
+    @classmethod
+    def from_fields(cls, values: list[str | None]) -> Ending | None:
+        """From the values of ENDING_FIELDS, in order; None if the job is not there."""
+        job_id, state, result, reason, error = values
+        if job_id is None or state is None:
+            return None
+        return cls(
+            id=job_id,
+            state=JobState(state),
+            result=json.loads(result) if result is not None else None,
+            reason=reason or None,
+            error=error or None,
+        )
+
+
 @dataclass(frozen=True)
 class JobRecord:
     """A job as the ledger knows it: state, every attempt, the visible result."""
