@@ -53,7 +53,7 @@ from gridqueue.celeryapp import celery_for
 from gridqueue.celerystate import NodeLostAnnouncer
 from gridqueue.dispatch import Dispatcher
 from gridqueue.keys import attempt_id, split_attempt_id
-from gridqueue.ledger import AttemptEnd, Ledger, Scan, connect_redis
+from gridqueue.ledger import FOLD_BATCH, AttemptEnd, Ledger, Scan, connect_redis
 from gridqueue.logs import get_logger
 from gridqueue.settings import Settings
 from gridqueue.states import Outcome
@@ -131,6 +131,8 @@ class Watchdog:
     def __init__(self, settings: Settings, owner: str | None = None) -> None:
         self.settings = settings
         self.ledger = Ledger(connect_redis(settings.redis_target), settings)
+        # The stats fold's own client: it runs in a thread of its own (see run).
+        self._folder = Ledger(connect_redis(settings.redis_target), settings)
         app = celery_for(settings)
         self.broker = settings.broker
         self.dispatcher = Dispatcher(self.ledger, app)
@@ -266,8 +268,6 @@ class Watchdog:
         if now >= self._next_forget:
             self._next_forget = now + _FORGET_EVERY_S
             self._item(report, self.ledger.forget, value)
-        # The counters: what the steps since the last tick tallied on their events.
-        self._item(report, self.ledger.fold_stats, 1)
         # A long tick is no blind spot: we were in touch with Redis all along.
         self._last_ok = time.monotonic()
         report.duration_s = time.perf_counter() - started
@@ -440,10 +440,36 @@ class Watchdog:
             token=token,
         )
 
+    def fold(self) -> int:
+        """The leader's share of the stats fold: one batch of the events written since the
+        last (see ``Ledger.fold_stats``); how many it folded."""
+        if self.token is None:
+            return 0
+        return self._folder.fold_stats(batches=1)
+
+    def _fold_loop(self, stop: threading.Event) -> None:
+        """The stats fold, beside the ticks rather than in them: a burst of events (a
+        fleet's start, a rack's failover) is folded in short batches, one after the other,
+        and never makes a tick longer."""
+        while not stop.is_set():
+            try:
+                folded = self.fold()
+            except RedisError:
+                folded = 0  # the tick says so; the next batch tries again
+            except Exception as exc:  # a bug in the fold must not stop the counters for good
+                log.exception("watchdog.fold_failed", owner=self.owner, error=repr(exc))
+                folded = 0
+            if folded < FOLD_BATCH:
+                stop.wait(self.settings.watchdog_tick_s)
+
     def run(self, stop: threading.Event | None = None) -> None:
         stop = stop or threading.Event()
         log.info("watchdog.started", owner=self.owner, tick_s=self.settings.watchdog_tick_s)
         failing = False
+        folding = threading.Thread(
+            target=self._fold_loop, args=(stop,), name="gq-stats-fold", daemon=True
+        )
+        folding.start()
         try:
             while not stop.is_set():
                 started = time.monotonic()

@@ -2,7 +2,8 @@
 -- The stats fold: add the tallies of the events written since the last fold (at most
 -- `limit` of them) to the counters, the per-minute counters and the histograms, and
 -- move the fold's cursor past them, in one step: a fold that runs twice, or two that
--- race, count each event once. The watchdog folds on every tick; a reader of the counters
+-- race, count each event once. The leading watchdog folds as events come (in a thread of
+-- its own, beside its ticks); a reader of the counters
 -- folds first, so what it reads is exact.
 --
 -- lost: events the fold had not reached that were trimmed from the capped stream (no

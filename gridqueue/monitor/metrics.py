@@ -542,7 +542,7 @@ def read_extras(ledger: Ledger, now_ms: int, queues: Sequence[Mapping[str, Any]]
     longer listed there (claimed, superseded: a stale duplicate) waits for no one.
     """
     keys = ledger.keys
-    ledger.fold_stats()  # the histograms as of now, not as of the watchdog's tick
+    ledger.fold_stats()  # the histograms as of now, not as of the watchdog's last fold
     pipe = ledger.client.pipeline(transaction=False)
     pipe.hgetall(keys.hist)
     pipe.zcard(keys.dispatch)

@@ -106,7 +106,7 @@ class FleetView:
     def overview(self) -> dict[str, Any]:
         now = self.ledger.time_ms()
         models = self.models()
-        self.ledger.fold_stats()  # the counters as of now, not as of the watchdog's tick
+        self.ledger.fold_stats()  # the counters as of now, not as of the watchdog's last fold
         pipe = self.client.pipeline(transaction=False)
         for state in JobState:
             pipe.zcard(self.keys.jobs_in_state(state.value))

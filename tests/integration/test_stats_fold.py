@@ -4,12 +4,14 @@ drives the real scripts on a private redis-server."""
 
 from __future__ import annotations
 
+import threading
+
 import redis
 
-from gridqueue.ledger import Ledger, connect_redis
+from gridqueue.ledger import FOLD_BATCH, Ledger, connect_redis
 from gridqueue.settings import Settings
 from gridqueue.watchdog import Watchdog
-from tests.helpers import hist_count
+from tests.helpers import hist_count, wait_for
 
 PAYLOAD = '{"prompt":"p","ms":10}'
 FIT = {"sim-llm": {"required_bytes": 1, "largest_gpu_bytes": 2}}
@@ -76,12 +78,12 @@ def test_a_step_with_no_event_after_its_counts_writes_them_as_it_ends(ledger: Le
     assert _raw_stats(ledger)["stale_deliveries"] == 1
 
 
-def test_the_fold_runs_in_batches_and_the_watchdog_folds_on_its_tick(
+def test_the_fold_runs_in_batches_and_only_the_leading_watchdog_folds(
     settings: Settings, ledger: Ledger
 ) -> None:
     ledger.register("w1", ["sim-llm"], 100, "node-a", 50, "{}", model_fit=FIT)
     pipe = ledger.client.pipeline(transaction=False)
-    for n in range(2500):  # more than one batch of the fold
+    for n in range(FOLD_BATCH + 100):  # more than one batch of the fold
         ledger.queue_call(
             pipe, "submit", f"job-{n}", "sim-llm", "realtime", PAYLOAD, 0, "", 0, 5000, "1",
             5000, 300_000,
@@ -89,11 +91,26 @@ def test_the_fold_runs_in_batches_and_the_watchdog_folds_on_its_tick(
     ledger.execute(pipe)
     assert ledger.claim("job-0", 1, "w1", 100, "").status == "ok"
     watchdog = Watchdog(settings, owner="fold-test")
-    watchdog.tick()  # one batch a tick
-    assert "claims" not in _raw_stats(ledger)
+    assert watchdog.fold() == 0  # not the leader yet
     watchdog.tick()
+    assert watchdog.fold() == FOLD_BATCH  # one batch a call
+    assert "claims" not in _raw_stats(ledger)
+    assert 101 <= watchdog.fold() < FOLD_BATCH  # the rest (and the register, the tick)
     assert _raw_stats(ledger)["claims"] == 1
     assert ledger.fold_stats() == 0
+
+
+def test_a_running_watchdog_folds_beside_its_ticks(settings: Settings, ledger: Ledger) -> None:
+    _claimed_job(ledger)
+    watchdog = Watchdog(settings, owner="fold-test")
+    stop = threading.Event()
+    thread = threading.Thread(target=watchdog.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: _raw_stats(ledger).get("claims") == 1, 30)
+    finally:
+        stop.set()
+        thread.join(timeout=30)
 
 
 def test_events_trimmed_before_the_fold_are_counted_as_a_gap(redis_url: str) -> None:
