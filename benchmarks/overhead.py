@@ -17,9 +17,10 @@ For each it prints jobs per second and the ratios, and what the jobs cost Redis,
 noisy machine does not blur: Redis commands per job (``INFO commandstats``, which counts
 the commands inside scripts as well as the ``FCALL`` or ``EVALSHA`` that ran them) and Redis CPU per
 job (``INFO cpu``, user + sys), both over the throughput window, background work
-(heartbeats, the watchdog's ticks, idle ``BRPOP``s) included. For gridqueue, also the
-CPU per job of the workers' main processes (``/proc``, user + sys), where Celery's events
-are made and sent. Then the single-job latency,
+(heartbeats, the watchdog's ticks, idle ``BRPOP``s) included. For each kind, also the
+CPU per job of the workers' main processes (the consumer, where Celery's events are made
+and sent) and of their pool children (the task bodies), from ``/proc`` (user + sys).
+Then the single-job latency,
 one job at a time (submit of a 0 ms job -> its result), p50 and p99, against Celery with
 results. Then, for gridqueue, where its commands go: a few jobs more under ``MONITOR``,
 each command counted against the script that ran it.
@@ -261,6 +262,50 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _children(pids: list[int]) -> list[int]:
+    """The processes whose parent is one of ``pids`` (a worker's pool children)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid in pids:
+            found.append(int(entry.name))
+    return found
+
+
+class WorkerCpu:
+    """The CPU the workers' main processes (consumer, event loop, Celery's events) and
+    their pool children (the task bodies) spend between ``start()`` and ``stop()``, from
+    /proc (user + sys): where a kind's Python time goes, beside Redis's."""
+
+    def __init__(self, mains: list[int]) -> None:
+        self.mains = mains
+        self.children = _children(mains)
+
+    def _now(self) -> tuple[float, float]:
+        return (
+            sum(_cpu_s(pid) for pid in self.mains),
+            sum(_cpu_s(pid) for pid in self.children),
+        )
+
+    def start(self) -> None:
+        self._start = self._now()
+
+    def stop(self) -> None:
+        main, children = self._now()
+        self.main_s, self.children_s = main - self._start[0], children - self._start[1]
+
+    def per_job(self, jobs: int) -> dict[str, float]:
+        return {
+            "main_cpu_us_per_job": self.main_s * 1e6 / jobs,
+            "children_cpu_us_per_job": self.children_s * 1e6 / jobs,
+        }
+
+
 def _latencies_ms(run_one: Callable[[int], object], jobs: int) -> list[float]:
     samples = []
     for i in range(jobs):
@@ -286,15 +331,18 @@ def bare_celery(url: str, jobs: int, log_dir: Path) -> dict[str, Any]:
                 raise RuntimeError("bare Celery workers did not start")
             time.sleep(0.05)
         window = RedisWindow(url)
+        workers = WorkerCpu([proc.pid for proc in procs])
         window.start()
+        workers.start()
         started = time.perf_counter()
         for _ in range(jobs):
             app.send_task("bare.noop", args=["done"])
         while int(client.get("done") or 0) < jobs:
             time.sleep(0.005)
         elapsed = time.perf_counter() - started
+        workers.stop()
         window.stop()
-        return {"jobs_per_s": jobs / elapsed, **window.per_job(jobs)}
+        return {"jobs_per_s": jobs / elapsed, **window.per_job(jobs), **workers.per_job(jobs)}
     finally:
         app.close()
         client.close()
@@ -309,17 +357,25 @@ def celery_with_results(url: str, jobs: int, latency_jobs: int, log_dir: Path) -
     try:
         app.send_task("results.noop", args=["warm"]).get(timeout=60)
         window = RedisWindow(url)
+        workers = WorkerCpu([proc.pid for proc in procs])
         window.start()
+        workers.start()
         started = time.perf_counter()
         handles = [app.send_task("results.noop", args=[str(i)]) for i in range(jobs)]
         for handle in handles:
             handle.get(timeout=300)
         elapsed = time.perf_counter() - started
+        workers.stop()
         window.stop()
         latencies = _latencies_ms(
             lambda i: app.send_task("results.noop", args=[f"l{i}"]).get(timeout=60), latency_jobs
         )
-        return {"jobs_per_s": jobs / elapsed, **window.per_job(jobs), "latencies_ms": latencies}
+        return {
+            "jobs_per_s": jobs / elapsed,
+            **window.per_job(jobs),
+            **workers.per_job(jobs),
+            "latencies_ms": latencies,
+        }
     finally:
         app.close()
         _stop_processes(procs)
@@ -350,18 +406,16 @@ def gridqueue_run(
         fleet.start_watchdog()
         fleet.wait_alive(gq.ledger, names)
         gq.submit("sim-llm", {"prompt": "warm", "ms": 0}).result(timeout=30)
-        # The workers' main processes (consumer, event loop, Celery's events), not their
-        # pool children: what events cost them shows here.
-        mains = [fleet.processes[name].pid for name in names]
+        workers = WorkerCpu([fleet.processes[name].pid for name in names])
         window = RedisWindow(url)
         window.start()
-        main_cpu_s = -sum(_cpu_s(pid) for pid in mains)
+        workers.start()
         started = time.perf_counter()
         handles = [gq.submit("sim-llm", {"prompt": f"{i}", "ms": 0}) for i in range(jobs)]
         for job in handles:
             job.result(timeout=300)
         elapsed = time.perf_counter() - started
-        main_cpu_s += sum(_cpu_s(pid) for pid in mains)
+        workers.stop()
         window.stop()
         latencies = _latencies_ms(
             lambda i: gq.submit("sim-llm", {"prompt": f"l{i}", "ms": 0}).result(timeout=60),
@@ -370,7 +424,7 @@ def gridqueue_run(
         report = {
             "jobs_per_s": jobs / elapsed,
             **window.per_job(jobs),
-            "main_cpu_us_per_job": main_cpu_s * 1e6 / jobs,
+            **workers.per_job(jobs),
             "latencies_ms": latencies,
         }
         if profile_jobs:
@@ -475,8 +529,9 @@ def main() -> None:
         if latencies:
             summary["latency_p50_ms"] = round(percentile(latencies, 50), 2)
             summary["latency_p99_ms"] = round(percentile(latencies, 99), 2)
-        if "main_cpu_us_per_job" in runs[kind][-1]:
-            summary["main_cpu_us_per_job"] = round(_median_of(runs[kind], "main_cpu_us_per_job"))
+        for key in ("main_cpu_us_per_job", "children_cpu_us_per_job"):
+            if key in runs[kind][-1]:
+                summary[key] = round(_median_of(runs[kind], key))
         if "scripts_per_job" in runs[kind][-1]:
             summary["scripts_per_job"] = runs[kind][-1]["scripts_per_job"]
         report["kinds"][kind] = summary
@@ -484,10 +539,13 @@ def main() -> None:
             f"{label:24}{rate:8.0f}{rate / bare_rate:7.2f}{rate / results_rate:9.2f}"
             f"{commands:10.1f}{cpu_us:12.0f} µs"
         )
-    for kind in ("on", "off"):
-        if kind in report["kinds"]:
-            main_us = report["kinds"][kind]["main_cpu_us_per_job"]
-            print(f"{labels[kind]}: workers' main processes {main_us} µs CPU per job")
+    for kind, summary in report["kinds"].items():
+        if "main_cpu_us_per_job" in summary:
+            print(
+                f"{labels[kind]}: CPU per job in the workers' main processes "
+                f"{summary['main_cpu_us_per_job']} µs, in their pool children "
+                f"{summary['children_cpu_us_per_job']} µs"
+            )
     if runs["on"] and runs["off"]:
         on, off = _median_of(runs["on"], "jobs_per_s"), _median_of(runs["off"], "jobs_per_s")
         report["events_cost"] = round(1 - on / off, 3)  # share of throughput events take
