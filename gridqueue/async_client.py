@@ -29,7 +29,14 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from gridqueue.client import GridQueue, outcome_of, prepare_submit, stream_slice_ms
 from gridqueue.errors import JobNotFoundError, JobTimeoutError
 from gridqueue.keys import attempt_id
-from gridqueue.ledger import StreamRead, parse_stream, stream_after, submitted_from_reply
+from gridqueue.ledger import (
+    StreamRead,
+    ending_of,
+    job_not_found,
+    parse_stream,
+    stream_after,
+    submitted_from_reply,
+)
 from gridqueue.logs import get_logger
 from gridqueue.lua.runner import AsyncScriptRunner
 from gridqueue.records import ENDING_FIELDS, Ending, JobRecord
@@ -191,10 +198,7 @@ class AsyncGridQueue:
     async def get(self, job_id: str) -> JobRecord:
         data = cast(dict[str, str], await self.redis.hgetall(self.keys.job(job_id)))
         if not data or "state" not in data:
-            raise JobNotFoundError(
-                f"no job {job_id} in the ledger (ended jobs are kept "
-                f"{self.settings.job_retention_s} s)"
-            )
+            raise job_not_found(job_id, self.settings)
         return JobRecord.from_hash(data)
 
     async def state_of(self, job_id: str) -> JobState | None:
@@ -212,13 +216,7 @@ class AsyncGridQueue:
     async def ending(self, job_id: str) -> Ending:
         """As :meth:`gridqueue.ledger.Ledger.ending`."""
         values = await self.redis.hmget(self.keys.job(job_id), ENDING_FIELDS)
-        ending = Ending.from_fields(cast(list[str | None], values))
-        if ending is None:
-            raise JobNotFoundError(
-                f"no job {job_id} in the ledger (ended jobs are kept "
-                f"{self.settings.job_retention_s} s)"
-            )
-        return ending
+        return ending_of(job_id, values, self.settings)
 
     async def wait(self, job_id: str, timeout_s: float | None) -> JobRecord:
         """As :meth:`gridqueue.ledger.Ledger.wait`, without blocking the loop."""

@@ -772,10 +772,7 @@ class Ledger:
     def get(self, job_id: str) -> JobRecord:
         data = cast(dict[str, str], self.client.hgetall(self.keys.job(job_id)))
         if not data or "state" not in data:
-            raise JobNotFoundError(
-                f"no job {job_id} in the ledger (ended jobs are kept "
-                f"{self.settings.job_retention_s} s)"
-            )
+            raise job_not_found(job_id, self.settings)
         return JobRecord.from_hash(data)
 
     def state_of(self, job_id: str) -> JobState | None:
@@ -791,13 +788,7 @@ class Ledger:
     def ending(self, job_id: str) -> Ending:
         """The job's state and, if it ended, its result or why not: one light read."""
         values = self.client.hmget(self.keys.job(job_id), ENDING_FIELDS)
-        ending = Ending.from_fields(cast(list[str | None], values))
-        if ending is None:
-            raise JobNotFoundError(
-                f"no job {job_id} in the ledger (ended jobs are kept "
-                f"{self.settings.job_retention_s} s)"
-            )
-        return ending
+        return ending_of(job_id, values, self.settings)
 
     def wait_ending(self, job_id: str, timeout_s: float | None) -> Ending:
         """Block until the job is terminal, and return how it ended (what ``result()``
@@ -1178,6 +1169,20 @@ class Ledger:
             pipe.hget(self.keys.job(job_id), "attempt")
         attempts = pipe.execute()
         return [attempt_id(j, int(n)) for j, n in zip(jobs, attempts, strict=True) if n]
+
+
+def job_not_found(job_id: str, settings: Settings) -> JobNotFoundError:
+    return JobNotFoundError(
+        f"no job {job_id} in the ledger (ended jobs are kept {settings.job_retention_s} s)"
+    )
+
+
+def ending_of(job_id: str, values: Any, settings: Settings) -> Ending:
+    """How the job stands, from the values of ENDING_FIELDS; JobNotFoundError if absent."""
+    ending = Ending.from_fields(cast(list[str | None], values))
+    if ending is None:
+        raise job_not_found(job_id, settings)
+    return ending
 
 
 def event_fields(fields: Mapping[str, str]) -> dict[str, str]:
