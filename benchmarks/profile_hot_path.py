@@ -8,7 +8,7 @@ hold the most samples (inclusive, then self), and can keep py-spy's raw stacks. 
 py-spy (the dev extra); as root, or where ptrace of one's own children is allowed.
 
     python benchmarks/profile_hot_path.py [--seconds 12] [--rate 200] [--top 25]
-        [--events] [--keep DIR]
+        [--events] [--gil] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -48,11 +48,16 @@ def py_spy() -> str:
     return found
 
 
-def record(pid: int, out: Path, seconds: float, rate: int) -> subprocess.Popen[bytes]:
-    """py-spy sampling ``pid`` into ``out`` (collapsed stacks), in the background."""
+def record(
+    pid: int, out: Path, seconds: float, rate: int, gil: bool = False
+) -> subprocess.Popen[bytes]:
+    """py-spy sampling ``pid`` into ``out`` (collapsed stacks), in the background.
+    ``gil``: only the samples of a thread that holds the GIL, so that a process's time
+    spent waiting (on Redis, on its pool's pipe, in a parked thread) does not count."""
     return subprocess.Popen(
         [py_spy(), "record", "--pid", str(pid), "--rate", str(rate),
-         "--duration", str(int(seconds)), "--format", "raw", "--output", str(out)],
+         "--duration", str(int(seconds)), "--format", "raw", "--output", str(out),
+         *(["--gil"] if gil else [])],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )  # fmt: skip
@@ -92,6 +97,9 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--events", action="store_true", help="Celery task events on")
     parser.add_argument("--keep", type=Path, help="keep py-spy's raw stacks here")
+    parser.add_argument(
+        "--gil", action="store_true", help="sample only threads holding the GIL (CPU, not waits)"
+    )
     args = parser.parse_args()
     events = "true" if args.events else "false"
     with contextlib.ExitStack() as stack:
@@ -113,7 +121,9 @@ def main() -> None:
             raise SystemExit("the worker has no pool child to sample")
         targets = {"worker pool child": children[0], "producer": os.getpid()}
         spies = {
-            name: record(pid, out / f"{name.replace(' ', '_')}.txt", args.seconds, args.rate)
+            name: record(
+                pid, out / f"{name.replace(' ', '_')}.txt", args.seconds, args.rate, args.gil
+            )
             for name, pid in targets.items()
         }
         started, jobs = time.monotonic(), 0
