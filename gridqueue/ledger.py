@@ -1132,7 +1132,7 @@ class Ledger:
         folded = 0
         for _ in range(batches):
             try:
-                count, more, _gap = self._call("fold", FOLD_BATCH)
+                count, more, _lost = self._call("fold", FOLD_BATCH)
             except (NoPermissionError, ReadOnlyError) as exc:
                 # A reader on a replica, or under an ACL that lets it read only: it reads
                 # the counts as the watchdog last folded them (a moment behind).

@@ -135,7 +135,9 @@ local function feeds_rates(stat)
   return false
 end
 -- Write counts now: stat -> by, into the totals and (for those that feed rates) the
--- minute of `at_ms`.
+-- minute of `at_ms`. Apart from add_sums (the fold's writer) on purpose: the heartbeat
+-- uses it, and on the EVALSHA path (Redis 6.2) each script rebuilds the prelude it
+-- carries on every call, so the heartbeat must not carry the fold's machinery.
 local function count_now(counts, at_ms)
   local minute = key_minute(NS, tostring(math.floor(at_ms / 60000)))
   for stat, by in pairs(counts) do
