@@ -141,6 +141,31 @@ def test_attempts_the_ledger_ended_are_acked_in_memory_and_the_worker_keeps_cons
     assert "MessageStateError" not in log and "already acknowledged" not in log, log[-3000:]
 
 
+def test_a_retried_attempt_is_acked_in_memory_and_its_successor_runs(
+    fleet: LocalFleet, gq: GridQueue
+) -> None:
+    """A transient error: finish.lua ends the attempt, queues the next one and releases
+    the delivery in one step. The in-memory ack must not strand the job: every retry is
+    published and run, each delivery leaves unacked, and no ack goes to Redis again."""
+    fleet.start_worker("w1", concurrency=1)
+    fleet.wait_alive(gq.ledger, ["w1"])
+    client = gq.ledger.client
+    client.config_resetstat()
+    jobs = [
+        gq.submit("sim-llm", {"prompt": f"t{i}", "ms": 0, "fail": "transient"}) for i in range(5)
+    ]
+    attempts = gq.ledger.workloads["realtime"].max_attempts
+    for job in jobs:
+        record = wait_for(lambda job=job: (r := gq.get(job.id)).terminal and r, 60)
+        assert record.state is JobState.FAILED
+        assert [a.outcome for a in record.attempts] == ["error"] * attempts
+    assert kombu_unacked(client) == (0, 0)
+    deliveries = len(jobs) * attempts
+    assert calls(client, "exec") <= 1.2 * deliveries, calls(client, "exec")
+    late = gq.submit("sim-llm", {"prompt": "after", "ms": 0})
+    assert late.result(timeout=60)["text"] == complete_text("after")
+
+
 def test_a_delivery_the_ledger_did_not_release_is_acked_in_redis(
     fleet: LocalFleet, gq: GridQueue
 ) -> None:
