@@ -542,7 +542,7 @@ def read_extras(ledger: Ledger, now_ms: int, queues: Sequence[Mapping[str, Any]]
     longer listed there (claimed, superseded: a stale duplicate) waits for no one.
     """
     keys = ledger.keys
-    ledger.fold_stats()  # the histograms as of now, not as of the watchdog's last fold
+    # The histograms are as of the overview read just before, which folded first.
     pipe = ledger.client.pipeline(transaction=False)
     pipe.hgetall(keys.hist)
     pipe.zcard(keys.dispatch)
