@@ -31,6 +31,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
+from typing import NamedTuple
 
 from gridqueue.keys import lua_prelude
 
@@ -132,6 +133,12 @@ def prelude_for(body: str) -> str:
     return "".join(s.text for s, take in zip(statements, taken, strict=True) if take)
 
 
+class _Entry(NamedTuple):
+    head: str  # the body's first line
+    tail: str  # what follows the body
+    fixed: int  # how many fixed arguments the script takes
+
+
 # Every call starts here: the per-call values of the prelude, from ARGV and the clock.
 # The body runs as a function whose results pass through ``leave``, which writes what
 # the call tallied after its last event (see ``bump`` in ``_common.lua``); the entry
@@ -142,23 +149,23 @@ EXIT = "end)())\n"
 # frequent call by far (a fleet of 10,000 beats 50,000 times a second), takes only the
 # namespace and the event stream's cap, as ``enter_beat`` reads them, and tallies
 # nothing, so it needs no exit.
-_ENTRIES = {"heartbeat": ("enter_beat(ARGV)\n", "", 2)}
-FIXED_ARGS = 6  # what ``enter`` reads: ARGV[1..6]
+_ENTRIES = {"heartbeat": _Entry("enter_beat(ARGV)\n", "", 2)}
+_DEFAULT_ENTRY = _Entry(ENTER, EXIT, 6)  # ``enter`` reads ARGV[1..6]
 
 
 def entry(name: str) -> str:
     """The first line of script ``name``'s body: how it reads its fixed arguments."""
-    return _ENTRIES.get(name, (ENTER, EXIT, FIXED_ARGS))[0]
+    return _ENTRIES.get(name, _DEFAULT_ENTRY).head
 
 
 def exit_of(name: str) -> str:
     """What follows script ``name``'s body (its last line, if any)."""
-    return _ENTRIES.get(name, (ENTER, EXIT, FIXED_ARGS))[1]
+    return _ENTRIES.get(name, _DEFAULT_ENTRY).tail
 
 
 def fixed_count(name: str) -> int:
     """How many of the fixed arguments (see ``_common.lua``) script ``name`` takes first."""
-    return _ENTRIES.get(name, (ENTER, EXIT, FIXED_ARGS))[2]
+    return _ENTRIES.get(name, _DEFAULT_ENTRY).fixed
 
 
 def _body(name: str) -> str:
