@@ -91,12 +91,13 @@ redis.call('ZREM', key_dispatch(NS), member)
 redis.call('ZREM', key_published(NS), member)
 redis.call('SADD', key_worker_running(NS, worker), member)
 -- The dashboard lists a worker's jobs from here: its most recent WORKER_JOBS_LISTED,
--- trimmed by about one claim in WORKER_JOBS_TRIM_EVERY (a claim in that millisecond of
--- the clock), so the list runs past its bound by a few dozen at most, and a claim saves
--- a write.
+-- trimmed by about one claim in WORKER_JOBS_TRIM_EVERY, chosen by the job id's last two
+-- characters (random in the ids submit makes), not by the clock, which a burst of claims
+-- can pass through without touching a multiple: the list runs past its bound by a few
+-- dozen on average, and a claim saves a write.
 local listed = key_worker_jobs(NS, worker)
 redis.call('ZADD', listed, NOW, id)
-if NOW % WORKER_JOBS_TRIM_EVERY == 0 then
+if ((string.byte(id, -2) or 0) * 256 + string.byte(id, -1)) % WORKER_JOBS_TRIM_EVERY == 0 then
   redis.call('ZREMRANGEBYRANK', listed, 0, -WORKER_JOBS_LISTED - 1)
 end
 -- The watch starts with the claim, not with the child's first beat: a child frozen right
