@@ -17,7 +17,10 @@ For each it prints jobs per second and the ratios, and what the jobs cost Redis,
 noisy machine does not blur: Redis commands per job (``INFO commandstats``, which counts
 the commands inside scripts as well as the ``FCALL`` or ``EVALSHA`` that ran them) and Redis CPU per
 job (``INFO cpu``, user + sys), both over the throughput window, background work
-(heartbeats, the watchdog's ticks, idle ``BRPOP``s) included. For each kind, also the
+(heartbeats, the watchdog's ticks, idle ``BRPOP``s) included; and round trips per job
+(``total_reads_processed``: one a request, or a pipeline read at once), each of which
+costs Redis its handling whatever it carries (``benchmarks/script_cost.py --hot`` prices
+a round trip against the scripts' own work). For each kind, also the
 CPU per job of the workers' main processes (the consumer, where Celery's events are made
 and sent) and of their pool children (the task bodies), from ``/proc`` (user + sys).
 Then the single-job latency,
@@ -103,9 +106,10 @@ results_app = make_results_app(os.environ.get(RESULTS_BROKER_ENV, "redis://127.0
 # -- what Redis did ------------------------------------------------------------------------
 
 
-def _redis_counters(client: redis.Redis) -> tuple[Counter[str], Counter[str], float]:
-    """Calls and microseconds per command so far, and Redis's CPU seconds (user + sys,
-    all threads). A script's microseconds include those of the commands it ran."""
+def _redis_counters(client: redis.Redis) -> tuple[Counter[str], Counter[str], float, int]:
+    """Calls and microseconds per command so far, Redis's CPU seconds (user + sys, all
+    threads), and the reads it served: one a round trip, however many commands a
+    pipeline carried. A script's microseconds include those of the commands it ran."""
     stats = client.info("commandstats")
     calls = Counter(
         {name.removeprefix("cmdstat_"): int(entry["calls"]) for name, entry in stats.items()}
@@ -114,7 +118,8 @@ def _redis_counters(client: redis.Redis) -> tuple[Counter[str], Counter[str], fl
         {name.removeprefix("cmdstat_"): int(entry["usec"]) for name, entry in stats.items()}
     )
     cpu = client.info("cpu")
-    return calls, usec, float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
+    reads = int(client.info("stats")["total_reads_processed"])
+    return calls, usec, float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"]), reads
 
 
 class RedisWindow:
@@ -125,12 +130,15 @@ class RedisWindow:
         self.calls: Counter[str] = Counter()
         self.usec: Counter[str] = Counter()
         self.cpu_s = 0.0
+        self.reads = 0
 
     def start(self) -> None:
-        self._calls, self._usec, self._cpu_s = _redis_counters(self.client)
+        self._calls, self._usec, self._cpu_s, self._reads = _redis_counters(self.client)
 
     def stop(self) -> None:
-        calls, usec, cpu_s = _redis_counters(self.client)
+        calls, usec, cpu_s, reads = _redis_counters(self.client)
+        # The window's own reads: the three INFO calls that close it.
+        self.reads = reads - self._reads - 3
         self.calls = calls - self._calls
         self.usec = usec - self._usec
         self.calls.pop("info", None)  # the window's own reads
@@ -142,6 +150,10 @@ class RedisWindow:
         return {
             "commands_per_job": sum(self.calls.values()) / jobs,
             "redis_cpu_us_per_job": self.cpu_s * 1e6 / jobs,
+            # Reads served: one a request, or a pipeline read at once. (Not the scripts'
+            # commandstats time against the rest: that is wall time, and on a busy
+            # machine it counts the time Redis waited for a core.)
+            "round_trips_per_job": self.reads / jobs,
             "commands_by_name_per_job": {
                 name: round(calls / jobs, 2) for name, calls in self.calls.most_common()
             },
@@ -529,6 +541,7 @@ def main() -> None:
         if latencies:
             summary["latency_p50_ms"] = round(percentile(latencies, 50), 2)
             summary["latency_p99_ms"] = round(percentile(latencies, 99), 2)
+        summary["round_trips_per_job"] = round(_median_of(runs[kind], "round_trips_per_job"), 1)
         for key in ("main_cpu_us_per_job", "children_cpu_us_per_job"):
             if key in runs[kind][-1]:
                 summary[key] = round(_median_of(runs[kind], key))
@@ -546,6 +559,13 @@ def main() -> None:
                 f"{summary['main_cpu_us_per_job']} µs, in their pool children "
                 f"{summary['children_cpu_us_per_job']} µs"
             )
+    print(
+        "round trips to Redis per job (reads served): "
+        + ", ".join(
+            f"{labels[kind]} {summary['round_trips_per_job']:.1f}"
+            for kind, summary in report["kinds"].items()
+        )
+    )
     if runs["on"] and runs["off"]:
         on, off = _median_of(runs["on"], "jobs_per_s"), _median_of(runs["off"], "jobs_per_s")
         report["events_cost"] = round(1 - on / off, 3)  # share of throughput events take
