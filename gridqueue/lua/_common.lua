@@ -5,9 +5,15 @@ local TERMINAL = {SUCCEEDED = true, FAILED = true, EXPIRED = true, CANCELLED = t
                   DEAD_LETTERED = true}
 
 -- Liveness is judged on Redis server time, never on a host clock.
-local function now_ms()
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+-- The time in ms from TIME's reply (seconds, microseconds), as a number and as the string
+-- of its digits, made from the reply's own digits: Redis turns a number argument into a
+-- string with a printf of 17 significant digits, about a microsecond each time, so a
+-- step passes NOW_S wherever it writes the time as it is.
+local function clock(t)
+  local usec = t[2]
+  local ms = #usec > 3 and string.sub(usec, 1, #usec - 3) or ''
+  local now_s = t[1] .. string.rep('0', 3 - #ms) .. ms
+  return tonumber(now_s), now_s
 end
 
 -- What each call sets on entry, from its ARGV[1..6] and the server's clock: the prelude
@@ -16,18 +22,20 @@ end
 -- they are made): a heartbeat, the most frequent call, reads none of them.
 -- TALLY: the counts and observations of this call not yet written (see bump).
 local NS, EVENTS_MAXLEN, RETENTION_S, PROBATION_BASE_MS, PROBATION_CAP_MS, FLAP_WINDOW_MS, NOW
+-- NOW as a string (see clock).
+local NOW_S
 local TALLY
 local function enter(argv)
   NS, EVENTS_MAXLEN, RETENTION_S = argv[1], argv[2], argv[3]
   PROBATION_BASE_MS, PROBATION_CAP_MS, FLAP_WINDOW_MS = argv[4], argv[5], argv[6]
-  NOW = now_ms()
+  NOW, NOW_S = clock(redis.call('TIME'))
   TALLY = nil  -- a call that failed half way may have left one: it is not ours
 end
 -- The heartbeat's entry: it takes the namespace and the event stream's cap alone. It
 -- tallies nothing (its one counter is written at once, by count_now).
 local function enter_beat(argv)
   NS, EVENTS_MAXLEN = argv[1], argv[2]
-  NOW = now_ms()
+  NOW, NOW_S = clock(redis.call('TIME'))
   TALLY = nil
 end
 
@@ -44,7 +52,7 @@ local MAX_DEFERRALS = 3
 -- kombu scores unacked_index by delivery time (seconds). A claimed delivery is moved this
 -- far ahead, out of the stranded-delivery sweep's range; kombu never restores by score in
 -- gridqueue (its visibility timeout is ten years), so nothing else reads it.
-local CLAIMED_OFFSET_S = 1e10
+local CLAIMED_OFFSET_S = '10000000000'  -- 1e10, as Redis reads it (a string: see clock)
 
 local function serves(models_csv, model)
   for served in string.gmatch(models_csv or '', '[^,]+') do
@@ -98,7 +106,7 @@ local WORKER_EVENTS = {health_changed = true, stalled = true}
 local TALLY_SEP, TALLY_PART = '\30', '\31'
 
 local function emit(kind, fields)
-  local args = {'XADD', key_events(NS), 'MAXLEN', '~', EVENTS_MAXLEN, '*', 'type', kind, 'ts', NOW}
+  local args = {'XADD', key_events(NS), 'MAXLEN', '~', EVENTS_MAXLEN, '*', 'type', kind, 'ts', NOW_S}
   for _, v in ipairs(fields) do args[#args + 1] = v end
   if TALLY then  -- the step's counts ride on its event (see bump)
     args[#args + 1] = 'tally'
@@ -159,7 +167,7 @@ end
 -- later; a step that emits nothing after it writes it when it ends (leave). A hot step
 -- (claim, complete) saves a write per counter and histogram it touches.
 local function bump(stat, by)
-  tally('s', stat, by or 1)
+  tally('s', stat, by or '1')
 end
 
 -- Histograms for /metrics: one field per (metric, labels, bucket), not cumulative; the
@@ -167,14 +175,24 @@ end
 -- series' count is the sum of its buckets, so it is not kept apart.
 local HIST_BOUNDS_MS = {5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000,
                         120000, 300000, 600000, 1800000, 3600000}
+-- The bounds' names, each made once, at its first use (in a function library, once for
+-- every call after; the library's own load has no tostring).
+local HIST_BUCKETS = {}
 local function observe(metric, labels, ms)
   ms = math.max(0, ms)
   local le = 'inf'
-  for _, bound in ipairs(HIST_BOUNDS_MS) do
-    if ms <= bound then le = tostring(bound) break end
+  for i, bound in ipairs(HIST_BOUNDS_MS) do
+    if ms <= bound then
+      le = HIST_BUCKETS[i]
+      if not le then
+        le = tostring(bound)
+        HIST_BUCKETS[i] = le
+      end
+      break
+    end
   end
   local prefix = metric .. '|' .. labels .. '|'
-  tally('h', prefix .. le, 1)
+  tally('h', prefix .. le, '1')
   tally('h', prefix .. 'sum_ms', math.floor(ms))
 end
 
@@ -292,11 +310,11 @@ end
 -- drift from itself. `fields` (optional): more fields of the job record, written in the
 -- same HSET as the state.
 local function move_state(id, from, to, fields)
-  local write = {'HSET', key_job(NS, id), 'state', to, 'updated_ms', NOW}
+  local write = {'HSET', key_job(NS, id), 'state', to, 'updated_ms', NOW_S}
   for _, v in ipairs(fields or {}) do write[#write + 1] = v end
   redis.call(unpack(write))
   if from then redis.call('ZREM', key_jobs_in_state(NS, from), id) end
-  redis.call('ZADD', key_jobs_in_state(NS, to), NOW, id)
+  redis.call('ZADD', key_jobs_in_state(NS, to), NOW_S, id)
 end
 
 -- The attempt stops running: drop it from every index of running work, and take its
@@ -348,14 +366,14 @@ end
 -- streamed (emit.lua counts the bytes of every chunk it appends), so it has no stream.
 local function end_job(id, from, to, reason, err, read)
   read = read or {}
-  local fields = {'reason', reason, 'error', err, 'ended_ms', NOW}
+  local fields = {'reason', reason, 'error', err, 'ended_ms', NOW_S}
   for _, v in ipairs(read.fields or {}) do fields[#fields + 1] = v end
   move_state(id, from, to, fields)
   if not read.known or read.deadline_ms ~= '' then
     redis.call('ZREM', key_deadlines(NS), id)
   end
   if to == 'DEAD_LETTERED' then
-    redis.call('ZADD', key_dead_letters(NS), NOW, id)
+    redis.call('ZADD', key_dead_letters(NS), NOW_S, id)
     bump('dead_lettered')
   end
   -- A job that streamed gets its end marker in the same step, so a reader blocked on the

@@ -2,8 +2,9 @@
 --   -> {'ok', payload, model, workload, checkpoint, checkpoint_position} | {'fenced', worker_state} | {'stale', state}
 --      | {'duplicate'} | {'avoid', other_worker} | {'not_served', model} | {'unknown'}
 local id, n, worker, pid, tag = ARGV[7], tonumber(ARGV[8]), ARGV[9], ARGV[10], ARGV[11]
+local n_s = tostring(n)  -- made once: each concatenation of n would print it again
 local stale_after_ms = tonumber(ARGV[12])
-local member = id .. '.' .. n
+local member = id .. '.' .. n_s
 local job = key_job(NS, id)
 -- The job's last checkpoint comes with the claim: resuming costs no extra round trip.
 -- One read of the record for the whole step (the claimed attempt's entry included).
@@ -11,7 +12,7 @@ local state, current, payload, model, workload, liveness_ms, stall_ms, checkpoin
       chain_start, raw =
   unpack(redis.call('HMGET', job, 'state', 'attempt', 'payload', 'model', 'workload',
                     'liveness_ms', 'stall_ms', 'checkpoint', 'checkpoint_position',
-                    'chain_start', 'a:' .. n))
+                    'chain_start', 'a:' .. n_s))
 if not state then return {'unknown'} end
 
 -- Placement fence: a worker that is not ALIVE (declared dead, stopped, unknown) never
@@ -86,7 +87,7 @@ a.epoch = tonumber(epoch)  -- the incarnation: a restart that reuses the pid is 
 a.started_ms = NOW
 if tag ~= '' then a.delivery_tag = tag end
 move_state(id, 'QUEUED', 'RUNNING',
-           {'a:' .. n, cjson.encode(a), 'worker', worker, 'progress_ms', NOW})
+           {'a:' .. n_s, cjson.encode(a), 'worker', worker, 'progress_ms', NOW_S})
 redis.call('ZREM', key_dispatch(NS), member)
 redis.call('ZREM', key_published(NS), member)
 redis.call('SADD', key_worker_running(NS, worker), member)
@@ -96,7 +97,7 @@ redis.call('SADD', key_worker_running(NS, worker), member)
 -- can pass through without touching a multiple: the list runs past its bound by a few
 -- dozen on average, and a claim saves a write.
 local listed = key_worker_jobs(NS, worker)
-redis.call('ZADD', listed, NOW, id)
+redis.call('ZADD', listed, NOW_S, id)
 if ((string.byte(id, -2) or 0) * 256 + string.byte(id, -1)) % WORKER_JOBS_TRIM_EVERY == 0 then
   redis.call('ZREMRANGEBYRANK', listed, 0, -WORKER_JOBS_LISTED - 1)
 end
@@ -112,5 +113,5 @@ local wl = 'workload=' .. (workload or '')
 observe('queue_wait', wl, NOW - math.max(a.queued_ms or NOW, a.not_before_ms or 0))
 -- The successor of an attempt a failover moved: the time from the fault to running again.
 if previous and previous.fault_ms then observe('recovery', wl, NOW - previous.fault_ms) end
-emit('claimed', {'job', id, 'attempt', n, 'worker', worker, 'pid', pid})
+emit('claimed', {'job', id, 'attempt', n_s, 'worker', worker, 'pid', pid})
 return {'ok', payload, model, workload, checkpoint or '', position or ''}

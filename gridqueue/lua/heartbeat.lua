@@ -27,7 +27,7 @@ end
 -- The beat's time lives only here, as the worker's score in the fleet: the watchdog sweeps
 -- by it and every reader takes the last beat from it. A beat with nothing else to say
 -- writes nothing more (each redis.call is a good part of its cost).
-redis.call('ZADD', key_workers(NS), NOW, name)
+redis.call('ZADD', key_workers(NS), NOW_S, name)
 local presence_news = present == '1' and presence_epoch ~= epoch
 local verdict_changed = verdict ~= '' and verdict ~= old_verdict
 -- The agent sends its health document only when it has news.

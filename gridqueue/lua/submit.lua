@@ -83,17 +83,18 @@ if deadline_in_ms > 0 then
   redis.call('ZADD', key_deadlines(NS), deadline, id)
 end
 -- The record, its state and its first attempt, in one write.
+-- Written as strings (see clock): ARGV's own, and attempt 1's entry as cjson would.
 move_state(id, nil, 'QUEUED', {'id', id, 'model', model, 'workload', workload,
-  'payload', payload, 'attempt', 1, 'created_ms', NOW, 'deadline_ms', deadline,
-  'idempotency_key', idem, 'liveness_ms', liveness_ms, 'stall_ms', stall_ms,
-  'a:1', cjson.encode({n = 1, queued_ms = NOW})})
+  'payload', payload, 'attempt', '1', 'created_ms', NOW_S, 'deadline_ms', deadline,
+  'idempotency_key', idem, 'liveness_ms', ARGV[16], 'stall_ms', ARGV[17],
+  'a:1', '{"n":1,"queued_ms":' .. NOW_S .. '}'})
 if publishes then
   -- The message went out in this same step: the attempt is published (as end_dispatch
   -- lists it) and its message owns it.
-  redis.call('ZADD', key_published(NS), NOW, id .. '.1')
+  redis.call('ZADD', key_published(NS), NOW_S, id .. '.1')
   bump('attempts_published')  -- tallied on the event
 end
-emit('submitted', {'job', id, 'attempt', 1, 'model', model, 'workload', workload})
+emit('submitted', {'job', id, 'attempt', '1', 'model', model, 'workload', workload})
 if publishes then return {id, 'created', ''} end
 -- The dispatch entry is the producer's promise to publish: if it dies before it does,
 -- the watchdog publishes once the grace has passed.

@@ -33,7 +33,7 @@ def test_every_definition_of_the_prelude_is_found() -> None:
     for names in re.findall(declared, WHOLE, re.MULTILINE):
         expected |= {name.strip() for name in names.split(",")}
     assert defined == expected
-    assert {"NS", "NOW", "now_ms", "bump", "emit", "key_worker", "KOMBU_UNACKED"} <= defined
+    assert {"NS", "NOW", "NOW_S", "clock", "bump", "emit", "key_worker", "KOMBU_UNACKED"} <= defined
 
 
 @pytest.mark.parametrize("name", _SCRIPTS)
