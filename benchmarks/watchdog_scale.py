@@ -11,7 +11,10 @@ ledger is compared with the smallest, measured in the same run.
 workers (10,000 by default) heartbeating every ``heartbeat_interval_s`` through the real
 ``heartbeat.lua``, called as the ledger calls it (FCALL, or EVALSHA) from ``--procs`` load
 processes, not one process per worker, in pipelines of ``--batch`` beats spread evenly
-over the interval, as separate workers would send them; and ``--attempts`` attempts in
+over the interval; with ``--spread``, each beat of a batch on a connection of its own
+instead, one beat a round trip, as separate workers send them (a pipeline of 100 shares
+one round trip's handling among 100 beats, which a real fleet never does); and
+``--attempts`` attempts in
 flight (100,000), under the default settings (stale_after_s 1 s, the connection signal
 on). A beat carries the eight-GPU
 health document every ``--health-every-s`` (the agent's ``health_refresh_s``, 5 s; 0 for
@@ -30,8 +33,8 @@ published index), p50/p99/max, and the blind ticks. The attempts are ``realtime`
 retried without backoff; a ``batch`` job would add its backoff by policy.
 
     python benchmarks/watchdog_scale.py --fleet [--workers 10000] [--attempts 100000]
-        [--procs 3] [--batch 100] [--window-s 20] [--health-every-s 5] [--rack 100]
-        [--json]
+        [--procs 3] [--batch 100] [--spread] [--window-s 20] [--health-every-s 5]
+        [--rack 100] [--json]
 """
 
 from __future__ import annotations
@@ -47,6 +50,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+import redis  # noqa: E402
 
 from gridqueue.embedded import EmbeddedRedis  # noqa: E402
 from gridqueue.keys import attempt_id  # noqa: E402
@@ -161,27 +166,33 @@ def heartbeat_load(
     The commands are packed once, so the process spends its time sending them: the real
     ``heartbeat.lua`` as the ledger calls it (FCALL, or EVALSHA), with a worker's arguments.
     Each batch carries the health document every ``health_every_s`` (0: on every beat),
-    the batches out of phase. From
+    the batches out of phase. With ``load["spread"]`` the beats of a batch go out each on a
+    connection of its own, all of them before any reply is read. From
     ``silence_at`` (shared, monotonic) on, the workers of ``load["rack"]`` beat no more;
     at ``stop_at`` (shared too) the process ends.
     """
     settings = Settings(redis_url=url)
     ledger = Ledger(connect_redis(url), settings)
-    connection = ledger.client.connection_pool.get_connection("FCALL")
     names = list(epochs)
     size, rack = load["batch"], set(load["rack"])
     batches = [names[i : i + size] for i in range(0, len(names), size)]
+    # A pipeline's beats share one connection; spread, each has one of its own (from a pool
+    # of their own: the ledger's client keeps its default bound of 100).
+    width = size if load["spread"] else 1
+    pool = redis.ConnectionPool.from_url(url, decode_responses=True, max_connections=width)
+    connections = [pool.get_connection("FCALL") for _ in range(width)]
 
-    def packed(batch: list[str], health: str) -> list[bytes]:
-        return connection.pack_commands(  # type: ignore[no-any-return]
-            ledger.scripts.command(
-                "heartbeat",
-                ledger.argv(
-                    "heartbeat", *ledger.heartbeat_args(name, epochs[name], health, "HEALTHY")
-                ),
-            )
-            for name in batch
-        )  # fmt: skip
+    def one(name: str, health: str) -> Any:
+        return ledger.scripts.command(
+            "heartbeat",
+            ledger.argv("heartbeat", *ledger.heartbeat_args(name, epochs[name], health, "HEALTHY")),
+        )
+
+    def packed(batch: list[str], health: str) -> list[list[bytes]]:
+        """What each connection sends for this batch."""
+        if load["spread"]:
+            return [connections[0].pack_commands([one(name, health)]) for name in batch]
+        return [connections[0].pack_commands(one(name, health) for name in batch)]
 
     plain = [packed(batch, "") for batch in batches]
     with_health = [packed(batch, HEALTH) for batch in batches]
@@ -207,10 +218,12 @@ def heartbeat_load(
         else:
             commands, count = plain[i], lengths[i]
         if count:
-            connection.send_packed_command(commands)
-            for _ in range(count):
-                reply = connection.read_response()
-                sent += reply[0] == "ok"
+            for connection, command in zip(connections, commands, strict=False):
+                connection.send_packed_command(command)
+            per_connection = 1 if load["spread"] else count
+            for connection, _ in zip(connections, commands, strict=False):
+                for _ in range(per_connection):
+                    sent += connection.read_response()[0] == "ok"
         tick += 1
         if i == len(batches) - 1:
             with beats.get_lock():
@@ -307,7 +320,7 @@ def rack_failure(
 
 def measure_fleet(
     url: str, workers: int, attempts: int, procs: int, window_s: float, health_every_s: float,
-    batch: int, rack: int,
+    batch: int, rack: int, spread: bool = False,
 ) -> dict[str, Any]:  # fmt: skip
     settings = Settings(redis_url=url)
     watchdog = Watchdog(settings, owner="bench")
@@ -324,7 +337,7 @@ def measure_fleet(
     shares = [{n: epochs[n] for n in names[i::procs]} for i in range(procs)]
     load = {
         "interval_s": settings.heartbeat_interval_s, "health_every_s": health_every_s,
-        "batch": batch, "rack": rack_names,
+        "batch": batch, "rack": rack_names, "spread": spread,
     }  # fmt: skip
     loaders = [
         multiprocessing.Process(
@@ -372,6 +385,7 @@ def measure_fleet(
         "attempts_in_flight": attempts,
         "fill_s": round(fill_s, 1),
         "batch": batch,
+        "spread": spread,
         "heartbeat_rate_per_s": round(rate),
         "heartbeat_rate_wanted_per_s": round(workers / settings.heartbeat_interval_s),
         "health_every_s": health_every_s,
@@ -404,18 +418,27 @@ def main() -> None:
         help="how often a worker's beat carries its health document (0: every beat)",
     )  # fmt: skip
     parser.add_argument("--batch", type=int, default=100, help="heartbeats per pipeline")
+    parser.add_argument(
+        "--spread", action="store_true",
+        help="each beat of a batch on its own connection: one beat a round trip",
+    )  # fmt: skip
     parser.add_argument("--rack", type=int, default=0, help="then silence this many workers")
     args = parser.parse_args()
     if args.fleet:
         with EmbeddedRedis() as url:
             row = measure_fleet(
                 url, args.workers, args.attempts, args.procs, args.window_s,
-                args.health_every_s, args.batch, args.rack,
+                args.health_every_s, args.batch, args.rack, args.spread,
             )  # fmt: skip
+        sending = (
+            f"batches of {row['batch']}, each beat its own round trip"
+            if row["spread"]
+            else f"pipelines of {row['batch']}"
+        )
         print(
             f"{row['workers']} workers, {row['attempts_in_flight']} attempts in flight: "
             f"heartbeats {row['heartbeat_rate_per_s']}/s of {row['heartbeat_rate_wanted_per_s']}"
-            f"/s wanted (pipelines of {row['batch']}, health every {row['health_every_s']:g} s);"
+            f"/s wanted ({sending}, health every {row['health_every_s']:g} s);"
             f" idle tick p50 {row['tick_p50_ms']:.2f} ms, p99 {row['tick_p99_ms']:.2f} ms, max "
             f"{row['tick_max_ms']:.2f} ms over {row['ticks']} ticks; blind ticks "
             f"{row['blind_ticks']}; declared dead {row['workers_declared_dead']}"
