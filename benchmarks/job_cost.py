@@ -22,7 +22,11 @@ on a busy machine. The two ways take turns, round after round, and the median is
 reported. The difference between the two is what a round trip costs Redis to handle,
 whatever it carries.
 
-    python benchmarks/job_cost.py [--jobs 500] [--rounds 9] [--json]
+``--baseline REV`` adds gridqueue's steps as revision REV's scripts run them (its function
+library, loaded beside today's on the same Redis and called with the same arguments), in
+the same rounds: a before and after of the scripts that a noisy machine weighs on alike.
+
+    python benchmarks/job_cost.py [--jobs 500] [--rounds 9] [--baseline REV] [--json]
 """
 
 from __future__ import annotations
@@ -30,7 +34,9 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import sys
+import tempfile
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -99,20 +105,50 @@ def _ack(conn: Any, job: Job) -> None:
     _in_multi(conn, ("ZREM", KOMBU_UNACKED_INDEX, job.tag), ("HDEL", KOMBU_UNACKED, job.tag))
 
 
-def gridqueue_steps(gq: GridQueue) -> dict[str, Send]:
+# Prints a revision's function library as JSON, run in a checkout of that revision.
+_LIBRARY_AT = (
+    "import json, sys; sys.path.insert(0, '.'); from gridqueue.ledger import _SCRIPTS; "
+    "from gridqueue.lua import library; lib = library(_SCRIPTS); "
+    "print(json.dumps({'text': lib.text, 'functions': dict(lib.functions)}))"
+)
+
+
+def library_at(revision: str) -> dict[str, Any]:
+    """Revision ``revision``'s function library: its text and its functions' names."""
+    with tempfile.TemporaryDirectory(prefix="gridqueue-baseline-") as tree:
+        archive = subprocess.run(
+            ["git", "archive", revision], cwd=ROOT, check=True, capture_output=True
+        ).stdout
+        subprocess.run(["tar", "-x", "-C", tree], input=archive, check=True)
+        printed = subprocess.run(
+            [sys.executable, "-c", _LIBRARY_AT], cwd=tree, check=True, capture_output=True,
+            text=True,
+        ).stdout  # fmt: skip
+    return dict(json.loads(printed))
+
+
+def gridqueue_steps(gq: GridQueue, functions: dict[str, str] | None = None) -> dict[str, Send]:
+    """gridqueue's steps; ``functions``: another library's functions to call instead of
+    the ledger's own (loaded on the same Redis, taking the same arguments)."""
     ledger = gq.ledger
     stale_ms = int(gq.settings.stale_after_s * 1000)
+
+    def call(conn: Any, name: str, *args: str | int) -> None:
+        if functions is None:
+            ledger.queue_call(conn, name, *args)
+        else:
+            conn.execute_command("FCALL", functions[name], 0, *ledger.argv(name, *args))
 
     def submit(conn: Any, job: Job) -> None:
         message = gq.dispatcher.render(attempt_id(job.id, 1), MODEL, "realtime")
         args = ledger.submit_args(job.id, MODEL, "realtime", '{"prompt": "hi", "ms": 0}', 0, None)
-        ledger.queue_call(conn, "submit", *args, *message.args)
+        call(conn, "submit", *args, *message.args)
 
     def claim(conn: Any, job: Job) -> None:
-        ledger.queue_call(conn, "claim", job.id, 1, WORKER, 4242, job.tag, stale_ms)
+        call(conn, "claim", job.id, 1, WORKER, 4242, job.tag, stale_ms)
 
     def complete(conn: Any, job: Job) -> None:
-        ledger.queue_call(conn, "complete", job.id, 1, WORKER, f'"{job.id}.1 succeeded"')
+        call(conn, "complete", job.id, 1, WORKER, f'"{job.id}.1 succeeded"')
 
     def result(conn: Any, job: Job) -> None:
         conn.hmget(ledger.keys.job(job.id), ENDING_FIELDS)
@@ -156,7 +192,8 @@ def run_batch(
     return spent
 
 
-def measure(jobs_per_batch: int, rounds: int) -> dict[str, Any]:
+def measure(jobs_per_batch: int, rounds: int, baseline: str | None = None) -> dict[str, Any]:
+    then = library_at(baseline) if baseline else None
     with EmbeddedRedis() as url:
         settings = Settings(redis_url=url)
         gq = GridQueue(settings=settings)
@@ -168,6 +205,9 @@ def measure(jobs_per_batch: int, rounds: int) -> dict[str, Any]:
             probe = gq.dispatcher.render(attempt_id("probe", 1), MODEL, "realtime")
             queue, body = probe.args[1], probe.args[2]  # its LPUSH: the queue and the body
             kinds = {"gridqueue": gridqueue_steps(gq), "bare Celery": bare_steps(gq)}
+            if then is not None:
+                client.function_load(then["text"], replace=True)
+                kinds[f"gridqueue at {baseline}"] = gridqueue_steps(gq, then["functions"])
             samples: dict[str, dict[str, dict[str, list[tuple[float, float]]]]] = {
                 kind: {way: {} for way in ("pipelined", "alone")} for kind in kinds
             }
@@ -201,16 +241,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--jobs", type=int, default=500, help="jobs per batch")
     parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--baseline", help="also gridqueue's steps as this git revision ran them")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     if args.jobs < 10 or args.rounds < 1:
         parser.error("--jobs must be at least 10 and --rounds at least 1")
-    report = measure(args.jobs, args.rounds)
+    report = measure(args.jobs, args.rounds, args.baseline)
     print(
         f"Redis CPU per job by step (INFO cpu), median of {args.rounds} rounds of "
         f"{args.jobs} jobs; 'own work': pipelined, 'round trip': alone less pipelined"
     )
-    print(f"  {'':24}{'commands':>9}{'own work':>11}{'round trip':>12}{'alone':>9}")
+    print(f"  {'':36}{'commands':>9}{'own work':>11}{'round trip':>12}{'alone':>9}")
     totals = {}
     for kind, rows in report["kinds"].items():
         total = {"commands": 0.0, "pipelined_us": 0.0, "alone_us": 0.0}
@@ -218,12 +259,12 @@ def main() -> None:
             for key in total:
                 total[key] += row[key]
             print(
-                f"  {kind + ': ' + step:24}{row['commands']:9.1f}{row['pipelined_us']:8.1f} µs"
+                f"  {kind + ': ' + step:36}{row['commands']:9.1f}{row['pipelined_us']:8.1f} µs"
                 f"{row['alone_us'] - row['pipelined_us']:9.1f} µs{row['alone_us']:6.1f} µs"
             )
         totals[kind] = total
         print(
-            f"  {kind + ', one job':24}{total['commands']:9.1f}{total['pipelined_us']:8.1f} µs"
+            f"  {kind + ', one job':36}{total['commands']:9.1f}{total['pipelined_us']:8.1f} µs"
             f"{total['alone_us'] - total['pipelined_us']:9.1f} µs{total['alone_us']:6.1f} µs"
         )
     ours, bare = totals["gridqueue"], totals["bare Celery"]
@@ -232,6 +273,18 @@ def main() -> None:
         f"gridqueue / bare Celery: {ours['alone_us'] / bare['alone_us']:.2f}x the CPU, of which "
         f"own work {ours['pipelined_us'] / bare['pipelined_us']:.2f}x and round trips {trips:.2f}x"
     )
+    if args.baseline:
+        label = f"gridqueue at {args.baseline}"
+        then, then_rows = totals[label], report["kinds"][label]
+        by_step = ", ".join(
+            f"{step} {row['pipelined_us'] / then_rows[step]['pipelined_us']:.3f}x"
+            for step, row in report["kinds"]["gridqueue"].items()
+        )
+        print(
+            f"gridqueue now / at {args.baseline}: own work "
+            f"{ours['pipelined_us'] / then['pipelined_us']:.3f}x, alone "
+            f"{ours['alone_us'] / then['alone_us']:.3f}x; own work by step: {by_step}"
+        )
     report["totals"] = totals
     if args.json:
         print(json.dumps(report, indent=2))
