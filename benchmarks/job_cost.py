@@ -12,7 +12,9 @@ against its parts:
 - bare Celery (acks_late, no results), the same way: the publish (``LPUSH``), the same
   take, and the ack (``ZREM`` and ``HDEL`` in ``MULTI``).
 
-``BRPOP`` is priced as ``RPOP``: with a message waiting, it does the same work.
+``BRPOP`` is priced as ``RPOP``: with a message waiting, it does the same work. It needs
+Redis 7 or later, where the ledger's scripts are one function library (on 6.2 each call
+by ``EVALSHA`` would bring its own ``SCRIPT EXISTS`` round trip into the figures).
 
 Each step runs for a batch of jobs twice: pipelined (every call of the batch in one
 write, so the figure is the step's own work) and alone (one call per round trip, as a
@@ -141,6 +143,7 @@ def gridqueue_steps(gq: GridQueue, functions: dict[str, str] | None = None) -> d
 
     def submit(conn: Any, job: Job) -> None:
         message = gq.dispatcher.render(attempt_id(job.id, 1), MODEL, "realtime")
+        assert message is not None  # the broker is this Redis: the submit publishes it
         args = ledger.submit_args(job.id, MODEL, "realtime", '{"prompt": "hi", "ms": 0}', 0, None)
         call(conn, "submit", *args, *message.args)
 
@@ -187,8 +190,9 @@ def run_batch(
                     send(pipe, job)
                     pipe.execute()
         cpu1, commands1 = _cpu_s(client), _commands(client)
-        # The two INFO calls of each reading, and the one that closed the first reading.
-        spent[name] = ((cpu1 - cpu0) * 1e6 / len(jobs), (commands1 - commands0 - 3) / len(jobs))
+        # Between the two readings of commandstats: the first reading itself (a reading
+        # counts in the next one, not in its own) and the INFO cpu of the second.
+        spent[name] = ((cpu1 - cpu0) * 1e6 / len(jobs), (commands1 - commands0 - 2) / len(jobs))
     return spent
 
 
@@ -203,6 +207,7 @@ def measure(jobs_per_batch: int, rounds: int, baseline: str | None = None) -> di
             epoch = gq.ledger.register(WORKER, [MODEL], 4242, "bench", 4, "{}", model_fit=fit)
             gq.ledger.heartbeat(WORKER, epoch)
             probe = gq.dispatcher.render(attempt_id("probe", 1), MODEL, "realtime")
+            assert probe is not None
             queue, body = probe.args[1], probe.args[2]  # its LPUSH: the queue and the body
             kinds = {"gridqueue": gridqueue_steps(gq), "bare Celery": bare_steps(gq)}
             if then is not None:
@@ -212,9 +217,9 @@ def measure(jobs_per_batch: int, rounds: int, baseline: str | None = None) -> di
                 kind: {way: {} for way in ("pipelined", "alone")} for kind in kinds
             }
             for round_ in range(rounds + 1):  # the first round warms up, uncounted
-                ways = ("pipelined", "alone") if round_ % 2 else ("alone", "pipelined")
+                order = ("pipelined", "alone") if round_ % 2 else ("alone", "pipelined")
                 for kind, steps in kinds.items():
-                    for way in ways:
+                    for way in order:
                         batch = [Job(gq) for _ in range(jobs_per_batch)]
                         for job in batch:
                             job.queue, job.body = queue, body

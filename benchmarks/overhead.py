@@ -19,8 +19,8 @@ the commands inside scripts as well as the ``FCALL`` or ``EVALSHA`` that ran the
 job (``INFO cpu``, user + sys), both over the throughput window, background work
 (heartbeats, the watchdog's ticks, idle ``BRPOP``s) included; and round trips per job
 (``total_reads_processed``: one a request, or a pipeline read at once), each of which
-costs Redis its handling whatever it carries (``benchmarks/script_cost.py --hot`` prices
-a round trip against the scripts' own work). For each kind, also the
+costs Redis its handling whatever it carries (``benchmarks/job_cost.py`` prices a round
+trip against the scripts' own work). For each kind, also the
 CPU per job of the workers' main processes (the consumer, where Celery's events are made
 and sent) and of their pool children (the task bodies), from ``/proc`` (user + sys).
 Then the single-job latency,

@@ -6,9 +6,10 @@ local TERMINAL = {SUCCEEDED = true, FAILED = true, EXPIRED = true, CANCELLED = t
 
 -- Liveness is judged on Redis server time, never on a host clock.
 -- The time in ms from TIME's reply (seconds, microseconds), as a number and as the string
--- of its digits, made from the reply's own digits: Redis turns a number argument into a
--- string with a printf of 17 significant digits, about a microsecond each time, so a
--- step passes NOW_S wherever it writes the time as it is.
+-- of its digits, made from the reply's own digits: Redis 7.0 turns a number argument into
+-- a string with a printf of 17 significant digits, about a microsecond each time (later
+-- versions print whole numbers faster), so a step passes NOW_S wherever it writes the
+-- time as it is.
 local function clock(t)
   local usec = t[2]
   local ms = #usec > 3 and string.sub(usec, 1, #usec - 3) or ''

@@ -11,7 +11,7 @@ local id, model, workload, payload = ARGV[7], ARGV[8], ARGV[9], ARGV[10]
 local deadline_in_ms = tonumber(ARGV[11])
 local idem, idem_ttl_s, grace_ms = ARGV[12], tonumber(ARGV[13]), tonumber(ARGV[14])
 local wait_for_capacity = ARGV[15] == '1'
-local liveness_ms, stall_ms = tonumber(ARGV[16]), tonumber(ARGV[17])
+local liveness_ms, stall_ms = ARGV[16], ARGV[17]  -- written as given (see clock)
 check_message(ARGV, 18)
 
 if idem ~= '' then
@@ -83,10 +83,10 @@ if deadline_in_ms > 0 then
   redis.call('ZADD', key_deadlines(NS), deadline, id)
 end
 -- The record, its state and its first attempt, in one write.
--- Written as strings (see clock): ARGV's own, and attempt 1's entry as cjson would.
+-- Written as strings (see clock): ARGV's own, and attempt 1's entry as cjson would write it.
 move_state(id, nil, 'QUEUED', {'id', id, 'model', model, 'workload', workload,
   'payload', payload, 'attempt', '1', 'created_ms', NOW_S, 'deadline_ms', deadline,
-  'idempotency_key', idem, 'liveness_ms', ARGV[16], 'stall_ms', ARGV[17],
+  'idempotency_key', idem, 'liveness_ms', liveness_ms, 'stall_ms', stall_ms,
   'a:1', '{"n":1,"queued_ms":' .. NOW_S .. '}'})
 if publishes then
   -- The message went out in this same step: the attempt is published (as end_dispatch

@@ -39,6 +39,18 @@ def health_fleet(redis_url: str, tmp_path: Path) -> Iterator[LocalFleet]:
 
 
 @pytest.fixture
+def calm_fleet(redis_url: str, tmp_path: Path) -> Iterator[LocalFleet]:
+    """Workers declared dead only after 5 s of silence, not the default 1 s: for a test of
+    an operator's actions, which a false death on a busy machine (a beat starved past the
+    default) would undo under it, the worker coming back on its own."""
+    fleet = LocalFleet(
+        redis_url, tmp_path / "logs", env={**HEALTH_ENV, "GRIDQUEUE_STALE_AFTER_S": "5"}
+    )
+    yield fleet
+    fleet.stop_all()
+
+
+@pytest.fixture
 def gq(redis_url: str) -> Iterator[GridQueue]:
     client = GridQueue(settings=Settings(redis_url=redis_url, probation_base_s=1))
     yield client
@@ -238,12 +250,12 @@ def test_hung_nvml_keeps_heartbeats_and_reads_unresponsive(
 
 
 def test_operator_quarantine_drain_and_release_record_who_and_why(
-    health_fleet: LocalFleet, gq: GridQueue, redis_url: str
+    calm_fleet: LocalFleet, gq: GridQueue, redis_url: str
 ) -> None:
     for name in ("w1", "w2"):
-        health_fleet.start_worker(name, concurrency=1)
-    health_fleet.start_watchdog()
-    health_fleet.wait_alive(gq.ledger, ["w1", "w2"])
+        calm_fleet.start_worker(name, concurrency=1)
+    calm_fleet.start_watchdog()
+    calm_fleet.wait_alive(gq.ledger, ["w1", "w2"])
     # Long enough to be running still when the quarantine lands, however slowly the
     # command-line tool starts on a busy machine.
     job = gq.submit("sim-llm", {"prompt": "move me", "ms": 10_000, "retry_ms": 300})

@@ -38,5 +38,6 @@ def test_a_step_writes_the_time_it_read(ledger: Ledger) -> None:
     ledger.submit("clocked", "sim-llm", "realtime", "{}", 0, None)
     after = ledger.time_ms()
     created, updated = ledger.client.hmget(ledger.keys.job("clocked"), "created_ms", "updated_ms")
+    assert created is not None
     assert before <= int(created) <= after
     assert created == updated
