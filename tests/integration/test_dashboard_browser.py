@@ -369,6 +369,7 @@ def test_every_page_loads_and_shows_the_fleet(stack: Stack, open_tab: Callable[.
 def test_read_only_dashboard_refuses_every_action(
     stack: Stack, open_tab: Callable[..., Tab]
 ) -> None:
+    from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
     from playwright.sync_api import expect
 
     tab = open_tab(stack.read_only)
@@ -391,8 +392,18 @@ def test_read_only_dashboard_refuses_every_action(
     # Enabled by hand, the page itself refuses and says why. Enabled and clicked in one
     # script: the page refetches its live part (once its stream connects, then whenever
     # it is idle) and swaps in the server's disabled buttons, so a button enabled in one
-    # step could be disabled again before a click in the next.
-    replay.evaluate("(button) => { button.disabled = false; button.click(); }")
+    # step could be disabled again before a click in the next. On a busy machine the swap
+    # can even land between finding the button and clicking it, and a click on a button
+    # no longer in the page reaches no handler: so it is clicked again, a few times at
+    # most, until the page answers.
+    refusals = page.locator("#flash .msg[data-kind=error]")
+    for _ in range(20):
+        replay.evaluate("(button) => { button.disabled = false; button.click(); }")
+        try:
+            refusals.first.wait_for(state="attached", timeout=1500)
+            break
+        except PlaywrightTimeoutError:
+            continue
     expect(tab.flash("error")).to_contain_text("The dashboard is read-only")
     # Around the page's guard: the server itself refuses, with how to enable actions.
     for path, body in (
