@@ -31,17 +31,20 @@ from gridqueue.keys import queue_for_model
 from gridqueue.settings import Settings
 from tests.helpers import wait_for
 
-# Serial: these run Sentinel failovers with down-after-milliseconds 1000, which a host
-# starved by other test processes can outlast, and a spurious second failover onto the
-# old primary before it has resynced loses what it never had (docs/operations.md).
+# Serial, and with down-after-milliseconds 3000: a Sentinel failover lets a primary be
+# silent that long, and a host starved by other test processes (or, on slower cores, by
+# the test's own fleet while the old primary resyncs) outlasted 1000. The spurious second
+# failover that follows, onto the old primary before it has resynced, loses what that
+# primary never had: the window docs/operations.md says to keep out of.
 pytestmark = [pytest.mark.ha, pytest.mark.serial]
+DOWN_AFTER_MS = 3000
 
 WORKERS = ("w1", "w2")
 
 
 @pytest.fixture
 def sentinels() -> Iterator[EmbeddedSentinelSet]:
-    ha = EmbeddedSentinelSet(replicas=1, sentinels=3, down_after_ms=1000)
+    ha = EmbeddedSentinelSet(replicas=1, sentinels=3, down_after_ms=DOWN_AFTER_MS)
     ha.start()
     yield ha
     ha.cleanup()
