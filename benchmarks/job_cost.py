@@ -49,6 +49,7 @@ sys.path.insert(0, str(ROOT))
 
 import redis  # noqa: E402
 
+from benchmarks.ledger_ceiling import command_usec, redis_cpu_s  # noqa: E402
 from gridqueue.client import GridQueue  # noqa: E402
 from gridqueue.embedded import EmbeddedRedis  # noqa: E402
 from gridqueue.keys import KOMBU_UNACKED, KOMBU_UNACKED_INDEX, attempt_id  # noqa: E402
@@ -70,13 +71,8 @@ class Job:
         self.gq = gq
 
 
-def _cpu_s(client: redis.Redis) -> float:
-    cpu = client.info("cpu")
-    return float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
-
-
 def _commands(client: redis.Redis) -> int:
-    return sum(int(row["calls"]) for row in client.info("commandstats").values())
+    return sum(calls for calls, _ in command_usec(client).values())
 
 
 def _in_multi(conn: Any, *commands: tuple[Any, ...]) -> None:
@@ -175,7 +171,7 @@ def run_batch(
     one call is one round trip, as the ledger's own call is."""
     spent: dict[str, tuple[float, float]] = {}
     for name, send in steps.items():
-        cpu0, commands0 = _cpu_s(client), _commands(client)
+        cpu0, commands0 = redis_cpu_s(client), _commands(client)
         if pipelined:
             pipe = client.pipeline(transaction=False)
             for job in jobs:
@@ -189,7 +185,7 @@ def run_batch(
                     pipe = client.pipeline(transaction=False)
                     send(pipe, job)
                     pipe.execute()
-        cpu1, commands1 = _cpu_s(client), _commands(client)
+        cpu1, commands1 = redis_cpu_s(client), _commands(client)
         # Between the two readings of commandstats: the first reading itself (a reading
         # counts in the next one, not in its own) and the INFO cpu of the second.
         spent[name] = ((cpu1 - cpu0) * 1e6 / len(jobs), (commands1 - commands0 - 2) / len(jobs))
